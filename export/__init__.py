@@ -1,0 +1,1 @@
+"""pocketllm export side: checkpoint reading, the torch model, custom ops, quantization and phone targets."""

@@ -1,0 +1,1 @@
+"""The `pocketllm` command line: thin typer commands over plain functions, one file per command group."""

@@ -1,0 +1,15 @@
+"""Entry point of the `pocketllm` console script."""
+
+import typer
+
+from export.cli import checkpoint, run
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Put MiniCPM4, SmallThinker and lightning-attention LLMs on phones.")
+app.command("init-checkpoint")(checkpoint.init_checkpoint)
+app.command("logits")(run.logits)
+app.command("generate")(run.generate)
+app.command("perplexity")(run.perplexity)
+
+if __name__ == "__main__":
+    app()

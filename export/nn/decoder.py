@@ -1,0 +1,108 @@
+"""The decoder: one export-friendly torch model built from a ModelSpec.
+
+Module names mirror upstream (`model.embed_tokens`, `model.layers.{i}.self_attn.q_proj`, `lm_head`, ...), so an
+upstream state dict loads without a renaming table. Input `tokens [1, T]` int64 and `start_pos` (python int,
+SymInt, or int64 tensor [1]); output fp32 logits [1, T, vocab]. KV caches are non-persistent buffers of
+`max_context` positions; lightning layers keep a fixed-size fp32 state buffer instead (export/nn/lightning.py).
+
+Two residual forms, chosen per layer by the spec: pre-norm (MiniCPM4, SmallThinker) and MiniMax's post-norm
+`x = norm(h); h = x * alpha + f(x) * beta` (see LayerSpec).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from export.nn.attention import Attention
+from export.nn.lightning import LightningAttention
+from export.nn.mlp import MoE, SoftmaxTopKMoE, SwiGLU
+from export.nn.norm import RMSNorm
+from export.nn.rope import RotaryTable
+from export.spec import ModelSpec
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, spec: ModelSpec, index: int, max_context: int):
+        super().__init__()
+        layer = spec.layers[index]
+        self.layer = layer
+        self.residual_scale = spec.residual_scale
+        self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        if layer.attention == "lightning":
+            self.self_attn = LightningAttention(spec, index)
+        else:
+            self.self_attn = Attention(spec, layer, max_context)
+        self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        if layer.mlp == "moe" and spec.moe.activation == "swiglu":
+            self.block_sparse_moe = SoftmaxTopKMoE(spec.hidden_size, spec.moe)
+        elif layer.mlp == "moe":
+            self.block_sparse_moe = MoE(spec.hidden_size, spec.moe)
+        else:
+            self.mlp = SwiGLU(spec.hidden_size, spec.intermediate_size)
+
+    def forward(self, h, rotary, positions, start_pos):
+        if self.layer.residual == "post_norm":
+            return self._post_norm_forward(h, rotary, positions, start_pos)
+        router_input = h  # SmallThinker routes on the layer input, before norm and attention
+        h = h + self.self_attn(self.input_layernorm(h), rotary, positions, start_pos) * self.residual_scale
+        u = self.post_attention_layernorm(h)
+        m = self.block_sparse_moe(router_input, u) if hasattr(self, "block_sparse_moe") else self.mlp(u)
+        return h + m * self.residual_scale
+
+    def _post_norm_forward(self, h, rotary, positions, start_pos):
+        """MiniMax: the normed input is the residual, weighted by alpha; the sublayer output by beta."""
+        layer = self.layer
+        x = self.input_layernorm(h)
+        h = x * layer.attn_alpha + self.self_attn(x, rotary, positions, start_pos) * layer.attn_beta
+        u = self.post_attention_layernorm(h)
+        return u * layer.mlp_alpha + self.block_sparse_moe(u) * layer.mlp_beta
+
+
+class DecoderStack(nn.Module):
+    def __init__(self, spec: ModelSpec, max_context: int):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size)
+        self.layers = nn.ModuleList([DecoderLayer(spec, i, max_context) for i in range(spec.num_layers)])
+        self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        self.rotary = RotaryTable(spec.rope, max_context)
+
+
+class CausalLM(nn.Module):
+    def __init__(self, spec: ModelSpec, max_context: int):
+        super().__init__()
+        self.spec, self.max_context = spec, max_context
+        self.model = DecoderStack(spec, max_context)
+        self.lm_head = None if spec.tie_word_embeddings else nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
+
+    def output_weight(self) -> torch.Tensor:
+        return self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+
+    def forward(self, tokens: torch.Tensor, start_pos=None) -> torch.Tensor:
+        """tokens [1, T] int64 -> logits [1, T, vocab] fp32.
+
+        start_pos None: cache-free causal pass from position 0 (any batch size; used for training and scoring).
+        """
+        T = tokens.shape[1]
+        if isinstance(start_pos, torch.Tensor):
+            start_pos = start_pos.reshape(-1)[0].item()
+            torch._check_is_size(start_pos)
+            torch._check(start_pos + T <= self.max_context)
+        base = 0 if start_pos is None else start_pos
+        positions = base + torch.arange(T)
+        h = self.model.embed_tokens(tokens) * self.spec.scale_emb
+        for layer in self.model.layers:
+            h = layer(h, self.model.rotary, positions, start_pos)
+        h = self.model.norm(h) * self.spec.logit_scale
+        if self.spec.lm_head_fp32:
+            return torch.nn.functional.linear(h.float(), self.output_weight().float())
+        return torch.nn.functional.linear(h, self.output_weight()).float()
+
+    @torch.no_grad()
+    def reset_cache(self) -> None:
+        for layer in self.model.layers:
+            if isinstance(layer.self_attn, LightningAttention):
+                layer.self_attn.reset_cache()
+                continue
+            layer.self_attn.k_cache.zero_()
+            layer.self_attn.v_cache.zero_()

@@ -1,0 +1,70 @@
+"""Lightning attention block (MiniMax `linear_attention` layers), calling `pocketllm::lightning_attention`.
+
+Differences from transformers' MiniMaxLightningAttention:
+- the recurrent state is a fixed-size, non-persistent fp32 buffer `state` [1, heads, head_dim, head_dim] next to
+  the softmax layers' KV caches (reset with them), instead of an entry in a dynamic cache object;
+- one op serves prefill and decode: a call of T tokens runs in blocks of `block_size` from the incoming state, so
+  a prompt can be prefilled in chunks (upstream runs the block form on the first call only, then one token at a
+  time);
+- a call at position 0 starts a new sequence (the state is ignored, as the KV cache rows get overwritten);
+- the per-head decay rates are a non-persistent buffer computed from the spec; the decay tables upstream saves
+  (`slope_rate`, `query_decay`, ...) are never loaded.
+Module names mirror upstream: qkv_proj, output_gate, norm, out_proj.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import export.ops  # noqa: F401  (registers pocketllm custom ops)
+from export.nn.norm import RMSNorm
+from export.ops.lightning_attention import lightning_decay_rates
+from export.spec import ModelSpec
+
+
+class LightningAttention(nn.Module):
+    def __init__(self, spec: ModelSpec, index: int):
+        super().__init__()
+        H, D, hidden = spec.num_heads, spec.head_dim, spec.hidden_size
+        self.num_heads, self.head_dim = H, D
+        self.layer_index, self.num_layers = index, spec.num_layers
+        self.block_size = spec.lightning.block_size
+        self.qkv_proj = nn.Linear(hidden, 3 * H * D, bias=False)  # per head [q | k | v]
+        self.output_gate = nn.Linear(hidden, H * D, bias=False)
+        self.norm = RMSNorm(H * D, spec.lightning.norm_eps)
+        self.out_proj = nn.Linear(H * D, hidden, bias=False)
+        self.register_buffer("state", torch.zeros(1, H, D, D, dtype=torch.float32), persistent=False)
+        self.register_buffer("decay", torch.empty(H, dtype=torch.float32), persistent=False)
+        self.reset_buffers()
+
+    @torch.no_grad()
+    def reset_buffers(self) -> None:
+        """(Re)build the decay rates from the spec and zero the state (also after meta-device construction)."""
+        H, D = self.num_heads, self.head_dim
+        self.decay = lightning_decay_rates(H, self.layer_index, self.num_layers)
+        self.state = torch.zeros(1, H, D, D, dtype=torch.float32)
+
+    @torch.no_grad()
+    def reset_cache(self) -> None:
+        self.state.zero_()
+
+    def forward(self, x: torch.Tensor, rotary, positions: torch.Tensor, start_pos) -> torch.Tensor:
+        """x: [B, T, hidden] (normed layer input); positions: [T]; start_pos None = cache-free, state from zero.
+
+        `rotary` is unused (lightning layers have no RoPE); the signature matches the softmax Attention block.
+        """
+        B, T, _ = x.shape
+        H, D = self.num_heads, self.head_dim
+        q, k, v = F.silu(self.qkv_proj(x)).view(B, T, H, 3 * D).split(D, dim=-1)
+        if start_pos is None:
+            state = torch.zeros(B, H, D, D, dtype=torch.float32)
+        else:  # position 0 starts a new sequence; tensor form so that export keeps one graph
+            state = torch.where(positions[:1].view(1, 1, 1, 1) == 0, torch.zeros_like(self.state), self.state)
+        out, new_state = torch.ops.pocketllm.lightning_attention(q, k, v, state, self.decay, self.block_size)
+        if start_pos is not None:
+            self.state.copy_(new_state)
+        o = self.norm(out.reshape(B, T, H * D))
+        o = torch.sigmoid(self.output_gate(x)) * o
+        return self.out_proj(o)

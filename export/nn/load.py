@@ -1,0 +1,58 @@
+"""Build a CausalLM for a checkpoint without ever holding two full copies of the weights.
+
+The model is built on the meta device, given uninitialised storage, then each parameter is *assigned* the tensor
+read from the checkpoint (shard by shard, memory-mapped), so peak memory is about one model plus one shard.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from export.checkpoint import Checkpoint, open_checkpoint
+from export.errors import PocketllmError
+from export.nn.decoder import CausalLM
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+DEFAULT_MAX_CONTEXT = 4096
+
+
+def resolve_max_context(spec, max_context: int | None) -> int:
+    if max_context is None:
+        return min(spec.max_position_embeddings, DEFAULT_MAX_CONTEXT)
+    if max_context <= 0 or max_context > spec.max_position_embeddings:
+        raise PocketllmError(f"max_context {max_context} must be between 1 and the model's "
+                             f"max_position_embeddings ({spec.max_position_embeddings})")
+    return max_context
+
+
+def load_model(checkpoint, max_context: int | None = None, dtype: str | torch.dtype | None = None) -> tuple[CausalLM, Checkpoint]:
+    """checkpoint: a directory or an opened Checkpoint. dtype None keeps the checkpoint's storage dtype."""
+    ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else open_checkpoint(checkpoint)
+    spec = ckpt.spec
+    max_context = resolve_max_context(spec, max_context)
+    if isinstance(dtype, str):
+        dtype = DTYPES[dtype]
+    dtype = dtype or SAFETENSORS_DTYPES.get(ckpt.weight_dtype, torch.float32)
+
+    with torch.device("meta"):
+        model = CausalLM(spec, max_context)
+    model = model.to_empty(device="cpu")
+    wanted = {name for name, _ in model.named_parameters()}
+    state = {}
+    for name, tensor in ckpt.iter_tensors(names=[n for n in ckpt.weight_map if n in wanted], dtype=dtype):
+        state[name] = tensor
+    model.load_state_dict(state, strict=True, assign=True)
+    for buf_owner in model.modules():
+        if hasattr(buf_owner, "k_cache"):
+            buf_owner.k_cache = torch.zeros(buf_owner.k_cache.shape, dtype=dtype)
+            buf_owner.v_cache = torch.zeros(buf_owner.v_cache.shape, dtype=dtype)
+    for module in model.modules():  # buffers computed from the spec (lightning decay rates and state)
+        if hasattr(module, "reset_buffers"):
+            module.reset_buffers()
+    model.model.rotary.cos = torch.empty(model.model.rotary.cos.shape)
+    model.model.rotary.sin = torch.empty(model.model.rotary.sin.shape)
+    model.model.rotary.reset_tables()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model.eval(), ckpt

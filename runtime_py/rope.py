@@ -1,0 +1,63 @@
+"""Rotary position embedding (rotate-half form), with MiniCPM4's LongRoPE factors.
+
+Written from shared/docs/MODELS.md section 1, item 4, straight from the raw `RopeSpec` fields:
+    inv_freq[i] = 1 / theta^(2i / dim)                       i = 0 .. dim/2 - 1
+    inv_freq[i] /= factor[i]        LongRoPE only: the long list when the cache (max_context) exceeds
+                                    original_max_position_embeddings, else the short list
+    angle[p, i] = p * inv_freq[i]   for i < dim/2, repeated for the second half (concat(freqs, freqs))
+    cos, sin    = cos(angle) * m, sin(angle) * m
+                  m = sqrt(1 + ln(max_pos / orig) / ln(orig)) when LongRoPE and max_pos > orig, else 1
+    rope(x)     = x * cos + rotate_half(x) * sin,   rotate_half([x1, x2]) = [-x2, x1]
+
+Precision: inv_freq is computed in float64 and rounded once to float32; the angles p * inv_freq are then formed in
+float32, as upstream does (it multiplies fp32 positions by an fp32 inv_freq). cos/sin of those fp32 angles are
+evaluated in float64 and rounded, so the tables are the correctly rounded values of upstream's angles.
+The long/short choice is made once per cache size, so keys already in the cache never change rotation.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from export.spec import RopeSpec
+
+
+def rope_tables(rope: RopeSpec, max_context: int) -> tuple[np.ndarray, np.ndarray]:
+    """(cos, sin), each float32 [max_context, rope.dim], for positions 0 .. max_context - 1."""
+    half = rope.dim // 2
+    inv_freq = 1.0 / rope.theta ** (2.0 * np.arange(half, dtype=np.float64) / rope.dim)  # [dim/2]
+    magnitude = 1.0
+    if rope.short_factor is not None:  # LongRoPE
+        orig = rope.original_max_position_embeddings
+        factors = rope.long_factor if max_context > orig else rope.short_factor
+        inv_freq = inv_freq / np.asarray(factors, dtype=np.float64)
+        if rope.max_position_embeddings > orig:
+            magnitude = math.sqrt(1.0 + math.log(rope.max_position_embeddings / orig) / math.log(orig))
+    positions = np.arange(max_context, dtype=np.float32)
+    angles = np.outer(positions, inv_freq.astype(np.float32))  # [max_context, dim/2], fp32 products
+    angles = np.concatenate([angles, angles], axis=-1).astype(np.float64)  # [max_context, dim]
+    cos = (np.cos(angles) * magnitude).astype(np.float32)
+    sin = (np.sin(angles) * magnitude).astype(np.float32)
+    return cos, sin
+
+
+def rotate_half(x: np.ndarray) -> np.ndarray:
+    """[..., d] -> [..., d]: concat(-x2, x1) where x1, x2 are the two halves of the last axis."""
+    x1, x2 = np.split(x, 2, axis=-1)
+    return np.concatenate([-x2, x1], axis=-1)
+
+
+def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+    """Rotate the first `dim` channels of every head.
+
+    x: [T, heads, head_dim] float32; cos, sin: [T, dim] (rows for the T tokens' positions), dim <= head_dim.
+    Channels past `dim` (none for the released models) pass through unrotated.
+    """
+    dim = cos.shape[-1]
+    c, s = cos[:, None, :], sin[:, None, :]  # [T, 1, dim], broadcast over heads
+    rotated = x[..., :dim] * c + rotate_half(x[..., :dim]) * s
+    if dim == x.shape[-1]:
+        return rotated
+    return np.concatenate([rotated, x[..., dim:]], axis=-1)

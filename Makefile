@@ -5,9 +5,9 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PROMPT ?= It is a truth universally acknowledged
 
-.PHONY: setup demo test test-all clean
+.PHONY: setup demo demo-executorch test test-all clean kernels
 
-setup: $(STAMP)
+setup: $(STAMP) kernels
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "error: $(PYTHON) not found (pocketllm needs Python 3.11)"; exit 2; }
@@ -15,8 +15,26 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --disable-pip-version-check -q -e ".[dev]"
 	touch $(STAMP)
 
+# ExecuTorch kernels (kernels/): one shared library built against the installed executorch wheel.
+KERNEL_LIB := kernels/build/libpocketllm_kernels.so
+kernels: $(KERNEL_LIB)
+
+$(KERNEL_LIB): $(STAMP) kernels/CMakeLists.txt $(wildcard kernels/*.cpp kernels/*.h)
+	cmake -S kernels -B kernels/build -DCMAKE_PREFIX_PATH="$$($(BIN)/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/executorch" >/dev/null
+	cmake --build kernels/build -j2
+
 demo: setup
 	$(BIN)/pocketllm generate --checkpoint models/tiny-austen --prompt "$(PROMPT)" --greedy --max-new-tokens 80
+	$(MAKE) --no-print-directory demo-executorch
+
+# ExecuTorch: tiny-austen -> any4 .pte bundle (re-exported only when the checkpoint changes), parity, generation.
+DEMO_BUNDLE := out/tiny-austen-any4
+demo-executorch: setup $(DEMO_BUNDLE)/manifest.json
+	$(BIN)/pocketllm parity $(DEMO_BUNDLE)
+	$(BIN)/pocketllm generate --engine executorch --bundle $(DEMO_BUNDLE) --prompt "$(PROMPT)" --greedy --max-new-tokens 80
+
+$(DEMO_BUNDLE)/manifest.json: models/tiny-austen/model.safetensors models/tiny-austen/config.json
+	$(BIN)/pocketllm export --checkpoint models/tiny-austen --target executorch --quant any4 --out $(DEMO_BUNDLE) --force
 
 test: setup
 	$(BIN)/python -m pytest -m "not slow"

@@ -138,6 +138,7 @@ class Checkpoint:
     weight_map: dict[str, str]  # tensor name -> shard file name
     shapes: dict[str, tuple[int, ...]]
     dtypes: dict[str, str]  # safetensors dtype strings: "BF16", "F32", ...
+    quantization: "QuantConfig | None" = None  # noqa: F821  (export/quant/format.py; None = not quantized)
 
     @property
     def shard_files(self) -> list[str]:
@@ -152,6 +153,8 @@ class Checkpoint:
         """The dtype most weight bytes are stored in ("BF16", "F32", "F16")."""
         counts: dict[str, int] = defaultdict(int)
         for name, dt in self.dtypes.items():
+            if self.quantization is not None and self.quantization.is_packed(name):  # codes, scales: not compute
+                continue
             n = 1
             for s in self.shapes[name]:
                 n *= s
@@ -173,7 +176,8 @@ class Checkpoint:
                 with safe_open(path, framework="pt") as f:
                     for name in sorted(by_shard[shard]):
                         t = f.get_tensor(name)
-                        if dtype is not None and t.dtype != dtype:
+                        if dtype is not None and t.dtype != dtype and not (
+                                self.quantization is not None and self.quantization.is_packed(name)):
                             t = t.to(dtype)
                         if check_finite and t.is_floating_point() and not bool(torch.isfinite(t).all()):
                             bad = int((~torch.isfinite(t)).sum())
@@ -269,6 +273,14 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
 
     expected = expected_tensors(spec)
     optional = optional_tensors(spec)
+    # -- quantization hook: packed tensors replace quantized weights (export/quant/format.py, docs/quantization.md)
+    quantization, packed_dtypes = None, {}
+    if "quantization_config" in config:
+        from export.quant.format import parse_quantization
+
+        quantization = parse_quantization(config["quantization_config"], expected, str(d / CONFIG))
+        expected, packed_dtypes = quantization.expected(expected), quantization.packed_dtypes
+    # -- end quantization hook
     for name, shape in expected.items():
         if name not in weight_map:
             raise PocketllmError(f"{d}: missing tensor '{name}' (expected shape {list(shape)})")
@@ -281,9 +293,14 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
         if shapes[name] != shape:
             raise PocketllmError(f"{d / weight_map[name]}: tensor '{name}' has shape {list(shapes[name])}, "
                                  f"expected {list(shape)}")
-        if dtypes[name] not in ("F32", "F16", "BF16"):
+        if name in packed_dtypes:
+            if dtypes[name] != packed_dtypes[name]:
+                raise PocketllmError(f"{d / weight_map[name]}: tensor '{name}' has dtype {dtypes[name]}, "
+                                     f"expected {packed_dtypes[name]} (quantized checkpoint)")
+        elif dtypes[name] not in ("F32", "F16", "BF16"):
             raise PocketllmError(f"{d / weight_map[name]}: tensor '{name}' has dtype {dtypes[name]}, "
                                  "expected F32, F16 or BF16")
     derived = derived_tensors(spec)
     weight_map = {k: v for k, v in weight_map.items() if not k.endswith(IGNORED_SUFFIXES) and k not in derived}
-    return Checkpoint(dir=d, config=config, spec=spec, weight_map=weight_map, shapes=shapes, dtypes=dtypes)
+    return Checkpoint(dir=d, config=config, spec=spec, weight_map=weight_map, shapes=shapes, dtypes=dtypes,
+                      quantization=quantization)

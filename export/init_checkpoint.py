@@ -16,7 +16,7 @@ from typing import Iterable, Iterator
 
 import torch
 
-from export.checkpoint import INDEX_FILE, SINGLE_FILE, expected_tensors
+from export.checkpoint import INDEX_FILE, SINGLE_FILE, derived_tensors, expected_tensors
 from export.errors import PocketllmError
 from export.presets import preset_config
 from export.spec import spec_from_config
@@ -100,6 +100,9 @@ CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\
 SPECIALS = {
     "minicpm4": (["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"], "<s>", "</s>", "<unk>"),
     "smallthinker": (["<|endoftext|>", "<|im_start|>", "<|im_end|>"], None, "<|im_end|>", None),
+    # MiniMaxConfig's defaults: bos 1, eos 2
+    "minimax": (["<end_of_document>", "<beginning_of_sentence>", "<end_of_sentence>"], "<beginning_of_sentence>",
+                "<end_of_sentence>", None),
 }
 
 
@@ -157,13 +160,41 @@ def write_weights(out: Path, tensors: Iterable[tuple[str, torch.Tensor]], shard_
     (out / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
 
 
+def derived_values(spec) -> dict[str, torch.Tensor]:
+    """The config-determined buffers upstream saves too (`derived_tensors`), computed the way upstream does, so
+    that upstream loads our checkpoints without missing keys. pocketllm never reads them back.
+
+    MiniMax lightning layers: slope_rate s [H,1,1]; for r = 1..B: query_decay exp(-s r), key_decay exp(-s (B - r)),
+    diagonal_decay exp(-s (r_i - r_j)) where r_i >= r_j, else 0.
+    """
+    from export.ops.lightning_attention import lightning_decay_rates
+
+    shapes = derived_tensors(spec)
+    out: dict[str, torch.Tensor] = {}
+    for i, layer in enumerate(spec.layers):
+        a = f"model.layers.{i}.self_attn."
+        if a + "slope_rate" not in shapes:
+            continue
+        s = lightning_decay_rates(spec.num_heads, i, spec.num_layers)[:, None, None]  # [H, 1, 1]
+        r = torch.arange(spec.lightning.block_size) + 1
+        gap = (r[:, None] - r[None, :])[None, None] * s  # [1, H, B, B]
+        out[a + "slope_rate"] = s
+        out[a + "query_decay"] = torch.exp(-s * r[:, None])
+        out[a + "key_decay"] = torch.exp(-s * (spec.lightning.block_size - r[:, None]))
+        out[a + "diagonal_decay"] = torch.exp(torch.where(gap >= 0, -gap, float("-inf")))
+    assert {k: tuple(v.shape) for k, v in out.items()} == shapes
+    return out
+
+
 def random_tensors(config: dict, dtype: torch.dtype, seed: int) -> tuple[Iterator[tuple[str, torch.Tensor]], int]:
     """Random weights for every expected tensor: normal(0, initializer_range); norms 1 + N(0, 0.05) so that parity
-    tests notice a norm applied in the wrong place."""
+    tests notice a norm applied in the wrong place. Then the config-determined buffers upstream also saves."""
     spec = spec_from_config(config)
     shapes = expected_tensors(spec)
+    derived = derived_values(spec)
     std = float(config.get("initializer_range", 0.02))
-    total = sum(_numel(s) for s in shapes.values()) * torch.tensor([], dtype=dtype).element_size()
+    n = sum(_numel(s) for s in shapes.values()) + sum(t.numel() for t in derived.values())
+    total = n * torch.tensor([], dtype=dtype).element_size()
 
     def gen():
         g = torch.Generator().manual_seed(seed)
@@ -172,6 +203,8 @@ def random_tensors(config: dict, dtype: torch.dtype, seed: int) -> tuple[Iterato
                 t = 1.0 + 0.05 * torch.randn(shape, generator=g)
             else:
                 t = torch.randn(shape, generator=g) * std
+            yield name, t.to(dtype)
+        for name, t in derived.items():
             yield name, t.to(dtype)
 
     return gen(), total

@@ -101,8 +101,10 @@ class LayerSpec:
 
     def __post_init__(self):
         if self.residual not in RESIDUAL_FORMS:
-            raise PocketllmError(f"LayerSpec: residual must be one of {', '.join(RESIDUAL_FORMS)} (got {self.residual!r})")
-        if self.residual == "pre_norm" and (self.attn_alpha, self.attn_beta, self.mlp_alpha, self.mlp_beta) != (1, 1, 1, 1):
+            raise PocketllmError(f"LayerSpec: residual must be one of {', '.join(RESIDUAL_FORMS)} "
+                                 f"(got {self.residual!r})")
+        weights = (self.attn_alpha, self.attn_beta, self.mlp_alpha, self.mlp_beta)
+        if self.residual == "pre_norm" and weights != (1, 1, 1, 1):
             raise PocketllmError("LayerSpec: residual alphas/betas apply to residual 'post_norm' only")
         if self.attention == "lightning" and self.use_rope:
             raise PocketllmError("LayerSpec: lightning attention layers take no RoPE (set use_rope=False)")

@@ -135,6 +135,14 @@ class ReferenceModel:
         from runtime_py.weights import load_weights
 
         ckpt = open_checkpoint(path)
+        if ckpt.quantization is not None:  # hook: packed 4/8-bit weights, dequantized by runtime_py/quant.py
+            from runtime_py.quant import quantized_weight_loader
+
+            load_weights = quantized_weight_loader(ckpt.quantization)  # noqa: F811
+        if ckpt.spec.family == "minimax":  # hook: lightning hybrids have their own model (runtime_py/minimax.py)
+            from runtime_py.minimax import MiniMaxReferenceModel
+
+            return MiniMaxReferenceModel(ckpt.spec, load_weights(ckpt.dir, ckpt.weight_map), max_context=max_context)
         return cls(ckpt.spec, load_weights(ckpt.dir, ckpt.weight_map), max_context=max_context)
 
     def reset(self) -> None:

@@ -14,6 +14,7 @@ from export.cli.common import console, user_errors
 class Arch(str, Enum):
     minicpm4 = "minicpm4"
     smallthinker = "smallthinker"
+    minimax = "minimax"
 
 
 class WeightDType(str, Enum):
@@ -23,7 +24,8 @@ class WeightDType(str, Enum):
 
 def init_checkpoint(
     arch: Arch = typer.Option(..., "--arch", help="Model family."),
-    preset: str = typer.Option(..., "--preset", help="tiny | 0.5b | 8b (minicpm4); tiny | 4b-a0.6b | 21b-a3b."),
+    preset: str = typer.Option(..., "--preset", help="tiny | 0.5b | 8b (minicpm4); tiny | 4b-a0.6b | 21b-a3b "
+                               "(smallthinker); tiny (minimax)."),
     out: Path = typer.Option(..., "--out", help="Directory to create."),
     seed: int = typer.Option(0, "--seed"),
     dtype: WeightDType = typer.Option(WeightDType.bf16, "--dtype", help="Storage dtype of the weights."),

@@ -10,7 +10,7 @@ import numpy as np
 from export.checkpoint import Checkpoint
 from export.errors import PocketllmError
 
-ENGINES = ("torch", "reference")
+ENGINES = ("torch", "reference", "executorch")
 
 
 class TorchEngine:
@@ -32,7 +32,28 @@ class TorchEngine:
         self.model.reset_cache()
 
 
+def open_source(checkpoint, bundle, engine_name: str, threads: int | None = None):
+    """What a command runs: the checkpoint (torch, reference) or, for --engine executorch, the bundle."""
+    if engine_name == "executorch":
+        if bundle is None:
+            raise PocketllmError("--engine executorch needs --bundle DIR (a bundle written by `pocketllm export`)")
+        from export.bundle import BundleSource
+
+        return BundleSource.open(bundle, threads)
+    if bundle is not None:
+        raise PocketllmError("--bundle is read by --engine executorch only")
+    if checkpoint is None:
+        raise PocketllmError(f"--engine {engine_name} needs --checkpoint DIR")
+    from export.checkpoint import open_checkpoint
+
+    return open_checkpoint(checkpoint)
+
+
 def make_engine(name: str, ckpt: Checkpoint, max_context: int | None = None, dtype: str | None = None):
+    if name == "executorch":  # ckpt is a BundleSource (open_source); the cache size is the bundle's
+        from runtime_py.executorch_runner import ExecutorchEngine
+
+        return ExecutorchEngine(ckpt.dir, verify=False, threads=ckpt.threads)
     if name == "torch":
         return TorchEngine(ckpt, max_context, dtype)
     if name == "reference":

@@ -2,7 +2,7 @@
 
 import typer
 
-from export.cli import checkpoint, run
+from export.cli import checkpoint, export_cmd, parity, quantize, run
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Put MiniCPM4, SmallThinker and lightning-attention LLMs on phones.")
@@ -10,6 +10,9 @@ app.command("init-checkpoint")(checkpoint.init_checkpoint)
 app.command("logits")(run.logits)
 app.command("generate")(run.generate)
 app.command("perplexity")(run.perplexity)
+app.command("quantize")(quantize.quantize)
+app.command("export")(export_cmd.export)  # ExecuTorch target
+app.command("parity")(parity.parity)
 
 if __name__ == "__main__":
     app()

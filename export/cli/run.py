@@ -15,7 +15,7 @@ from rich.table import Table
 
 from export.checkpoint import open_checkpoint
 from export.cli.common import atomic_write_bytes, console, set_threads, user_errors
-from export.cli.engines import make_engine
+from export.cli.engines import make_engine, open_source
 from export.errors import PocketllmError
 from export.tokenizer import load_tokenizer
 
@@ -28,6 +28,7 @@ class Mode(str, Enum):
 class Engine(str, Enum):
     torch = "torch"
     reference = "reference"
+    executorch = "executorch"  # a bundle's model.pte (--bundle)
 
 
 class DType(str, Enum):
@@ -59,7 +60,7 @@ def run_logits(engine, tokens: list[int], mode: str) -> np.ndarray:
 
 
 def logits(
-    checkpoint: Path = typer.Option(..., "--checkpoint", help="Hugging Face style checkpoint directory."),
+    checkpoint: Path = typer.Option(None, "--checkpoint", help="Hugging Face style checkpoint directory."),
     tokens: str = typer.Option(..., "--tokens", help="Comma-separated token ids, e.g. 1,2,3."),
     mode: Mode = typer.Option(Mode.prefill, "--mode", help="prefill: one call; decode: one token per step."),
     engine: Engine = typer.Option(Engine.torch, "--engine", help="torch (our model) or reference (numpy)."),
@@ -67,15 +68,16 @@ def logits(
     max_context: int = typer.Option(None, "--max-context", help="KV cache length (default min(max pos, 4096))."),
     dtype: DType = typer.Option(DType.fp32, "--dtype", help="torch engine compute dtype (auto = checkpoint's)."),
     threads: int = typer.Option(None, "--threads", help="CPU threads for torch."),
+    bundle: Path = typer.Option(None, "--bundle", help="Bundle directory, for --engine executorch."),
 ):
     """Write the logits of a token sequence to a .npy file."""
-    _logits(checkpoint, tokens, mode.value, engine.value, out, max_context, dtype.value, threads)
+    _logits(checkpoint, tokens, mode.value, engine.value, out, max_context, dtype.value, threads, bundle)
 
 
 @user_errors
-def _logits(checkpoint, tokens, mode, engine_name, out, max_context, dtype, threads):
+def _logits(checkpoint, tokens, mode, engine_name, out, max_context, dtype, threads, bundle=None):
     set_threads(threads)
-    ckpt = open_checkpoint(checkpoint)
+    ckpt = open_source(checkpoint, bundle, engine_name, threads)
     ids = parse_tokens(tokens, ckpt.spec.vocab_size)
     max_context = max_context or max(len(ids), 1)
     max_context = min(max(max_context, len(ids)), ckpt.spec.max_position_embeddings)
@@ -93,7 +95,7 @@ def _save_npy(path: str, array: np.ndarray) -> None:
 
 
 def generate(
-    checkpoint: Path = typer.Option(..., "--checkpoint", help="Hugging Face style checkpoint directory."),
+    checkpoint: Path = typer.Option(None, "--checkpoint", help="Hugging Face style checkpoint directory."),
     prompt: str = typer.Option(..., "--prompt", help="Text to continue."),
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", min=1),
     greedy: bool = typer.Option(False, "--greedy", help="Always pick the most likely token."),
@@ -104,19 +106,20 @@ def generate(
     max_context: int = typer.Option(None, "--max-context", help="KV cache length (default min(max pos, 4096))."),
     dtype: DType = typer.Option(DType.fp32, "--dtype"),
     threads: int = typer.Option(None, "--threads"),
+    bundle: Path = typer.Option(None, "--bundle", help="Bundle directory, for --engine executorch."),
 ):
     """Stream a continuation of PROMPT, then print prefill and decode speed."""
     _generate(checkpoint, prompt, max_new_tokens, greedy, temperature, top_p, seed, engine.value, max_context,
-              dtype.value, threads)
+              dtype.value, threads, bundle)
 
 
 @user_errors
 def _generate(checkpoint, prompt, max_new_tokens, greedy, temperature, top_p, seed, engine_name, max_context,
-              dtype, threads):
+              dtype, threads, bundle=None):
     from runtime_py.generate import generate as generate_loop
 
     set_threads(threads)
-    ckpt = open_checkpoint(checkpoint)
+    ckpt = open_source(checkpoint, bundle, engine_name, threads)
     spec = ckpt.spec
     tok = load_tokenizer(ckpt.dir, spec.bos_token_id)
     ids = tok.encode(prompt)

@@ -37,11 +37,15 @@ def load_model(checkpoint, max_context: int | None = None, dtype: str | torch.dt
 
     with torch.device("meta"):
         model = CausalLM(spec, max_context)
+    if ckpt.quantization is not None:  # packed modules for quantized weights (export/nn/quant_linear.py)
+        from export.nn.quant_linear import swap_quantized_linears
+
+        swap_quantized_linears(model, ckpt.quantization)
     model = model.to_empty(device="cpu")
-    wanted = {name for name, _ in model.named_parameters()}
+    wanted = set(model.state_dict())  # parameters + persistent buffers (packed quantized tensors)
     state = {}
     for name, tensor in ckpt.iter_tensors(names=[n for n in ckpt.weight_map if n in wanted], dtype=dtype):
-        state[name] = tensor
+        state[name] = tensor  # packed tensors keep their stored dtypes (iter_tensors leaves them alone)
     model.load_state_dict(state, strict=True, assign=True)
     for buf_owner in model.modules():
         if hasattr(buf_owner, "k_cache"):

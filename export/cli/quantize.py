@@ -1,0 +1,83 @@
+"""`pocketllm quantize`: any4 / int4 / nf4 / int8 weights, written as a new checkpoint (docs/quantization.md)."""
+
+from __future__ import annotations
+
+import os
+from collections import defaultdict
+from pathlib import Path
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+from rich.table import Table
+
+from export.cli.common import console, set_threads, user_errors
+
+
+def quantize(
+    checkpoint: Path = typer.Option(..., "--checkpoint", help="Floating-point checkpoint directory."),
+    scheme: str = typer.Option(..., "--scheme", help="any4 | int4 | nf4 | int8."),
+    out: Path = typer.Option(..., "--out", help="Directory to create (written atomically)."),
+    group_size: int = typer.Option(None, "--group-size",
+                                   help="Columns per scale/zero group: 128 by default for 4-bit schemes; 0 = one "
+                                        "group per row (any4 then maps onto Core ML's per-row palettization). "
+                                        "int8 is per channel and takes none."),
+    calibration: str = typer.Option(None, "--calibration",
+                                    help="Calibration text, or a path to a UTF-8 text file (default: a short "
+                                         "built-in mixed-domain prompt)."),
+    max_calibration_tokens: int = typer.Option(2048, "--max-calibration-tokens", min=2,
+                                               help="Use at most this many calibration tokens."),
+    quantize_lm_head: bool = typer.Option(False, "--quantize-lm-head", help="Also quantize an untied lm_head."),
+    seed: int = typer.Option(0, "--seed", help="k-means++ seed (any4)."),
+    threads: int = typer.Option(None, "--threads", help="CPU threads for torch."),
+    force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
+):
+    """Quantize the decoder's Linear weights and write a checkpoint that logits, generate and export accept.
+
+    Prints the quantization error of every layer; the per-tensor numbers go to OUT/quantization_report.json.
+    """
+    _quantize(checkpoint, scheme, out, group_size, calibration, max_calibration_tokens, quantize_lm_head, seed,
+              threads, force)
+
+
+@user_errors
+def _quantize(checkpoint, scheme, out, group_size, calibration, max_calibration_tokens, quantize_lm_head, seed,
+              threads, force):
+    # Idle OpenMP workers sleep instead of spinning: on a 2-core machine shared with other work, spinning workers
+    # steal the cores the k-means' many small ops need (measured 14x slower on tiny-austen). Only takes effect when
+    # torch is first imported here; an explicit OMP_WAIT_POLICY wins.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    from export.quant.quantize import REPORT_FILE, quantize_checkpoint
+
+    set_threads(threads)
+    with Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), console=console, transient=True) as bar:
+        task = bar.add_task(f"quantizing ({scheme})", total=None)
+
+        def progress(done: int, total: int, what: str) -> None:
+            bar.update(task, completed=done, total=total, description=f"quantizing ({scheme}): {what}")
+
+        result = quantize_checkpoint(checkpoint, out, scheme, group_size=group_size, calibration=calibration,
+                                     quantize_lm_head=quantize_lm_head, force=force, seed=seed,
+                                     max_calibration_tokens=max_calibration_tokens, progress=progress)
+
+    by_layer: dict[str, list] = defaultdict(list)
+    for t in result.tensors:
+        parts = t.name.split(".")
+        by_layer[parts[2] if parts[:2] == ["model", "layers"] else parts[0]].append(t)
+    table = Table(title=f"{scheme}: relative error ||W - Wq|| / ||W|| per layer", title_justify="left")
+    for col in ("layer", "tensors", "bits/w", "mean err", "max err", "worst", "act-wtd", "sec"):
+        table.add_column(col, justify="left" if col == "worst" else "right")
+    for layer, ts in by_layer.items():
+        n = sum(t.shape[0] * t.shape[1] for t in ts)
+        bpw = sum(t.bits_per_weight * t.shape[0] * t.shape[1] for t in ts) / n
+        worst = max(ts, key=lambda t: t.rel_error)
+        short = ".".join(p for p in worst.name.split(".")[3:] if p not in ("self_attn", "mlp", "block_sparse_moe"))
+        table.add_row(layer, str(len(ts)), f"{bpw:.3f}", f"{sum(t.rel_error for t in ts) / len(ts):.4f}",
+                      f"{worst.rel_error:.4f}", short or worst.name,
+                      f"{sum(t.weighted_rel_error for t in ts) / len(ts):.4f}", f"{sum(t.seconds for t in ts):.1f}")
+    console.print(table)
+    s = result.summary()
+    console.print(f"wrote {result.out}: {s['quantized_tensors']} tensors ({s['quantized_weights']:,} weights) at "
+                  f"{s['bits_per_weight']:.3f} bits/weight, rms rel error {s['rms_rel_error']:.4f}, "
+                  f"{s['calibration_tokens']} calibration tokens, {s['seconds']:.1f} s; per-tensor errors in "
+                  f"{result.out / REPORT_FILE}", highlight=False)

@@ -1,0 +1,71 @@
+"""What to quantize: an ordered set of module-name rules, the first match wins.
+
+A recipe knows nothing about packing, backends or the math of a scheme: it only answers "which scheme and group
+size for this module, or keep it in floating point?". Module names are tensor names without `.weight`, in upstream
+naming (`model.layers.3.self_attn.q_proj`). Patterns are shell-style (`fnmatch`: `*` also crosses dots).
+Only 2-D `.weight` tensors are candidates; norms, embeddings and everything unmatched stay as they are.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass
+
+from export.errors import PocketllmError
+from export.quant.format import SCHEMES, TensorQuant, check_tensor_quant
+
+DEFAULT_GROUP_SIZE = 128
+
+
+@dataclass(frozen=True)
+class Rule:
+    pattern: str
+    quant: TensorQuant | None  # None: keep in floating point
+
+
+@dataclass(frozen=True)
+class Recipe:
+    rules: tuple[Rule, ...]
+
+    def resolve(self, module: str) -> TensorQuant | None:
+        for rule in self.rules:
+            if fnmatch.fnmatchcase(module, rule.pattern):
+                return rule.quant
+        return None
+
+    def plan(self, tensors: dict[str, tuple[int, ...]], where: str = "quantize") -> dict[str, TensorQuant]:
+        """module -> TensorQuant for every 2-D `.weight` a rule quantizes; checks each one fits (group size, ...)."""
+        out: dict[str, TensorQuant] = {}
+        for name, shape in tensors.items():
+            if not name.endswith(".weight") or len(shape) != 2:
+                continue
+            module = name[:-len(".weight")]
+            tq = self.resolve(module)
+            if tq is not None:
+                check_tensor_quant(tq, module, shape, where)
+                out[module] = tq
+        return out
+
+
+def default_recipe(scheme: str, group_size: int | None = None, quantize_lm_head: bool = False) -> Recipe:
+    """Every Linear of the decoder layers in `scheme`; embeddings, routers and (unless asked) lm_head kept.
+
+    group_size None: 128 for the 4-bit schemes, per channel (0) for int8. 0 = one group per row.
+    """
+    if scheme not in SCHEMES:
+        raise PocketllmError(f"unknown --scheme {scheme!r} (expected one of: {', '.join(SCHEMES)})")
+    if group_size is None:
+        group_size = 0 if scheme == "int8" else DEFAULT_GROUP_SIZE
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 0:
+        raise PocketllmError(f"--group-size must be 0 (one group per row) or a positive integer (got {group_size})")
+    if scheme == "int8" and group_size:
+        raise PocketllmError(f"--group-size {group_size}: int8 is per output channel, it takes no group size "
+                             "(leave --group-size out)")
+    tq = TensorQuant(scheme, group_size)
+    return Recipe((
+        Rule("model.embed_tokens", None),  # a lookup table, not a matmul
+        Rule("lm_head", tq if quantize_lm_head else None),  # the most sensitive matmul: opt-in
+        Rule("*.primary_router", None),  # SmallThinker router: tiny, and routing flips are costly
+        Rule("*.block_sparse_moe.gate", None),  # MiniMax router (experts' gates are `experts.{e}.gate`/w1)
+        Rule("model.layers.*", tq),
+    ))

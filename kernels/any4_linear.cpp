@@ -1,0 +1,333 @@
+// pocketllm::any4_linear.out: any4 weight-only linear, CPU, fp32 activations.
+//
+// Per (row i, group): the 16 dequantised values t[c] = lut[i, c] * s + z are built once (exact, as the reference
+// dequantises), then the hot loop is a table lookup + multiply-add per weight:
+//   decode (M == 1): y_i = sum_j x_j * t[c_ij], on AVX2 eight weights per step (two 8-lane permutes + blend pick the
+//                    table entries; nibbles unpacked with byte shuffles); a portable scalar loop elsewhere;
+//   prefill (M > 1): each row of W is dequantised once into an fp32 scratch row, then dotted with every x row.
+// Rows are split across ExecuTorch's threadpool. Build with -ffp-contract=off so t[c] keeps its two roundings.
+#include "any4_linear.h"
+
+#include <vector>
+
+#include <executorch/extension/kernel_util/make_boxed_from_unboxed_functor.h>
+
+#include "common.h"
+
+#if defined(__AVX2__) || defined(__F16C__)
+#include <immintrin.h>
+#endif
+#if defined(__AVX2__) && defined(__FMA__)
+#define POCKETLLM_ANY4_AVX2 1
+#endif
+
+namespace pocketllm {
+
+using executorch::aten::Half;
+using executorch::aten::ScalarType;
+using executorch::aten::Tensor;
+using executorch::runtime::Error;
+using executorch::runtime::KernelRuntimeContext;
+
+namespace {
+
+inline void group_table(const float* lut_row, float s, float z, float* t) {
+  for (int c = 0; c < 16; ++c) {
+    const float w = lut_row[c] * s;
+    t[c] = w + z;
+  }
+}
+
+// Dequantise row i of W into w[K].
+void dequant_row(const uint8_t* qrow, const float* lut_row, const float* srow, const float* zrow, int64_t K,
+                 int64_t g, float* w) {
+  float t[16];
+  for (int64_t j0 = 0; j0 < K; j0 += g) {
+    group_table(lut_row, srow[j0 / g], zrow[j0 / g], t);
+    for (int64_t j = j0; j < j0 + g; j += 2) {
+      const uint8_t b = qrow[j / 2];
+      w[j] = t[b & 15];
+      w[j + 1] = t[b >> 4];
+    }
+  }
+}
+
+#ifdef POCKETLLM_ANY4_AVX2
+// sum over one group of g columns (g % 8 == 0) of x_j * t[c_j]. Eight codes = one 32-bit word (code k in bits
+// 4k..4k+3): broadcast it, shift lane k right by 4k so vpermps (which reads the low 3 bits) picks t[c & 7] from both
+// table halves, and shift it left by 28 - 4k so bit 3 of the code lands in the sign bit blendv selects on. Per 8
+// weights: one broadcast load, two shifts, two permutes, one blend, one multiply-add (no byte unpacking).
+inline __m256 group_dot_avx2(const uint8_t* q, const float* x, int64_t g, __m256 tlo, __m256 thi, __m256 acc) {
+  const __m256i right = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
+  const __m256i left = _mm256_setr_epi32(28, 24, 20, 16, 12, 8, 4, 0);
+  __m256 acc2 = _mm256_setzero_ps();
+  int64_t j = 0;
+  for (; j + 16 <= g; j += 16) {
+    uint32_t w0, w1;
+    std::memcpy(&w0, q + j / 2, 4);
+    std::memcpy(&w1, q + j / 2 + 4, 4);
+    const __m256i b0 = _mm256_set1_epi32(static_cast<int>(w0)), b1 = _mm256_set1_epi32(static_cast<int>(w1));
+    const __m256 v0 = _mm256_blendv_ps(_mm256_permutevar8x32_ps(tlo, _mm256_srlv_epi32(b0, right)),
+                                       _mm256_permutevar8x32_ps(thi, _mm256_srlv_epi32(b0, right)),
+                                       _mm256_castsi256_ps(_mm256_sllv_epi32(b0, left)));
+    const __m256 v1 = _mm256_blendv_ps(_mm256_permutevar8x32_ps(tlo, _mm256_srlv_epi32(b1, right)),
+                                       _mm256_permutevar8x32_ps(thi, _mm256_srlv_epi32(b1, right)),
+                                       _mm256_castsi256_ps(_mm256_sllv_epi32(b1, left)));
+    acc = _mm256_fmadd_ps(_mm256_loadu_ps(x + j), v0, acc);
+    acc2 = _mm256_fmadd_ps(_mm256_loadu_ps(x + j + 8), v1, acc2);
+  }
+  for (; j < g; j += 8) {
+    uint32_t w0;
+    std::memcpy(&w0, q + j / 2, 4);
+    const __m256i b0 = _mm256_set1_epi32(static_cast<int>(w0));
+    const __m256i idx = _mm256_srlv_epi32(b0, right);
+    const __m256 v0 = _mm256_blendv_ps(_mm256_permutevar8x32_ps(tlo, idx), _mm256_permutevar8x32_ps(thi, idx),
+                                       _mm256_castsi256_ps(_mm256_sllv_epi32(b0, left)));
+    acc = _mm256_fmadd_ps(_mm256_loadu_ps(x + j), v0, acc);
+  }
+  return _mm256_add_ps(acc, acc2);
+}
+#endif
+
+#if defined(POCKETLLM_ANY4_AVX2) && defined(__F16C__)
+#define POCKETLLM_ANY4_LUT16 1
+// Decode fast path for fp16 LUTs (any4's storage format): y_i = sum_g s_g * (sum_{j in g} x_j lut_i[c_j])
+//                                                                + z_g * (sum_{j in g} x_j).
+// The 16 fp16 entries of a row are split into a low-byte and a high-byte table; vpshufb (a 16-entry byte lookup,
+// cheap on every AVX2 core, unlike the lane-crossing vpermps) looks up 32 codes per table, the two byte planes are
+// interleaved back into fp16 and widened with vcvtph2ps. The interleave leaves columns in the order
+// [0 2 .. 14 | 1 3 .. 15 | 16 18 .. 30 | 17 .. 31] per 32-column block, so x is permuted that way once per call.
+// Differs from dequantise-then-dot only in rounding order (the dequantised value itself is never formed); a one-hot
+// x still yields lut * s + z with the reference's two roundings.
+inline void permute_x32(const float* x, int64_t K, float* xp) {
+  for (int64_t b = 0; b < K; b += 32)
+    for (int64_t i = 0; i < 8; ++i) {
+      xp[b + i] = x[b + 2 * i];
+      xp[b + 8 + i] = x[b + 2 * i + 1];
+      xp[b + 16 + i] = x[b + 16 + 2 * i];
+      xp[b + 24 + i] = x[b + 17 + 2 * i];
+    }
+}
+
+inline float row_dot_lut16(const uint8_t* qrow, const uint16_t* lut16, const float* srow, const float* zrow,
+                           const float* xp, const float* xsum, int64_t K, int64_t g) {
+  const __m256i ctrl = _mm256_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15,
+                                        0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
+  const __m256i sh = _mm256_shuffle_epi8(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(lut16)), ctrl);
+  const __m256i L0 = _mm256_permute4x64_epi64(sh, _MM_SHUFFLE(2, 0, 2, 0));  // low bytes of entries 0..15, x2
+  const __m256i L1 = _mm256_permute4x64_epi64(sh, _MM_SHUFFLE(3, 1, 3, 1));  // high bytes
+  const __m128i m0f = _mm_set1_epi8(0x0F);
+  float y = 0.0f;
+  for (int64_t j0 = 0, gi = 0; j0 < K; j0 += g, ++gi) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
+    for (int64_t j = j0; j < j0 + g; j += 32) {
+      const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qrow + j / 2));
+      const __m128i lo = _mm_and_si128(bytes, m0f);
+      const __m128i hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), m0f);
+      const __m256i codes = _mm256_set_m128i(hi, lo);
+      const __m256i b0 = _mm256_shuffle_epi8(L0, codes), b1 = _mm256_shuffle_epi8(L1, codes);
+      const __m256i ha = _mm256_unpacklo_epi8(b0, b1), hb = _mm256_unpackhi_epi8(b0, b1);
+      a0 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm256_castsi256_si128(ha)), _mm256_loadu_ps(xp + j), a0);
+      a1 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm256_extracti128_si256(ha, 1)), _mm256_loadu_ps(xp + j + 8), a1);
+      a2 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm256_castsi256_si128(hb)), _mm256_loadu_ps(xp + j + 16), a2);
+      a3 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm256_extracti128_si256(hb, 1)), _mm256_loadu_ps(xp + j + 24), a3);
+    }
+    const __m256 a = _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3));
+    __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    s4 = _mm_hadd_ps(s4, s4);
+    s4 = _mm_hadd_ps(s4, s4);
+    const float d = _mm_cvtss_f32(s4);
+    y += srow[gi] * d + zrow[gi] * xsum[gi];
+  }
+  return y;
+}
+
+// The LUT as fp16 bits when every entry is exactly an fp16 value (always, for any4 checkpoints).
+bool lut_as_fp16(const float* lut, int64_t n, std::vector<uint16_t>& out) {
+  out.resize(n);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 v = _mm256_loadu_ps(lut + i);
+    const __m128i h = _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT);
+    const __m256 back = _mm256_cvtph_ps(h);
+    if (_mm256_movemask_ps(_mm256_cmp_ps(back, v, _CMP_NEQ_UQ))) return false;
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out.data() + i), h);
+  }
+  return i == n;  // n is a multiple of 16
+}
+#endif
+
+float row_dot(const uint8_t* qrow, const float* lut_row, const float* srow, const float* zrow, const float* x,
+              int64_t K, int64_t g) {
+  float t[16];
+#ifdef POCKETLLM_ANY4_AVX2
+  if (g % 8 == 0) {
+    // The group's table t = lut * s + z, built in registers: multiply, then add (two roundings, as the reference).
+    const __m256 llo = _mm256_loadu_ps(lut_row), lhi = _mm256_loadu_ps(lut_row + 8);
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t j0 = 0; j0 < K; j0 += g) {
+      const __m256 sv = _mm256_set1_ps(srow[j0 / g]), zv = _mm256_set1_ps(zrow[j0 / g]);
+      const __m256 tlo = _mm256_add_ps(_mm256_mul_ps(llo, sv), zv);
+      const __m256 thi = _mm256_add_ps(_mm256_mul_ps(lhi, sv), zv);
+      acc = group_dot_avx2(qrow + j0 / 2, x + j0, g, tlo, thi, acc);
+    }
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+    s = _mm_hadd_ps(s, s);
+    s = _mm_hadd_ps(s, s);
+    return _mm_cvtss_f32(s);
+  }
+#endif
+  v8f acc = {0};
+  float tail = 0.0f;
+  for (int64_t j0 = 0; j0 < K; j0 += g) {
+    group_table(lut_row, srow[j0 / g], zrow[j0 / g], t);
+    int64_t j = j0;
+    for (; j + 8 <= j0 + g; j += 8) {
+      const uint8_t* b = qrow + j / 2;
+      const v8f w = {t[b[0] & 15], t[b[0] >> 4], t[b[1] & 15], t[b[1] >> 4],
+                     t[b[2] & 15], t[b[2] >> 4], t[b[3] & 15], t[b[3] >> 4]};
+      acc += load8(x + j) * w;
+    }
+    for (; j < j0 + g; j += 2) {
+      const uint8_t b = qrow[j / 2];
+      tail += x[j] * t[b & 15] + x[j + 1] * t[b >> 4];
+    }
+  }
+  return hsum8(acc) + tail;
+}
+
+}  // namespace
+
+void any4_linear_f32(const float* x, const uint8_t* qweight, const float* lut, const float* scales,
+                     const float* zeros, int64_t M, int64_t N, int64_t K, int64_t g, float* y) {
+  const int64_t G = K / g;
+#ifdef POCKETLLM_ANY4_LUT16
+  std::vector<uint16_t> lut16;
+  if (M == 1 && g % 32 == 0 && lut_as_fp16(lut, N * 16, lut16)) {
+    std::vector<float> xp(K), xsum(G, 0.0f);
+    permute_x32(x, K, xp.data());
+    for (int64_t j = 0; j < K; ++j) xsum[j / g] += x[j];
+    parallel(N, 16, [&](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e; ++i)
+        y[i] = row_dot_lut16(qweight + i * (K / 2), lut16.data() + i * 16, scales + i * G, zeros + i * G,
+                             xp.data(), xsum.data(), K, g);
+    });
+    return;
+  }
+#endif
+  if (M == 1) {
+    parallel(N, 16, [&](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e; ++i)
+        y[i] = row_dot(qweight + i * (K / 2), lut + i * 16, scales + i * G, zeros + i * G, x, K, g);
+    });
+    return;
+  }
+  // Prefill: dequantise NR rows of W at a time (exact), then a 4 x NR register tile of x rows x W rows: each
+  // loaded x vector feeds NR multiply-adds and each W vector 4.
+  constexpr int64_t NR = 2, MR = 4;
+  parallel((N + NR - 1) / NR, 2, [&](int64_t b, int64_t e) {
+    std::vector<float> w(NR * K);
+    for (int64_t tile = b; tile < e; ++tile) {
+      const int64_t i0 = tile * NR, nr = std::min(NR, N - i0);
+      for (int64_t r = 0; r < nr; ++r)
+        dequant_row(qweight + (i0 + r) * (K / 2), lut + (i0 + r) * 16, scales + (i0 + r) * G,
+                    zeros + (i0 + r) * G, K, g, w.data() + r * K);
+      if (nr < NR) std::fill(w.begin() + nr * K, w.end(), 0.0f);
+      int64_t m = 0;
+      for (; m + MR <= M; m += MR) {
+        v8f acc[MR][NR] = {};
+        const float* xr[MR] = {x + m * K, x + (m + 1) * K, x + (m + 2) * K, x + (m + 3) * K};
+        int64_t j = 0;
+        for (; j + 8 <= K; j += 8) {
+          const v8f w0 = load8(w.data() + j), w1 = load8(w.data() + K + j);
+          for (int64_t mm = 0; mm < MR; ++mm) {
+            const v8f xv = load8(xr[mm] + j);
+            acc[mm][0] += xv * w0;
+            acc[mm][1] += xv * w1;
+          }
+        }
+        for (int64_t mm = 0; mm < MR; ++mm)
+          for (int64_t r = 0; r < nr; ++r) {
+            float sum = hsum8(acc[mm][r]);
+            for (int64_t jj = j; jj < K; ++jj) sum += xr[mm][jj] * w[r * K + jj];
+            y[(m + mm) * N + i0 + r] = sum;
+          }
+      }
+      for (; m < M; ++m)
+        for (int64_t r = 0; r < nr; ++r) y[m * N + i0 + r] = dot(x + m * K, w.data() + r * K, K);
+    }
+  });
+}
+
+namespace {
+
+// fp16 or fp32 tensor -> fp32 vector (LUT, scales and zeros are small: N * (16 + 2K/g) values).
+bool to_float(const Tensor& t, std::vector<float>& dst) {
+  dst.resize(t.numel());
+  if (t.scalar_type() == ScalarType::Float) {
+    std::copy(t.const_data_ptr<float>(), t.const_data_ptr<float>() + t.numel(), dst.begin());
+    return true;
+  }
+  if (t.scalar_type() == ScalarType::Half) {
+    const Half* p = t.const_data_ptr<Half>();
+    int64_t i = 0;
+#if defined(__F16C__)
+    for (; i + 8 <= t.numel(); i += 8)
+      _mm256_storeu_ps(dst.data() + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + i))));
+#endif
+    for (; i < t.numel(); ++i) dst[i] = static_cast<float>(p[i]);
+    return true;
+  }
+  return false;
+}
+
+}  // namespace
+
+Tensor& any4_linear_out(KernelRuntimeContext& ctx, const Tensor& x, const Tensor& qweight, const Tensor& lut,
+                        const Tensor& scales, const Tensor& zeros, int64_t group_size, Tensor& out) {
+  ET_KERNEL_CHECK_MSG(ctx, x.scalar_type() == ScalarType::Float, InvalidArgument, out,
+                      "any4_linear: x must be float32");
+  ET_KERNEL_CHECK_MSG(ctx, qweight.dim() == 2 && qweight.scalar_type() == ScalarType::Byte, InvalidArgument, out,
+                      "any4_linear: qweight must be uint8 [N, K/2]");
+  const int64_t N = qweight.size(0), K = 2 * qweight.size(1);
+  ET_KERNEL_CHECK_MSG(ctx, x.dim() >= 1 && x.size(x.dim() - 1) == K, InvalidArgument, out,
+                      "any4_linear: x's last dimension must equal K");
+  ET_KERNEL_CHECK_MSG(ctx, group_size > 0 && K % group_size == 0 && group_size % 2 == 0, InvalidArgument, out,
+                      "any4_linear: group_size must be even and divide K");
+  const int64_t G = K / group_size;
+  ET_KERNEL_CHECK_MSG(ctx, lut.numel() == N * 16 && scales.numel() == N * G && zeros.numel() == N * G,
+                      InvalidArgument, out, "any4_linear: lut [N, 16], scales and zeros [N, K/g]");
+  executorch::aten::SizesType sizes[16];
+  ET_KERNEL_CHECK(ctx, x.dim() <= 16, InvalidArgument, out);
+  for (int64_t d = 0; d + 1 < x.dim(); ++d) sizes[d] = x.size(d);
+  sizes[x.dim() - 1] = static_cast<executorch::aten::SizesType>(N);
+  ET_KERNEL_CHECK(ctx,
+                  executorch::runtime::resize_tensor(out, {sizes, static_cast<size_t>(x.dim())}) == Error::Ok,
+                  InvalidArgument, out);
+  const int64_t M = x.numel() / K;
+
+  const float *plut, *pscales, *pzeros;
+  std::vector<float> flut, fscales, fzeros;
+  if (lut.scalar_type() == ScalarType::Float && scales.scalar_type() == ScalarType::Float &&
+      zeros.scalar_type() == ScalarType::Float) {
+    plut = lut.const_data_ptr<float>(), pscales = scales.const_data_ptr<float>();
+    pzeros = zeros.const_data_ptr<float>();
+  } else {
+    ET_KERNEL_CHECK_MSG(ctx, to_float(lut, flut) && to_float(scales, fscales) && to_float(zeros, fzeros),
+                        InvalidArgument, out, "any4_linear: lut/scales/zeros must be float16 or float32");
+    plut = flut.data(), pscales = fscales.data(), pzeros = fzeros.data();
+  }
+  any4_linear_f32(x.const_data_ptr<float>(), qweight.const_data_ptr<uint8_t>(), plut, pscales, pzeros, M, N, K,
+                  group_size, out.mutable_data_ptr<float>());
+  return out;
+}
+
+}  // namespace pocketllm
+
+EXECUTORCH_LIBRARY(pocketllm, "any4_linear.out", pocketllm::any4_linear_out);
+
+extern "C" void pocketllm_any4_linear(const float* x, const uint8_t* qweight, const float* lut, const float* scales,
+                                      const float* zeros, int64_t M, int64_t N, int64_t K, int64_t group_size,
+                                      float* y) {
+  pocketllm::any4_linear_f32(x, qweight, lut, scales, zeros, M, N, K, group_size, y);
+}

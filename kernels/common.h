@@ -1,0 +1,106 @@
+// Shared helpers for pocketllm's ExecuTorch kernels: SIMD-friendly fp32 loops (GCC/Clang generic vectors, which
+// lower to AVX2 on x86-64 and to NEON on arm64), and the ExecuTorch threadpool.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+
+#include <executorch/runtime/kernel/thread_parallel_interface.h>
+
+namespace pocketllm {
+
+typedef float v8f __attribute__((vector_size(32)));
+
+inline float kNegInfHelper() { return -std::numeric_limits<float>::infinity(); }
+
+inline v8f load8(const float* p) {
+  v8f v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+inline void store8(float* p, v8f v) { std::memcpy(p, &v, sizeof(v)); }
+
+inline float hsum8(v8f v) {
+  return ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7]));
+}
+
+// sum_i a[i] * b[i], eight independent lanes (vectorises without -ffast-math).
+inline float dot(const float* a, const float* b, int64_t n) {
+  v8f acc0 = {0}, acc1 = {0};
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    acc0 += load8(a + i) * load8(b + i);
+    acc1 += load8(a + i + 8) * load8(b + i + 8);
+  }
+  for (; i + 8 <= n; i += 8) acc0 += load8(a + i) * load8(b + i);
+  float s = hsum8(acc0 + acc1);
+  for (; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+// y[i] += a * x[i]
+inline void axpy(float* y, float a, const float* x, int64_t n) {
+  int64_t i = 0;
+  const v8f av = {a, a, a, a, a, a, a, a};
+  for (; i + 8 <= n; i += 8) store8(y + i, load8(y + i) + av * load8(x + i));
+  for (; i < n; ++i) y[i] += a * x[i];
+}
+
+typedef int32_t v8i __attribute__((vector_size(32)));
+
+// exp of eight lanes (Cephes' expf: range reduction by ln 2, degree-6 polynomial; relative error ~1e-7 over the
+// inputs softmax feeds it, x <= 0). Inputs below -87.3 give ~1e-38 instead of 0.
+inline v8f exp8(v8f x) {
+  const v8f lo = {-87.33654f, -87.33654f, -87.33654f, -87.33654f, -87.33654f, -87.33654f, -87.33654f, -87.33654f};
+  const v8f hi = {88.37626f, 88.37626f, 88.37626f, 88.37626f, 88.37626f, 88.37626f, 88.37626f, 88.37626f};
+  x = x < lo ? lo : x;
+  x = x > hi ? hi : x;
+  v8f fx = x * 1.44269504088896341f + 0.5f;
+  v8f t = __builtin_convertvector(__builtin_convertvector(fx, v8i), v8f);  // truncation toward zero
+  fx = t > fx ? t - 1.0f : t;                                               // floor
+  x = x - fx * 0.693359375f - fx * -2.12194440e-4f;
+  v8f y = 1.9875691500e-4f * x + 1.3981999507e-3f;
+  y = y * x + 8.3334519073e-3f;
+  y = y * x + 4.1665795894e-2f;
+  y = y * x + 1.6666665459e-1f;
+  y = y * x + 5.0000001201e-1f;
+  y = y * (x * x) + x + 1.0f;
+  const v8i e = (__builtin_convertvector(fx, v8i) + 127) << 23;
+  v8f scale;
+  std::memcpy(&scale, &e, sizeof(scale));
+  return y * scale;
+}
+
+// x[i] = exp(x[i] - max(x)) in place; returns the sum. n >= 1.
+inline float softmax_numerator(float* x, int64_t n) {
+  float mx = kNegInfHelper();
+  for (int64_t i = 0; i < n; ++i) mx = x[i] > mx ? x[i] : mx;
+  const v8f m = {mx, mx, mx, mx, mx, mx, mx, mx};
+  v8f acc = {0};
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const v8f e = exp8(load8(x + i) - m);
+    store8(x + i, e);
+    acc += e;
+  }
+  float sum = hsum8(acc);
+  for (; i < n; ++i) {
+    x[i] = std::exp(x[i] - mx);
+    sum += x[i];
+  }
+  return sum;
+}
+
+// Run f(begin, end) over [0, n) on ExecuTorch's threadpool (the one XNNPACK uses), in chunks of `grain`.
+template <typename F>
+inline void parallel(int64_t n, int64_t grain, const F& f) {
+  if (n <= 0) return;
+  ::executorch::extension::parallel_for(0, n, grain < 1 ? 1 : grain, f);
+}
+
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+}  // namespace pocketllm

@@ -1,0 +1,141 @@
+"""Run a bundle's `model.pte` through ExecuTorch's Python runtime (the engine behind `--engine executorch`).
+
+Same engine protocol as the reference model: `forward(tokens int64 [T], start_pos) -> logits float32 [T, vocab]`
+and `reset()`. The KV cache lives inside the program (mutable buffers); positions >= start_pos are overwritten by
+the next call, and a call at start_pos 0 restarts lightning states, so `reset()` only forgets the position.
+
+Custom ops (`pocketllm::*`) need our kernel library (kernels/, built by `make setup`). It is loaded once per process;
+a second library registering the same op names would abort the process, so loading is guarded by the runtime's
+operator registry.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from pathlib import Path
+
+import numpy as np
+
+from export.errors import PocketllmError
+
+KERNEL_LIBRARY_ENV = "POCKETLLM_KERNELS"
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_KERNEL_LIBRARY = REPO / "kernels" / "build" / "libpocketllm_kernels.so"
+_loaded: dict[str, ctypes.CDLL] = {}
+
+
+def kernel_library_path() -> Path:
+    return Path(os.environ.get(KERNEL_LIBRARY_ENV) or DEFAULT_KERNEL_LIBRARY)
+
+
+def registered_operators() -> set[str]:
+    from executorch.extension.pybindings import portable_lib
+
+    return set(portable_lib._get_operator_names())
+
+
+def load_kernel_library(path: str | Path | None = None, needed: list[str] | tuple[str, ...] = ()) -> Path | None:
+    """Make sure every op in `needed` (e.g. "pocketllm::infllm_attention.out") has an ExecuTorch kernel.
+
+    Loads the library at `path` (default: $POCKETLLM_KERNELS or kernels/build/libpocketllm_kernels.so) unless every
+    needed op is registered already. Never loads a library twice. Returns the path loaded, or None.
+    """
+    registered = registered_operators()
+    missing = [op for op in needed if op not in registered]
+    if needed and not missing:
+        return None
+    path = Path(path) if path else kernel_library_path()
+    key = str(path.resolve()) if path.exists() else str(path)
+    if key in _loaded:
+        return path
+    if not path.is_file():
+        raise PocketllmError(f"kernel library {path} not found: the bundle needs {', '.join(missing) or 'pocketllm ops'}"
+                             f"; build it with `make kernels` (or set {KERNEL_LIBRARY_ENV})")
+    if any(op.startswith("pocketllm::") for op in registered):
+        # Someone else (another copy of the library) registered our ops: loading ours too would abort.
+        still = [op for op in missing if op.startswith("pocketllm::")]
+        if still:
+            raise PocketllmError(f"a different pocketllm kernel library is already loaded and lacks {still[0]}")
+        return None
+    _loaded[key] = ctypes.CDLL(str(path), mode=ctypes.RTLD_GLOBAL)
+    absent = [op for op in missing if op not in registered_operators()]
+    if absent:
+        raise PocketllmError(f"kernel library {path} does not register {absent[0]}; rebuild it with `make kernels`")
+    return path
+
+
+def load_llama_ops() -> None:
+    """ExecuTorch's llama::update_cache / custom_sdpa kernels (shipped in the wheel)."""
+    if "llama::custom_sdpa.out" in registered_operators():
+        return
+    import executorch.extension.llm.custom_ops.custom_ops  # noqa: F401
+
+
+def set_threads(threads: int | None) -> None:
+    if threads:
+        from executorch.extension.pybindings import portable_lib
+
+        portable_lib._unsafe_reset_threadpool(int(threads))
+
+
+class ExecutorchEngine:
+    """The `.pte` of a bundle. threads: ExecuTorch threadpool size (XNNPACK and our kernels share it)."""
+
+    def __init__(self, bundle: str | Path, verify: bool = True, threads: int | None = None,
+                 kernel_library: str | Path | None = None):
+        from export.bundle import read_manifest
+
+        self.bundle = Path(bundle)
+        self.manifest = read_manifest(self.bundle, verify=verify)
+        target = self.manifest.get("targets", {}).get("executorch")
+        if target is None:
+            raise PocketllmError(f"{self.bundle}: the bundle has no ExecuTorch target (manifest targets: "
+                                 f"{', '.join(self.manifest.get('targets', {})) or 'none'})")
+        self.target = target
+        self.max_context = int(self.manifest["model"]["max_context"])
+        self.chunk = int(target.get("prefill_chunk") or self.max_context)  # most tokens per forward call
+        self.vocab_size = int(self.manifest["model"]["vocab_size"])
+        ops = target.get("operators", [])
+        if any(op.startswith("llama::") for op in ops):
+            load_llama_ops()
+        custom = target.get("custom_ops", [])
+        if custom:
+            load_kernel_library(kernel_library, custom)
+        set_threads(threads)
+
+        import torch
+        from executorch.runtime import Runtime
+
+        self.torch = torch
+        runtime = Runtime.get()
+        try:
+            program = runtime.load_program(str(self.bundle / target["file"]))
+            self.method = program.load_method("forward")
+        except Exception as e:  # the runtime raises RuntimeError with its own code
+            raise PocketllmError(f"{self.bundle / target['file']}: ExecuTorch could not load forward ({e})") from None
+        self.program = program
+        self.length = 0
+
+    def forward(self, tokens: np.ndarray, start_pos: int) -> np.ndarray:
+        tokens = np.asarray(tokens, dtype=np.int64).reshape(-1)
+        if tokens.size == 0:
+            raise PocketllmError("forward: tokens must hold at least one id")
+        if not 0 <= start_pos <= self.length:
+            raise PocketllmError(f"forward: start_pos {start_pos} must be between 0 and the {self.length} cached tokens")
+        if start_pos + tokens.size > self.max_context:
+            raise PocketllmError(f"forward: {start_pos} cached + {tokens.size} new tokens exceed the bundle's "
+                                 f"max_context {self.max_context}")
+        outs = []
+        for s in range(0, tokens.size, self.chunk):  # prompts longer than the program's T bound, in chunks
+            t = self.torch.from_numpy(tokens[s:s + self.chunk].copy())[None]
+            pos = self.torch.tensor([int(start_pos) + s], dtype=self.torch.long)
+            outs.append(self.method.execute([t, pos])[0][0].numpy().astype(np.float32, copy=True))
+        self.length = start_pos + tokens.size
+        return outs[0] if len(outs) == 1 else np.concatenate(outs)
+
+    def reset(self) -> None:
+        self.length = 0
+
+    def read_constant(self, name: str):
+        return self.program.load_method(name).execute([])[0]

@@ -1,0 +1,334 @@
+"""ExecuTorch target end to end: `pocketllm export` -> .pte bundle -> ExecuTorch runtime -> `pocketllm parity`.
+
+Checkpoints are the tiny presets cut to 1-2 layers (lowering cost grows with the graph, ~15-40 s per bundle on two
+cores) while keeping every feature: MiniCPM4 dense (llama::custom_sdpa) and InfLLM v2 with sparse selection engaged,
+SmallThinker MoE with NoPE + sliding-window layers, MiniMax lightning + softmax layers. The lowerings happen once
+per session (module fixtures); each test then only runs the .pte.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from export.cli.main import app
+from export.init_checkpoint import (BUILTIN_TEXT, SPECIALS, atomic_directory, random_tensors, write_tokenizer,
+                                    write_weights)
+from export.presets import preset_config
+from export.spec import spec_from_config
+from tests.test_executorch_kernels import build_kernels
+
+MAX_CONTEXT = 320
+runner = CliRunner()
+
+
+def ascii_tokenizer(vocab_size: int, specials: list[str]):
+    """Byte-level BPE trained on ASCII text only, padded with plain-word tokens to vocab_size: every id decodes to
+    valid UTF-8 on its own, which ExecuTorch's runner needs to hand each token piece to Python."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from export.cli.parity import DEFAULT_PROMPTS
+
+    text = "".join(c for c in BUILTIN_TEXT + " ".join(DEFAULT_PROMPTS) if ord(c) < 128)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator([text] * 4, trainer=trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                                                    show_progress=False))
+    tok.add_tokens([f" w{i}" for i in range(tok.get_vocab_size(), vocab_size)])
+    return tok
+
+
+def make_checkpoint(out: Path, config: dict, seed: int, ascii_only: bool = False) -> Path:
+    """A random fp32 checkpoint for an arbitrary config (init-checkpoint's writer, any layer count)."""
+    from export.init_checkpoint import build_tokenizer
+
+    config = dict(config, torch_dtype="float32")
+    spec = spec_from_config(config)
+    tensors, total = random_tensors(config, __import__("torch").float32, seed)
+    names = SPECIALS[spec.family][0]
+    with atomic_directory(out) as tmp:
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        tok = ascii_tokenizer(spec.vocab_size, names) if ascii_only else build_tokenizer(spec.vocab_size, names,
+                                                                                          [BUILTIN_TEXT] * 4)
+        write_tokenizer(tmp, spec.family, tok)
+        write_weights(tmp, tensors, total_bytes=total)
+    return out
+
+
+def configs() -> dict[str, dict]:
+    mc = preset_config("minicpm4", "tiny")
+    dense = dict(mc, num_hidden_layers=1)
+    dense.pop("sparse_config")
+    # InfLLM v2 always sparse, 1 local + 1 init + 1 top-k block of 64: prompts over 192 tokens drop blocks.
+    sparse = dict(mc, num_hidden_layers=1, sparse_config=dict(mc["sparse_config"], window_size=64, topk=1,
+                                                             dense_len=-1))
+    st = preset_config("smallthinker", "tiny")
+    st = dict(st, num_hidden_layers=2, rope_layout=[0, 1], sliding_window_layout=[0, 1])  # NoPE global, SWA+RoPE
+    mm = preset_config("minimax", "tiny")
+    mm = dict(mm, num_hidden_layers=2, layer_types=["linear_attention", "full_attention"])
+    return {"minicpm4_dense": dense, "minicpm4_infllm": sparse, "smallthinker": st, "minimax": mm}
+
+
+@pytest.fixture(scope="module")
+def bundles(tmp_path_factory) -> dict[str, tuple[Path, Path]]:
+    """name -> (checkpoint, bundle), each bundle exported once through the CLI."""
+    build_kernels()
+    root = tmp_path_factory.mktemp("et")
+    out = {}
+    for i, (name, cfg) in enumerate(configs().items()):
+        ckpt = make_checkpoint(root / f"{name}-ckpt", cfg, seed=10 + i, ascii_only=name == "minicpm4_dense")
+        bundle = root / f"{name}-bundle"
+        r = runner.invoke(app, ["export", "--checkpoint", str(ckpt), "--target", "executorch", "--max-context",
+                                str(MAX_CONTEXT), "--out", str(bundle)])
+        assert r.exit_code == 0, r.output
+        out[name] = (ckpt, bundle)
+    return out
+
+
+@pytest.mark.parametrize("name", ["minicpm4_dense", "minicpm4_infllm", "smallthinker", "minimax"])
+def test_parity_fp32(bundles, name):
+    """fp32 .pte vs the numpy reference: max |delta logit| <= 1e-3, identical 64-token greedy continuations."""
+    _, bundle = bundles[name]
+    r = runner.invoke(app, ["parity", str(bundle), "--steps", "64"])
+    assert r.exit_code == 0, r.output
+    report = json.loads((bundle / "parity.json").read_text())
+    assert report["passed"] and report["continuations_identical"]
+    assert report["max_abs_delta"] <= 1e-3
+    assert all(p["steps"] == 64 for p in report["prompts"])
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert manifest["parity"]["passed"]
+    if name == "minicpm4_infllm":
+        assert report["infllm_engaged"], "no prompt made InfLLM v2 drop a block"
+
+
+def test_bundle_contents(bundles):
+    _, bundle = bundles["minicpm4_infllm"]
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert manifest["schema_version"] == 1
+    assert {"model.pte", "tokenizer.json", "tokenizer_config.json"} <= set(manifest["files"])
+    target = manifest["targets"]["executorch"]
+    assert target["file"] == "model.pte" and len(target["sha256"]) == 64
+    assert target["size"] == (bundle / "model.pte").stat().st_size
+    assert target["custom_ops"] == ["pocketllm::infllm_attention.out"]  # the op stays whole, no decomposition
+    assert "llama::update_cache.out" in target["operators"]  # in-place cache writes ...
+    assert "aten::slice_scatter.out" not in target["operators"]  # ... never a copy of the whole cache per call
+    assert manifest["attention"]["infllm_v2"]["dense_len"] == -1
+    assert manifest["model"]["max_context"] == MAX_CONTEXT
+    dense = json.loads((bundles["minicpm4_dense"][1] / "manifest.json").read_text())["targets"]["executorch"]
+    assert "llama::custom_sdpa.out" in dense["operators"] and dense["llama_sdpa_layers"] == 1
+    mm = json.loads((bundles["minimax"][1] / "manifest.json").read_text())["targets"]["executorch"]
+    assert mm["custom_ops"] == ["pocketllm::lightning_attention.out"]
+
+
+def test_constant_methods(bundles):
+    from runtime_py.executorch_runner import ExecutorchEngine
+
+    ckpt, bundle = bundles["smallthinker"]
+    engine = ExecutorchEngine(bundle)
+    spec = spec_from_config(json.loads((ckpt / "config.json").read_text()))
+    assert engine.read_constant("get_max_seq_len") == 256  # tokens per call (--prefill-chunk)
+    assert engine.read_constant("get_max_context_len") == MAX_CONTEXT
+    assert engine.read_constant("get_vocab_size") == spec.vocab_size
+    assert engine.read_constant("get_bos_id") == spec.bos_token_id
+    assert engine.read_constant("use_kv_cache") is True
+    assert engine.read_constant("enable_dynamic_shape") is True
+    eos = engine.program.load_method("get_eos_ids").execute([])
+    assert list(eos) == list(spec.eos_token_ids)
+
+
+def test_chunked_prefill_matches_one_call(bundles):
+    """Dynamic T: a prompt prefilled in chunks gives the logits of one pass (cache and lightning state); prompts
+    longer than the program's T bound (256) are split by the engine."""
+    from runtime_py import ReferenceModel
+    from runtime_py.executorch_runner import ExecutorchEngine
+
+    for name in ("minimax", "minicpm4_infllm"):
+        ckpt, bundle = bundles[name]
+        engine = ExecutorchEngine(bundle, verify=False)
+        ids = np.arange(3, 3 + 300) % 500
+        whole = engine.forward(ids, 0)  # 256 + 44
+        engine.reset()
+        parts = [engine.forward(ids[s:s + 100], s) for s in range(0, 300, 100)]
+        np.testing.assert_allclose(np.concatenate(parts), whole, atol=2e-4)
+        ref = ReferenceModel.from_checkpoint(ckpt, max_context=MAX_CONTEXT).forward(ids, 0)
+        np.testing.assert_allclose(whole, ref, atol=1e-3)
+
+
+def test_infllm_rewind_and_new_sequence_match_reference(bundles):
+    """The kernel memoises compressed keys per cache buffer: rewinding (start_pos < cached length) and starting a
+    new sequence must invalidate exactly the entries whose cache rows were rewritten."""
+    from runtime_py import ReferenceModel
+    from runtime_py.executorch_runner import ExecutorchEngine
+
+    ckpt, bundle = bundles["minicpm4_infllm"]
+    engine = ExecutorchEngine(bundle, verify=False)
+    ref = ReferenceModel.from_checkpoint(ckpt, max_context=MAX_CONTEXT)
+    rng = np.random.default_rng(0)
+    a, b = rng.integers(3, 500, 280), rng.integers(3, 500, 200)
+    calls = [(a[:250], 0), (a[250:280], 250), (b[:60], 100), (b[60:61], 160), (b[:200], 0), (a[:40], 200)]
+    for tokens, start in calls:  # rewind into the middle, then a new sequence, then a jump back
+        np.testing.assert_allclose(engine.forward(tokens, start), ref.forward(tokens, start), atol=1e-3)
+
+
+def test_logits_and_generate_cli(bundles, tmp_path):
+    ckpt, bundle = bundles["minimax"]
+    out = tmp_path / "l.npy"
+    r = runner.invoke(app, ["logits", "--engine", "executorch", "--bundle", str(bundle), "--tokens", "1,5,9,200",
+                            "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    ref = tmp_path / "r.npy"
+    r = runner.invoke(app, ["logits", "--engine", "reference", "--checkpoint", str(ckpt), "--tokens", "1,5,9,200",
+                            "--out", str(ref), "--max-context", str(MAX_CONTEXT)])
+    assert r.exit_code == 0, r.output
+    np.testing.assert_allclose(np.load(out), np.load(ref), atol=1e-3)
+    args = ["generate", "--prompt", "It is a truth", "--greedy", "--max-new-tokens", "24"]
+    a = runner.invoke(app, args + ["--engine", "executorch", "--bundle", str(bundle)])
+    b = runner.invoke(app, args + ["--engine", "reference", "--checkpoint", str(ckpt), "--max-context", "320"])
+    assert a.exit_code == 0 and b.exit_code == 0, a.output + b.output
+    assert a.stdout.splitlines()[0] == b.stdout.splitlines()[0]
+
+
+RUNNER_SCRIPT = """
+import sys
+from runtime_py.executorch_runner import load_kernel_library, load_llama_ops
+load_llama_ops()
+from executorch.extension.llm.runner import GenerationConfig, TextLLMRunner
+bundle, prompt, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+pieces = []
+r = TextLLMRunner(bundle + "/model.pte", bundle + "/tokenizer.json")
+r.generate(prompt, GenerationConfig(echo=False, max_new_tokens=n, temperature=0.0, num_bos=int(sys.argv[4])),
+           token_callback=pieces.append)
+sys.stdout.write("RESULT:" + "".join(pieces))
+"""
+
+
+def test_executorch_llm_runner_matches_pocketllm_generate(bundles):
+    """ExecuTorch's own C++ LLM runner (Python binding) on our .pte + tokenizer.json: same greedy text."""
+    _, bundle = bundles["minicpm4_dense"]
+    prompt, n = "The quick brown fox", 24
+    num_bos = json.loads((bundle / "manifest.json").read_text())["tokenizer"]["num_bos"]
+    assert num_bos == 1  # MiniCPM4 prompts start with BOS: the bundle's tokenizer.json adds it for the C++ runner
+    proc = subprocess.run([sys.executable, "-c", RUNNER_SCRIPT, str(bundle), prompt, str(n), str(num_bos)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    theirs = proc.stdout.split("RESULT:", 1)[1]
+    r = runner.invoke(app, ["generate", "--engine", "executorch", "--bundle", str(bundle), "--prompt", prompt,
+                            "--greedy", "--max-new-tokens", str(n)])
+    assert r.exit_code == 0, r.output
+    ours = r.stdout.rsplit("\n", 2)[0]  # prompt + continuation (the last line is the speed)
+    assert ours == prompt + theirs
+
+
+# ------------------------------------------------------------------------------------------------ any4
+def export_any4(ckpt: Path, out: Path) -> Path:
+    r = runner.invoke(app, ["export", "--checkpoint", str(ckpt), "--quant", "any4", "--group-size", "16",
+                            "--max-context", str(MAX_CONTEXT), "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    return out
+
+
+def check_any4_parity(bundle: Path) -> dict:
+    """any4 .pte vs the reference running the same quantized checkpoint (written beside the bundle)."""
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert manifest["quantization"]["scheme"] == "any4"
+    assert "pocketllm::any4_linear.out" in manifest["targets"]["executorch"]["custom_ops"]
+    assert Path(manifest["source"]["checkpoint"]) == bundle.with_name(bundle.name + ".any4-checkpoint").resolve()
+    r = runner.invoke(app, ["parity", str(bundle), "--steps", "64"])
+    assert r.exit_code == 0, r.output
+    report = json.loads((bundle / "parity.json").read_text())
+    assert report["passed"] and report["continuations_identical"] and report["max_abs_delta"] <= 1e-3
+    return report
+
+
+def test_any4_parity_with_infllm(bundles, tmp_path):
+    """any4 linears (C++ kernel) and InfLLM v2 (C++ kernel, selection engaged) in one .pte."""
+    ckpt, _ = bundles["minicpm4_infllm"]
+    report = check_any4_parity(export_any4(ckpt, tmp_path / "any4"))
+    assert report["infllm_engaged"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["smallthinker", "minimax", "minicpm4_dense"])
+def test_any4_parity_other_families(bundles, tmp_path, name):
+    check_any4_parity(export_any4(bundles[name][0], tmp_path / "any4"))
+
+
+@pytest.mark.slow
+def test_8da4w_export_runs(bundles, tmp_path):
+    """torchao 8da4w through XNNPACK: no reference runs its activation quantization; top-1 agreement only."""
+    ckpt, _ = bundles["minicpm4_dense"]
+    out = tmp_path / "8da4w"
+    r = runner.invoke(app, ["export", "--checkpoint", str(ckpt), "--quant", "8da4w", "--max-context",
+                            str(MAX_CONTEXT), "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["quantization"]["scheme"] == "8da4w"
+    r = runner.invoke(app, ["parity", str(out), "--steps", "16"])
+    assert r.exit_code == 0, r.output
+
+
+# ------------------------------------------------------------------------------------------------ bad input
+def test_unknown_target(tiny_dirs, tmp_path):
+    r = runner.invoke(app, ["export", "--checkpoint", str(tiny_dirs["minicpm4_dense"]), "--target", "tflite",
+                            "--out", str(tmp_path / "b")])
+    assert r.exit_code == 2
+    assert "unknown --target 'tflite' (supported: executorch)" in r.output
+    assert not (tmp_path / "b").exists()
+
+
+def test_max_context_too_large(tiny_dirs, tmp_path):
+    r = runner.invoke(app, ["export", "--checkpoint", str(tiny_dirs["minicpm4_dense"]), "--max-context", "100000",
+                            "--out", str(tmp_path / "b")])
+    assert r.exit_code == 2
+    assert "max_context 100000 must be between 1 and the model's max_position_embeddings (2048)" in r.output
+    assert not (tmp_path / "b").exists()
+
+
+def test_failed_export_leaves_no_bundle(tiny_dirs, tmp_path, monkeypatch):
+    from export.errors import PocketllmError
+    from export.targets import executorch as et
+
+    def boom(*a, **k):
+        raise PocketllmError("lowering failed (injected)")
+
+    monkeypatch.setattr(et, "lower", boom)
+    out = tmp_path / "b"
+    r = runner.invoke(app, ["export", "--checkpoint", str(tiny_dirs["minicpm4_dense"]), "--out", str(out),
+                            "--max-context", "64"])
+    assert r.exit_code == 2 and "lowering failed (injected)" in r.output
+    assert list(tmp_path.iterdir()) == []  # no bundle, no temporary directory
+
+
+def test_sha256_mismatch(bundles, tmp_path):
+    bundle = tmp_path / "b"
+    shutil.copytree(bundles["minimax"][1], bundle)
+    data = bytearray((bundle / "model.pte").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (bundle / "model.pte").write_bytes(bytes(data))
+    for args in (["parity", str(bundle)],
+                 ["generate", "--engine", "executorch", "--bundle", str(bundle), "--prompt", "x"]):
+        r = runner.invoke(app, args)
+        assert r.exit_code == 2
+        assert "model.pte: sha256" in r.output and "does not match manifest.json" in r.output
+        assert "Traceback" not in r.output
+
+
+def test_missing_kernel_library(bundles):
+    """A fresh process whose kernel library path is wrong: one line naming the library and the fix."""
+    _, bundle = bundles["minicpm4_infllm"]
+    proc = subprocess.run([sys.executable, "-m", "export.cli.main", "generate", "--engine", "executorch", "--bundle",
+                           str(bundle), "--prompt", "x", "--max-new-tokens", "2"],
+                          capture_output=True, text=True, env={**__import__("os").environ,
+                                                               "POCKETLLM_KERNELS": "/nonexistent/libk.so"})
+    assert proc.returncode == 2
+    err = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(err) == 1 and "kernel library /nonexistent/libk.so not found" in err[0]
+    assert "make kernels" in proc.stderr

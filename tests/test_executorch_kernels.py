@@ -1,0 +1,157 @@
+"""kernels/: the C++ ExecuTorch kernels against the torch reference ops, through their C entry points (ctypes).
+
+InfLLM v2 block selection must match bit for bit; outputs to fp32 rounding. The same kernels run inside the .pte
+files of test_executorch_export.py.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import subprocess
+
+import pytest
+import torch
+
+from export.ops.any4_linear import any4_linear_reference
+from export.ops.infllm_attention import infllm_attention_reference, infllm_block_mask
+from export.ops.lightning_attention import lightning_attention_reference, lightning_decay_rates
+from runtime_py.executorch_runner import DEFAULT_KERNEL_LIBRARY, REPO
+
+I = ctypes.c_int64
+
+
+def build_kernels() -> None:
+    """The Makefile's `kernels` target (what `make setup` runs); a no-op when the library is up to date."""
+    if not DEFAULT_KERNEL_LIBRARY.is_file():
+        subprocess.run(["make", "-s", "kernels"], cwd=REPO, check=True)
+
+
+@pytest.fixture(scope="session")
+def kernels() -> ctypes.CDLL:
+    build_kernels()
+    from runtime_py.executorch_runner import load_kernel_library
+
+    load_kernel_library(needed=["pocketllm::infllm_attention.out"])  # registers the ops (once per process)
+    return ctypes.CDLL(str(DEFAULT_KERNEL_LIBRARY))
+
+
+def ptr(t: torch.Tensor) -> ctypes.c_void_p:
+    assert t.is_contiguous()
+    return ctypes.c_void_p(t.data_ptr())
+
+
+# T, start_pos, Hq, Hkv, D, kernel_size, kernel_stride, block_size, init_blocks, window, topk, dense_len
+INFLLM_CASES = [
+    (1, 700, 4, 2, 16, 32, 16, 64, 1, 128, 4, -1),  # decode, deep in the sequence
+    (37, 300, 8, 2, 32, 32, 16, 64, 1, 128, 2, -1),  # prefill chunk
+    (5, 1000, 6, 3, 8, 8, 4, 16, 2, 32, 3, -1),  # other geometry, GQA 2
+    (20, 100, 4, 1, 16, 32, 16, 32, 0, 32, 1, 64),  # no init block; dense_len crossed inside the call
+    (300, 0, 4, 2, 16, 32, 16, 64, 1, 64, 1, -1),  # whole prompt, always sparse
+    (3, 10, 4, 2, 16, 32, 16, 64, 1, 64, 1, -1),  # fewer keys than one kernel: no compressed keys at all
+]
+
+
+@pytest.mark.parametrize("case", INFLLM_CASES, ids=lambda c: f"T{c[0]}-pos{c[1]}")
+def test_infllm_selection_and_output_match_reference(kernels, case):
+    T, start, Hq, Hkv, D, ks, st, B, init, W, topk, dense_len = case
+    g = torch.Generator().manual_seed(T * 1000 + start)
+    L = start + T
+    q = torch.randn(1, T, Hq, D, generator=g)
+    k = torch.randn(1, L + 7, Hkv, D, generator=g)
+    v = torch.randn(1, L + 7, Hkv, D, generator=g)
+    n_blocks = (L + B - 1) // B
+
+    expected = infllm_block_mask(q[0], k[0, :L], start, ks, st, B, init, W, topk).to(torch.uint8)
+    mask = torch.zeros(Hkv, T, n_blocks, dtype=torch.uint8)
+    kernels.pocketllm_infllm_block_mask(ptr(q), ptr(k), I(T), I(Hq), I(Hkv), I(D), I(start), I(ks), I(st), I(B),
+                                        I(init), I(W), I(topk), ptr(mask))
+    assert torch.equal(mask, expected), "block selection differs from the reference"
+
+    ref = infllm_attention_reference(q, k, v, start, ks, st, B, init, W, topk, dense_len)
+    out = torch.zeros_like(q)
+    kernels.pocketllm_infllm_attention(ptr(q), ptr(k), ptr(v), I(T), I(Hq), I(Hkv), I(D), I(start), I(ks), I(st),
+                                       I(B), I(init), I(W), I(topk), I(dense_len), ptr(out))
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_infllm_selection_ties_prefer_lower_block(kernels):
+    """Identical keys everywhere: every candidate block scores the same, the lowest indices must win."""
+    T, Hq, Hkv, D, start = 1, 2, 1, 8, 511
+    q = torch.ones(1, T, Hq, D)
+    k = torch.ones(1, 512, Hkv, D)
+    args = (32, 16, 64, 1, 64, 4)  # kernel, stride, block, init, window, topk: budget 5 = 3 forced + 2
+    expected = infllm_block_mask(q[0], k[0, :512], start, *args).to(torch.uint8)
+    mask = torch.zeros(Hkv, T, 8, dtype=torch.uint8)
+    kernels.pocketllm_infllm_block_mask(ptr(q), ptr(k), I(T), I(Hq), I(Hkv), I(D), I(start), *map(I, args), ptr(mask))
+    assert torch.equal(mask, expected)
+    assert mask[0, 0].tolist() == [1, 1, 1, 0, 0, 0, 1, 1]  # init 0, top-2 of 1..5 = 1, 2, local 6, 7
+
+
+@pytest.mark.parametrize("B,T,H,D,block", [(1, 1, 4, 16, 256), (1, 37, 4, 16, 8), (2, 300, 3, 8, 256)])
+def test_lightning_matches_reference(kernels, B, T, H, D, block):
+    g = torch.Generator().manual_seed(T)
+    q, k, v = (torch.nn.functional.silu(torch.randn(B, T, H, D, generator=g)) for _ in range(3))
+    state = torch.randn(B, H, D, D, generator=g) * 0.1
+    decay = lightning_decay_rates(H, 1, 4)
+    ref_out, ref_state = lightning_attention_reference(q, k, v, state, decay, block)
+    out, new_state = torch.zeros_like(q), torch.zeros_like(state)
+    kernels.pocketllm_lightning_attention(ptr(q), ptr(k), ptr(v), ptr(state), ptr(decay), I(B), I(T), I(H), I(D),
+                                          I(block), ptr(out), ptr(new_state))
+    scale = ref_out.abs().max().item()
+    torch.testing.assert_close(out, ref_out, atol=1e-6 * scale, rtol=1e-5)
+    torch.testing.assert_close(new_state, ref_state, atol=1e-6 * ref_state.abs().max().item(), rtol=1e-5)
+
+
+@pytest.mark.parametrize("M,N,K,g", [(1, 64, 128, 128), (1, 96, 256, 32), (5, 64, 256, 64), (1, 33, 48, 16),
+                                     (3, 17, 20, 2)])
+def test_any4_linear_matches_reference(kernels, M, N, K, g):
+    gen = torch.Generator().manual_seed(N)
+    x = torch.randn(M, K, generator=gen)
+    qweight = torch.randint(0, 256, (N, K // 2), dtype=torch.uint8, generator=gen)
+    lut = (torch.randn(N, 16, generator=gen) * 4).half()
+    scales = (torch.rand(N, K // g, generator=gen) * 0.1).half()
+    zeros = torch.randn(N, K // g, generator=gen).half()
+    ref = any4_linear_reference(x, qweight, lut, scales, zeros, g)
+    y = torch.zeros(M, N)
+    lf, sf, zf = (t.float().contiguous() for t in (lut, scales, zeros))
+    kernels.pocketllm_any4_linear(ptr(x), ptr(qweight), ptr(lf), ptr(sf), ptr(zf), I(M), I(N), I(K), I(g), ptr(y))
+    torch.testing.assert_close(y, ref, atol=2e-6 * ref.abs().max().item(), rtol=1e-5)
+
+
+def test_any4_dequantized_values_are_exact(kernels):
+    """A one-hot x picks a single dequantized weight: it must equal the reference's bit for bit (no FMA)."""
+    N, K, g = 8, 64, 32
+    gen = torch.Generator().manual_seed(7)
+    qweight = torch.randint(0, 256, (N, K // 2), dtype=torch.uint8, generator=gen)
+    lut = (torch.randn(N, 16, generator=gen) * 4).half().float()
+    scales = (torch.rand(N, K // g, generator=gen) * 0.1 + 0.01).half().float()
+    zeros = torch.randn(N, K // g, generator=gen).half().float()
+    x = torch.eye(K)
+    y = torch.zeros(K, N)
+    kernels.pocketllm_any4_linear(ptr(x), ptr(qweight), ptr(lut), ptr(scales), ptr(zeros), I(K), I(N), I(K), I(g),
+                                  ptr(y))
+    from export.ops.any4_linear import any4_dequantize
+
+    assert torch.equal(y.T, any4_dequantize(qweight, lut, scales, zeros, g))
+
+
+def test_library_loads_once(kernels):
+    from runtime_py.executorch_runner import load_kernel_library, registered_operators
+
+    ops = {"pocketllm::infllm_attention.out", "pocketllm::lightning_attention.out", "pocketllm::any4_linear.out"}
+    assert ops <= registered_operators()
+    assert load_kernel_library(needed=sorted(ops)) is None  # already registered: nothing loaded again
+
+
+@pytest.mark.slow
+def test_cpp_hand_checked_cases(tmp_path):
+    """kernels/tests/kernels_test.cpp: hand-derived values (any4 dequant, lightning recurrence, InfLLM ties)."""
+    import sysconfig
+
+    prefix = f"{sysconfig.get_paths()['purelib']}/executorch"
+    build = tmp_path / "build"
+    subprocess.run(["cmake", "-S", str(REPO / "kernels"), "-B", str(build), f"-DCMAKE_PREFIX_PATH={prefix}",
+                    "-DPOCKETLLM_BUILD_TESTS=ON"], check=True, capture_output=True)
+    subprocess.run(["cmake", "--build", str(build), "-j2"], check=True, capture_output=True)
+    proc = subprocess.run([str(build / "kernels_test")], capture_output=True, text=True)
+    assert proc.returncode == 0 and "all kernel tests passed" in proc.stdout, proc.stdout

@@ -49,6 +49,8 @@ def kernel_scores(q: np.ndarray, kc: np.ndarray, positions: np.ndarray, sparse: 
     T, Hq, D = q.shape
     n, Hkv, _ = kc.shape
     G = Hq // Hkv
+    if n == 0:  # fewer keys than one kernel: nothing to score yet (only forced blocks will be read)
+        return np.full((Hkv, T, 0), -np.inf, dtype=np.float32)
     visible = (sparse.kernel_stride * np.arange(n) + sparse.kernel_size - 1)[None, :] <= positions[:, None]  # [T, n]
     qg = q.reshape(T, Hkv, G, D).transpose(1, 2, 0, 3)  # [Hkv, G, T, D]
     logits = (qg @ kc.transpose(1, 2, 0)[:, None]) * np.float32(1.0 / np.sqrt(D))  # [Hkv, G, T, n]

@@ -133,3 +133,15 @@ def test_op_out_variant_and_fake_shapes():
         fq, fk, fv = (mode.from_tensor(t) for t in (q, k_cache, v_cache))
         fake = torch.ops.pocketllm.infllm_attention(fq, fk, fv, 192, *op_args(SPARSE))
         assert fake.shape == q.shape and fake.dtype == q.dtype
+
+
+@pytest.mark.parametrize("L", [1, 20, 31, 32])
+def test_always_sparse_with_fewer_keys_than_one_kernel(L):
+    """dense_len = -1 and a context shorter than kernel_size: no compressed key exists, only forced blocks count."""
+    always = SparseSpec(**{**SPARSE.__dict__, "dense_len": -1})
+    q, k, v = random_qkv(L, L, seed=L)
+    ours = infllm_block_mask(q[0], k[0], 0, *op_args(always)[:-1]).numpy()
+    out_ref, theirs = reference_infllm(q[0].numpy(), k[0].numpy(), v[0].numpy(), 0, always)
+    assert np.array_equal(ours, theirs) and ours.all()
+    out = infllm_attention_reference(q, k, v, 0, *op_args(always))
+    assert np.abs(out[0].numpy() - out_ref).max() <= 1e-5

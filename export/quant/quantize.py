@@ -12,6 +12,7 @@ quantized tensor is measured on the model's own dequantization (export/nn/quant_
 
 from __future__ import annotations
 
+import ctypes
 import json
 import shutil
 import time
@@ -213,6 +214,7 @@ def _quantized_stream(ckpt: Checkpoint, plan: dict[str, TensorQuant], windows: l
         layer.to_empty(device="meta")  # free this layer's fp32 copy
         yield from _emit(tensors, plan, stats, act_stat, seed, result)
         del tensors
+        _release_freed_memory()
         if progress:
             progress(i + 2, total_steps, f"layer {i + 1}/{spec.num_layers}")
 
@@ -226,6 +228,24 @@ def _quantized_stream(ckpt: Checkpoint, plan: dict[str, TensorQuant], windows: l
     yield from _emit(tensors, plan, stats, act_stat, seed, result)
     if progress:
         progress(total_steps, total_steps, "head")
+
+
+def _release_freed_memory() -> None:
+    """Hand freed heap pages back to the OS (glibc). The packed outputs that wait for their shard are small and
+    long-lived, interleaved with each layer's large short-lived temporaries: without this the heap fragments and
+    peak RSS on the 0.5b preset was 2.2 GiB instead of 1.2 GiB. A no-op without glibc."""
+    global _LIBC
+    if _LIBC is None:
+        try:
+            _LIBC = ctypes.CDLL("libc.so.6")
+            _LIBC.malloc_trim  # noqa: B018  (raises AttributeError when absent)
+        except (OSError, AttributeError):
+            _LIBC = False
+    if _LIBC:
+        _LIBC.malloc_trim(0)
+
+
+_LIBC = None
 
 
 def _emit(tensors: dict[str, torch.Tensor], plan: dict[str, TensorQuant], stats: ActivationStats, act_stat: str,

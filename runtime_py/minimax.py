@@ -30,7 +30,7 @@ from export.spec import ModelSpec
 from runtime_py.attention import causal_attention
 from runtime_py.lightning import decay_rates, lightning_attention
 from runtime_py.mlp import route, sigmoid, silu, swiglu
-from runtime_py.model import DEFAULT_MAX_CONTEXT, rms_norm
+from runtime_py.model import DEFAULT_MAX_CONTEXT, check_tokens, rms_norm
 from runtime_py.rope import apply_rope, rope_tables
 
 
@@ -128,16 +128,7 @@ class MiniMaxReferenceModel:
                 s.fill(0.0)
 
     def _check_call(self, tokens, start_pos) -> tuple[np.ndarray, int]:
-        tokens = np.asarray(tokens)
-        if tokens.ndim != 1 or tokens.size == 0 or not np.issubdtype(tokens.dtype, np.integer):
-            raise PocketllmError(f"forward: tokens must be a non-empty 1-D integer array (got dtype {tokens.dtype}, "
-                                 f"shape {list(tokens.shape)})")
-        if tokens.min() < 0 or tokens.max() >= self.spec.vocab_size:
-            raise PocketllmError(f"forward: token ids must lie in [0, {self.spec.vocab_size}) "
-                                 f"(got {int(tokens.min())} .. {int(tokens.max())})")
-        if isinstance(start_pos, bool) or not isinstance(start_pos, (int, np.integer)):
-            raise PocketllmError(f"forward: start_pos must be an integer (got {start_pos!r})")
-        start_pos = int(start_pos)
+        tokens, start_pos = check_tokens(tokens, start_pos, self.spec.vocab_size)
         if start_pos not in (0, self.length):
             raise PocketllmError(f"forward: start_pos {start_pos} must be 0 (new sequence) or {self.length} "
                                  "(continue): lightning layers keep a running state that cannot rewind")

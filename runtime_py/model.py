@@ -42,6 +42,20 @@ def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
     return x / np.sqrt(ms + np.float32(eps)) * weight
 
 
+def check_tokens(tokens, start_pos, vocab_size: int) -> tuple[np.ndarray, int]:
+    """Validate one forward call's inputs: a non-empty 1-D int array of ids in [0, vocab) and an integer start."""
+    tokens = np.asarray(tokens)
+    if tokens.ndim != 1 or tokens.size == 0 or not np.issubdtype(tokens.dtype, np.integer):
+        raise PocketllmError(f"forward: tokens must be a non-empty 1-D integer array (got dtype {tokens.dtype}, "
+                             f"shape {list(tokens.shape)})")
+    if tokens.min() < 0 or tokens.max() >= vocab_size:
+        raise PocketllmError(f"forward: token ids must lie in [0, {vocab_size}) "
+                             f"(got {int(tokens.min())} .. {int(tokens.max())})")
+    if isinstance(start_pos, bool) or not isinstance(start_pos, (int, np.integer)):
+        raise PocketllmError(f"forward: start_pos must be an integer (got {start_pos!r})")
+    return tokens, int(start_pos)
+
+
 # --------------------------------------------------------------------------------------------------- weights
 @dataclass
 class LayerWeights:
@@ -152,16 +166,7 @@ class ReferenceModel:
 
     # ------------------------------------------------------------------------------------------- forward
     def _check_call(self, tokens, start_pos) -> tuple[np.ndarray, int]:
-        tokens = np.asarray(tokens)
-        if tokens.ndim != 1 or tokens.size == 0 or not np.issubdtype(tokens.dtype, np.integer):
-            raise PocketllmError(f"forward: tokens must be a non-empty 1-D integer array (got dtype {tokens.dtype}, "
-                                 f"shape {list(tokens.shape)})")
-        if tokens.min() < 0 or tokens.max() >= self.spec.vocab_size:
-            raise PocketllmError(f"forward: token ids must lie in [0, {self.spec.vocab_size}) "
-                                 f"(got {int(tokens.min())} .. {int(tokens.max())})")
-        if isinstance(start_pos, bool) or not isinstance(start_pos, (int, np.integer)):
-            raise PocketllmError(f"forward: start_pos must be an integer (got {start_pos!r})")
-        start_pos = int(start_pos)
+        tokens, start_pos = check_tokens(tokens, start_pos, self.spec.vocab_size)
         if not 0 <= start_pos <= self.length:
             raise PocketllmError(f"forward: start_pos {start_pos} must be between 0 and the {self.length} cached "
                                  "tokens (positions cannot be skipped)")

@@ -186,7 +186,7 @@ def main() -> None:
     md = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     for r in rows:
         cells = (r["label"], f"{r['bits_per_weight']:.3f}", f"{r['perplexity']:.3f}", f"{r['ppl_increase']:+.3f}",
-                 f"{r['kl']:.5f}", f"{100 * r['top1_agreement']:.2f}%", f"{r['rel_error']:.4f}",
+                 f"{r['kl']:.2e}", f"{100 * r['top1_agreement']:.2f}%", f"{r['rel_error']:.4f}",
                  f"{r['weighted_rel_error']:.4f}", f"{r['quantize_seconds']:.1f}", f"{r['checkpoint_mib']:.1f}")
         table.add_row(*cells)
         md.append("| " + " | ".join(cells) + " |")

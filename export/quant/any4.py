@@ -30,7 +30,7 @@ CHUNK_ELEMENTS = 1 << 18  # rows per k-means batch = max(1, CHUNK_ELEMENTS // K)
 BINS = 1024  # fine histogram over [0, 15] for Lloyd's iterations (bins of 0.015; centroids stay exact means)
 INIT_BINS = 128  # coarse histogram the k-means++ seeding samples from
 N_INIT = 4  # independent seedings per row; the lowest k-means objective wins
-LOCAL_TRIALS = 2 + 2  # greedy k-means++: candidates per seed (2 + int(ln 16), as scikit-learn)
+LOCAL_TRIALS = 4  # greedy k-means++: candidates per seed (2 + int(ln 16), as scikit-learn)
 MAX_ITER = 300
 
 
@@ -80,7 +80,8 @@ def weighted_kmeans_1d(x: torch.Tensor, weight: torch.Tensor, k: int = LUT_SIZE,
     per bin, bins bins); in 1-D every cluster is a contiguous run of bins, so a Lloyd step needs only the 15
     midpoints and prefix sums: O(k) per row. Seeds: greedy k-means++ on a coarse histogram, n_init times; the
     seeding with the lowest objective wins. A row whose weights are all zero is clustered with uniform weights;
-    an empty cluster keeps its centroid.
+    an empty cluster is re-seeded at the costliest bin while the row has more occupied bins than filled clusters.
+    Values closer than one fine bin (15 / bins) may share a cluster.
     """
     generator = generator or torch.Generator().manual_seed(0)
     N = x.shape[0]
@@ -159,13 +160,14 @@ def _reseed_empty(c: torch.Tensor, fixable: torch.Tensor, inner: torch.Tensor, h
 
 def quantize(w: torch.Tensor, group_size: int, col_weight: torch.Tensor | None = None, seed: int = 0,
              max_iter: int = MAX_ITER) -> dict[str, torch.Tensor]:
-    """w: fp32 [N, K]; group_size g (K for one group per row); col_weight: [K] >= 0 calibration weights (None:
-    uniform) -> {qweight uint8 [N, K/2], scales fp16 [N, G], zeros fp16 [N, G], lut fp16 [N, 16]}."""
+    """w: fp32 [N, K]; group_size g (K for one group per row); col_weight: calibration weights >= 0, [K] for the
+    whole matrix or [N, K] per row (rows of several matrices quantized in one call), None = uniform
+    -> {qweight uint8 [N, K/2], scales fp16 [N, G], zeros fp16 [N, G], lut fp16 [N, 16]}."""
     N, K = w.shape
     g = group_size
     s16, z16 = minmax_scale_zero(w, g)
     generator = torch.Generator().manual_seed(seed)
-    a = torch.ones(K) if col_weight is None else col_weight.to(torch.float32).abs()
+    a = torch.ones(1, K) if col_weight is None else col_weight.to(torch.float32).abs().reshape(-1, K)
     lut = torch.empty(N, LUT_SIZE, dtype=torch.float16)
     codes = torch.empty(N, K, dtype=torch.int64)
     rows = max(1, CHUNK_ELEMENTS // K)
@@ -173,7 +175,8 @@ def quantize(w: torch.Tensor, group_size: int, col_weight: torch.Tensor | None =
         r1 = min(N, r0 + rows)
         s, z = s16[r0:r1].float()[..., None], z16[r0:r1].float()[..., None]
         wn = ((grouped(w[r0:r1], g) - z) / s + 8).reshape(r1 - r0, K)  # normalised, ~[0, 15]
-        weight = (a.reshape(1, K // g, g) * s).reshape(r1 - r0, K)
+        a_rows = a if a.shape[0] == 1 else a[r0:r1]
+        weight = (a_rows.reshape(-1, K // g, g) * s).reshape(r1 - r0, K)
         centroids = weighted_kmeans_1d(wn, weight, LUT_SIZE, 0.0, 15.0, generator, max_iter=max_iter)
         lut16 = to_fp16(centroids - 8, "an any4 LUT entry")
         lut[r0:r1] = lut16

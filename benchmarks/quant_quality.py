@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import platform
+import shlex
 import sys
 import tempfile
 import time
@@ -163,7 +164,7 @@ def main() -> None:
         spread = {"seeds": [r["seed"] for r in any4_runs], "ppl_increase": inc.tolist(), "mean": float(inc.mean()),
                   "std": float(inc.std(ddof=1))}
 
-    command = " ".join([".venv/bin/python benchmarks/quant_quality.py", *sys.argv[1:]])
+    command = shlex.join([".venv/bin/python", "benchmarks/quant_quality.py", *sys.argv[1:]])
     result = {
         "command": command,
         "checkpoint": str(args.checkpoint), "text": str(args.text), "context": args.context, "tokens": rows[0]["tokens"],

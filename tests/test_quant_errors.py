@@ -39,6 +39,7 @@ def quantized_dir(tiny_dirs, tmp_path_factory):
     (["--scheme", "int8", "--group-size", "32"], ["int8 is per output channel"]),
     (["--scheme", "any4", "--group-size", "32", "--calibration", "no/such/file.txt"],
      ["no/such/file.txt", "calibration file not found"]),
+    (["--scheme", "any4", "--group-size", "32", "--act-stat", "median"], ["unknown activation statistic 'median'"]),
 ])
 def test_bad_options(tiny_dirs, tmp_path, args, fragments):
     out = tmp_path / "out"

@@ -24,8 +24,12 @@ def quantize(
     calibration: str = typer.Option(None, "--calibration",
                                     help="Calibration text, or a path to a UTF-8 text file (default: a short "
                                          "built-in mixed-domain prompt)."),
-    max_calibration_tokens: int = typer.Option(2048, "--max-calibration-tokens", min=2,
-                                               help="Use at most this many calibration tokens."),
+    max_calibration_tokens: int = typer.Option(None, "--max-calibration-tokens", min=2,
+                                               help="Use at most this many calibration tokens (default 2048)."),
+    act_stat: str = typer.Option(None, "--act-stat",
+                                 help="any4 k-means weight per input column, times the group scale: abs_mean = "
+                                      "|mean activation| (the paper's; default), mean_abs = mean |activation|, "
+                                      "rms = sqrt(mean activation^2)."),
     quantize_lm_head: bool = typer.Option(False, "--quantize-lm-head", help="Also quantize an untied lm_head."),
     seed: int = typer.Option(0, "--seed", help="k-means++ seed (any4)."),
     threads: int = typer.Option(None, "--threads", help="CPU threads for torch."),
@@ -35,13 +39,13 @@ def quantize(
 
     Prints the quantization error of every layer; the per-tensor numbers go to OUT/quantization_report.json.
     """
-    _quantize(checkpoint, scheme, out, group_size, calibration, max_calibration_tokens, quantize_lm_head, seed,
-              threads, force)
+    _quantize(checkpoint, scheme, out, group_size, calibration, max_calibration_tokens, act_stat, quantize_lm_head,
+              seed, threads, force)
 
 
 @user_errors
-def _quantize(checkpoint, scheme, out, group_size, calibration, max_calibration_tokens, quantize_lm_head, seed,
-              threads, force):
+def _quantize(checkpoint, scheme, out, group_size, calibration, max_calibration_tokens, act_stat, quantize_lm_head,
+              seed, threads, force):
     # Idle OpenMP workers sleep instead of spinning: on a 2-core machine shared with other work, spinning workers
     # steal the cores the k-means' many small ops need (measured 14x slower on tiny-austen). Only takes effect when
     # torch is first imported here; an explicit OMP_WAIT_POLICY wins.
@@ -56,9 +60,11 @@ def _quantize(checkpoint, scheme, out, group_size, calibration, max_calibration_
         def progress(done: int, total: int, what: str) -> None:
             bar.update(task, completed=done, total=total, description=f"quantizing ({scheme}): {what}")
 
+        optional = {k: v for k, v in (("act_stat", act_stat), ("max_calibration_tokens", max_calibration_tokens))
+                    if v is not None}  # library defaults apply otherwise (written once, in export/quant)
         result = quantize_checkpoint(checkpoint, out, scheme, group_size=group_size, calibration=calibration,
-                                     quantize_lm_head=quantize_lm_head, force=force, seed=seed,
-                                     max_calibration_tokens=max_calibration_tokens, progress=progress)
+                                     quantize_lm_head=quantize_lm_head, force=force, seed=seed, progress=progress,
+                                     **optional)
 
     by_layer: dict[str, list] = defaultdict(list)
     for t in result.tensors:

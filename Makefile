@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PROMPT ?= It is a truth universally acknowledged
 
-.PHONY: setup demo demo-executorch test test-all clean kernels
+.PHONY: setup demo demo-executorch test test-all clean kernels cross-tools
 
 setup: $(STAMP) kernels
 
@@ -22,6 +22,11 @@ kernels: $(KERNEL_LIB)
 $(KERNEL_LIB): $(STAMP) kernels/CMakeLists.txt $(wildcard kernels/*.cpp kernels/*.h)
 	cmake -S kernels -B kernels/build -DCMAKE_PREFIX_PATH="$$($(BIN)/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/executorch" >/dev/null
 	cmake --build kernels/build -j2
+
+# arm64 cross compiler + user-mode qemu: the test suite then also runs the NEON (phone) path of the any4 kernel.
+cross-tools:
+	@command -v aarch64-linux-gnu-g++ >/dev/null && command -v qemu-aarch64 >/dev/null || \
+	  { SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); $$SUDO apt-get install -y -q g++-aarch64-linux-gnu qemu-user >/dev/null; }
 
 demo: setup
 	$(BIN)/pocketllm generate --checkpoint models/tiny-austen --prompt "$(PROMPT)" --greedy --max-new-tokens 80

@@ -1,17 +1,18 @@
 // pocketllm::any4_linear.out: any4 weight-only linear, CPU, fp32 activations.
 //
-// Per (row i, group): the 16 dequantised values t[c] = lut[i, c] * s + z are built once (exact, as the reference
-// dequantises), then the hot loop is a table lookup + multiply-add per weight:
-//   decode (M == 1): y_i = sum_j x_j * t[c_ij], on AVX2 eight weights per step (two 8-lane permutes + blend pick the
-//                    table entries; nibbles unpacked with byte shuffles); a portable scalar loop elsewhere;
+//   decode (M == 1), g % 32 == 0, 16-bit-float LUT (every pocketllm checkpoint): any4_decode.h - byte-plane table
+//                    lookups (vpshufb / tbl) on the bf16 or fp16 LUT, fp32 multiply-adds, s and z applied per group;
+//   decode otherwise: per (row, group) the 16 dequantised values t[c] = lut * s + z are built once (exact, as the
+//                    reference dequantises), then a table lookup + multiply-add per weight;
 //   prefill (M > 1): each row of W is dequantised once into an fp32 scratch row, then dotted with every x row.
-// Rows are split across ExecuTorch's threadpool. Build with -ffp-contract=off so t[c] keeps its two roundings.
+// Blocks of rows go to ExecuTorch's threadpool. Build with -ffp-contract=off so t[c] keeps its two roundings.
 #include "any4_linear.h"
 
 #include <vector>
 
 #include <executorch/extension/kernel_util/make_boxed_from_unboxed_functor.h>
 
+#include "any4_decode.h"
 #include "common.h"
 
 #if defined(__AVX2__) || defined(__F16C__)
@@ -89,73 +90,13 @@ inline __m256 group_dot_avx2(const uint8_t* q, const float* x, int64_t g, __m256
 }
 #endif
 
-#if defined(POCKETLLM_ANY4_AVX2) && defined(__F16C__)
-#define POCKETLLM_ANY4_LUT16 1
-// Decode fast path for fp16 LUTs (any4's storage format): y_i = sum_g s_g * (sum_{j in g} x_j lut_i[c_j])
-//                                                                + z_g * (sum_{j in g} x_j).
-// The 16 fp16 entries of a row are split into a low-byte and a high-byte table; vpshufb (a 16-entry byte lookup,
-// cheap on every AVX2 core, unlike the lane-crossing vpermps) looks up 32 codes per table, the two byte planes are
-// interleaved back into fp16 and widened with vcvtph2ps. The interleave leaves columns in the order
-// [0 2 .. 14 | 1 3 .. 15 | 16 18 .. 30 | 17 .. 31] per 32-column block, so x is permuted that way once per call.
-// Differs from dequantise-then-dot only in rounding order (the dequantised value itself is never formed); a one-hot
-// x still yields lut * s + z with the reference's two roundings.
-inline void permute_x32(const float* x, int64_t K, float* xp) {
-  for (int64_t b = 0; b < K; b += 32)
-    for (int64_t i = 0; i < 8; ++i) {
-      xp[b + i] = x[b + 2 * i];
-      xp[b + 8 + i] = x[b + 2 * i + 1];
-      xp[b + 16 + i] = x[b + 16 + 2 * i];
-      xp[b + 24 + i] = x[b + 17 + 2 * i];
-    }
-}
-
-inline float row_dot_lut16(const uint8_t* qrow, const uint16_t* lut16, const float* srow, const float* zrow,
-                           const float* xp, const float* xsum, int64_t K, int64_t g) {
-  const __m256i ctrl = _mm256_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15,
-                                        0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
-  const __m256i sh = _mm256_shuffle_epi8(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(lut16)), ctrl);
-  const __m256i L0 = _mm256_permute4x64_epi64(sh, _MM_SHUFFLE(2, 0, 2, 0));  // low bytes of entries 0..15, x2
-  const __m256i L1 = _mm256_permute4x64_epi64(sh, _MM_SHUFFLE(3, 1, 3, 1));  // high bytes
-  const __m128i m0f = _mm_set1_epi8(0x0F);
-  float y = 0.0f;
-  for (int64_t j0 = 0, gi = 0; j0 < K; j0 += g, ++gi) {
-    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
-    for (int64_t j = j0; j < j0 + g; j += 32) {
-      const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qrow + j / 2));
-      const __m128i lo = _mm_and_si128(bytes, m0f);
-      const __m128i hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), m0f);
-      const __m256i codes = _mm256_set_m128i(hi, lo);
-      const __m256i b0 = _mm256_shuffle_epi8(L0, codes), b1 = _mm256_shuffle_epi8(L1, codes);
-      const __m256i ha = _mm256_unpacklo_epi8(b0, b1), hb = _mm256_unpackhi_epi8(b0, b1);
-      a0 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm256_castsi256_si128(ha)), _mm256_loadu_ps(xp + j), a0);
-      a1 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm256_extracti128_si256(ha, 1)), _mm256_loadu_ps(xp + j + 8), a1);
-      a2 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm256_castsi256_si128(hb)), _mm256_loadu_ps(xp + j + 16), a2);
-      a3 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm256_extracti128_si256(hb, 1)), _mm256_loadu_ps(xp + j + 24), a3);
-    }
-    const __m256 a = _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3));
-    __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-    s4 = _mm_hadd_ps(s4, s4);
-    s4 = _mm_hadd_ps(s4, s4);
-    const float d = _mm_cvtss_f32(s4);
-    y += srow[gi] * d + zrow[gi] * xsum[gi];
-  }
-  return y;
-}
-
 // The LUT as fp16 bits when every entry is exactly an fp16 value (always, for any4 checkpoints).
 bool lut_as_fp16(const float* lut, int64_t n, std::vector<uint16_t>& out) {
   out.resize(n);
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) {
-    const __m256 v = _mm256_loadu_ps(lut + i);
-    const __m128i h = _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT);
-    const __m256 back = _mm256_cvtph_ps(h);
-    if (_mm256_movemask_ps(_mm256_cmp_ps(back, v, _CMP_NEQ_UQ))) return false;
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(out.data() + i), h);
-  }
-  return i == n;  // n is a multiple of 16
+  for (int64_t i = 0; i < n; ++i)
+    if (!any4::float_to_half_exact(lut[i], &out[i])) return false;
+  return true;
 }
-#endif
 
 float row_dot(const uint8_t* qrow, const float* lut_row, const float* srow, const float* zrow, const float* x,
               int64_t K, int64_t g) {
@@ -196,25 +137,49 @@ float row_dot(const uint8_t* qrow, const float* lut_row, const float* srow, cons
   return hsum8(acc) + tail;
 }
 
+// The LUT as bf16 bits when every entry is exactly a bf16 value (pocketllm quantize writes such LUTs).
+bool lut_as_bf16(const float* lut, int64_t n, std::vector<uint16_t>& out) {
+  out.resize(n);
+  for (int64_t i = 0; i < n; ++i) {
+    uint32_t bits;
+    std::memcpy(&bits, lut + i, 4);
+    if (bits & 0xffffu) return false;
+    out[i] = static_cast<uint16_t>(bits >> 16);
+  }
+  return true;
+}
+
+// M == 1: x is permuted and summed per group once, then blocks of rows go to the threadpool.
+template <any4::Lut kind, typename SZ>
+void any4_decode(const float* x, const uint8_t* qweight, const uint16_t* lut16, const SZ* scales, const SZ* zeros,
+                 int64_t N, int64_t K, int64_t g, float* y) {
+  const int64_t G = K / g;
+  std::vector<float> xp(K), xsum(G, 0.0f);
+  any4::permute_x(x, K, xp.data(), kind);
+  for (int64_t j = 0; j < K; ++j) xsum[j / g] += x[j];
+  parallel_dynamic(N, 16, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i)
+      y[i] = any4::row_dot<kind>(qweight + i * (K / 2), lut16 + i * 16, scales + i * G, zeros + i * G, xp.data(),
+                                 xsum.data(), K, g);
+  });
+}
+
 }  // namespace
 
 void any4_linear_f32(const float* x, const uint8_t* qweight, const float* lut, const float* scales,
                      const float* zeros, int64_t M, int64_t N, int64_t K, int64_t g, float* y) {
   const int64_t G = K / g;
-#ifdef POCKETLLM_ANY4_LUT16
   std::vector<uint16_t> lut16;
-  if (M == 1 && g % 32 == 0 && lut_as_fp16(lut, N * 16, lut16)) {
-    std::vector<float> xp(K), xsum(G, 0.0f);
-    permute_x32(x, K, xp.data());
-    for (int64_t j = 0; j < K; ++j) xsum[j / g] += x[j];
-    parallel(N, 16, [&](int64_t b, int64_t e) {
-      for (int64_t i = b; i < e; ++i)
-        y[i] = row_dot_lut16(qweight + i * (K / 2), lut16.data() + i * 16, scales + i * G, zeros + i * G,
-                             xp.data(), xsum.data(), K, g);
-    });
-    return;
+  if (M == 1 && any4::decode_supported(K, g)) {
+    if (lut_as_bf16(lut, N * 16, lut16)) {
+      any4_decode<any4::Lut::kBf16>(x, qweight, lut16.data(), scales, zeros, N, K, g, y);
+      return;
+    }
+    if (lut_as_fp16(lut, N * 16, lut16)) {
+      any4_decode<any4::Lut::kFp16>(x, qweight, lut16.data(), scales, zeros, N, K, g, y);
+      return;
+    }
   }
-#endif
   if (M == 1) {
     parallel(N, 16, [&](int64_t b, int64_t e) {
       for (int64_t i = b; i < e; ++i)
@@ -225,7 +190,7 @@ void any4_linear_f32(const float* x, const uint8_t* qweight, const float* lut, c
   // Prefill: dequantise NR rows of W at a time (exact), then a 4 x NR register tile of x rows x W rows: each
   // loaded x vector feeds NR multiply-adds and each W vector 4.
   constexpr int64_t NR = 2, MR = 4;
-  parallel((N + NR - 1) / NR, 2, [&](int64_t b, int64_t e) {
+  parallel_dynamic((N + NR - 1) / NR, 8, [&](int64_t b, int64_t e) {
     std::vector<float> w(NR * K);
     for (int64_t tile = b; tile < e; ++tile) {
       const int64_t i0 = tile * NR, nr = std::min(NR, N - i0);
@@ -261,7 +226,7 @@ void any4_linear_f32(const float* x, const uint8_t* qweight, const float* lut, c
 
 namespace {
 
-// fp16 or fp32 tensor -> fp32 vector (LUT, scales and zeros are small: N * (16 + 2K/g) values).
+// fp16, bf16 or fp32 tensor -> fp32 vector (LUT, scales and zeros are small: N * (16 + 2K/g) values).
 bool to_float(const Tensor& t, std::vector<float>& dst) {
   dst.resize(t.numel());
   if (t.scalar_type() == ScalarType::Float) {
@@ -276,6 +241,11 @@ bool to_float(const Tensor& t, std::vector<float>& dst) {
       _mm256_storeu_ps(dst.data() + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + i))));
 #endif
     for (; i < t.numel(); ++i) dst[i] = static_cast<float>(p[i]);
+    return true;
+  }
+  if (t.scalar_type() == ScalarType::BFloat16) {
+    const auto* p = static_cast<const uint16_t*>(t.const_data_ptr());
+    for (int64_t i = 0; i < t.numel(); ++i) dst[i] = any4::bf16_to_float(p[i]);
     return true;
   }
   return false;
@@ -306,6 +276,29 @@ Tensor& any4_linear_out(KernelRuntimeContext& ctx, const Tensor& x, const Tensor
                   InvalidArgument, out);
   const int64_t M = x.numel() / K;
 
+  // Decode with the LUT (bf16 or fp16) and the fp16 / fp32 scales and zeros read in place (no per-call conversion).
+  const ScalarType lut_t = lut.scalar_type(), sz_t = scales.scalar_type();
+  if (M == 1 && any4::decode_supported(K, group_size) && (lut_t == ScalarType::BFloat16 || lut_t == ScalarType::Half) &&
+      zeros.scalar_type() == sz_t && (sz_t == ScalarType::Half || sz_t == ScalarType::Float)) {
+    const auto* lut16 = static_cast<const uint16_t*>(lut.const_data_ptr());
+    const float* xf = x.const_data_ptr<float>();
+    const uint8_t* q = qweight.const_data_ptr<uint8_t>();
+    float* y = out.mutable_data_ptr<float>();
+    const auto* s16 = static_cast<const uint16_t*>(scales.const_data_ptr());
+    const auto* z16 = static_cast<const uint16_t*>(zeros.const_data_ptr());
+    const auto* s32 = static_cast<const float*>(scales.const_data_ptr());
+    const auto* z32 = static_cast<const float*>(zeros.const_data_ptr());
+    constexpr auto kBf16 = any4::Lut::kBf16, kFp16 = any4::Lut::kFp16;
+    if (lut_t == ScalarType::BFloat16) {
+      if (sz_t == ScalarType::Half) any4_decode<kBf16>(xf, q, lut16, s16, z16, N, K, group_size, y);
+      else any4_decode<kBf16>(xf, q, lut16, s32, z32, N, K, group_size, y);
+    } else {
+      if (sz_t == ScalarType::Half) any4_decode<kFp16>(xf, q, lut16, s16, z16, N, K, group_size, y);
+      else any4_decode<kFp16>(xf, q, lut16, s32, z32, N, K, group_size, y);
+    }
+    return out;
+  }
+
   const float *plut, *pscales, *pzeros;
   std::vector<float> flut, fscales, fzeros;
   if (lut.scalar_type() == ScalarType::Float && scales.scalar_type() == ScalarType::Float &&
@@ -314,7 +307,7 @@ Tensor& any4_linear_out(KernelRuntimeContext& ctx, const Tensor& x, const Tensor
     pzeros = zeros.const_data_ptr<float>();
   } else {
     ET_KERNEL_CHECK_MSG(ctx, to_float(lut, flut) && to_float(scales, fscales) && to_float(zeros, fzeros),
-                        InvalidArgument, out, "any4_linear: lut/scales/zeros must be float16 or float32");
+                        InvalidArgument, out, "any4_linear: lut/scales/zeros must be float16, bfloat16 or float32");
     plut = flut.data(), pscales = fscales.data(), pzeros = fzeros.data();
   }
   any4_linear_f32(x.const_data_ptr<float>(), qweight.const_data_ptr<uint8_t>(), plut, pscales, pzeros, M, N, K,

@@ -2,6 +2,7 @@
 // lower to AVX2 on x86-64 and to NEON on arm64), and the ExecuTorch threadpool.
 #pragma once
 
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -99,6 +100,27 @@ template <typename F>
 inline void parallel(int64_t n, int64_t grain, const F& f) {
   if (n <= 0) return;
   ::executorch::extension::parallel_for(0, n, grain < 1 ? 1 : grain, f);
+}
+
+// parallel() splits [0, n) into one static chunk per thread, so the call lasts as long as its slowest thread.
+// parallel_dynamic() hands out blocks of rows from a shared counter instead: a thread on a faster core (big.LITTLE
+// phones) or on an idle core (a shared machine) simply takes more blocks.
+template <typename F>
+inline void parallel_dynamic(int64_t n, int64_t block, const F& f) {
+  if (n <= 0) return;
+  block = block < 1 ? 1 : block;
+  const int64_t blocks = (n + block - 1) / block;
+  const int64_t threads = ::executorch::extension::get_thread_count();
+  const int64_t workers = threads < blocks ? threads : blocks;
+  if (workers <= 1) {
+    f(0, n);
+    return;
+  }
+  std::atomic<int64_t> next{0};
+  ::executorch::extension::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    for (int64_t b; (b = next.fetch_add(1, std::memory_order_relaxed)) < blocks;)
+      f(b * block, (b + 1) * block < n ? (b + 1) * block : n);
+  });
 }
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();

@@ -135,6 +135,36 @@ def test_any4_dequantized_values_are_exact(kernels):
     assert torch.equal(y.T, any4_dequantize(qweight, lut, scales, zeros, g))
 
 
+DECODE_TEST = REPO / "kernels" / "tests" / "any4_decode_test.cpp"
+FLAGS = ["-O2", "-std=c++17", "-ffp-contract=off", "-Wall", "-Werror"]
+
+
+@pytest.mark.parametrize("isa", ["native", "scalar", "neon"])
+def test_any4_decode_simd_paths(tmp_path, isa):
+    """The decode hot loop (kernels/any4_decode.h) on each ISA path against dequantise-then-dot in double, plus
+    one-hot columns bit-exact and every fp16 value through the conversions. NEON runs the arm64 phone path under
+    qemu-aarch64 (`make cross-tools` installs both; CI does)."""
+    import shutil
+
+    exe = tmp_path / f"any4_decode_{isa}"
+    if isa == "neon":
+        cxx, qemu = shutil.which("aarch64-linux-gnu-g++"), shutil.which("qemu-aarch64")
+        if not (cxx and qemu):
+            pytest.skip("aarch64-linux-gnu-g++ / qemu-aarch64 not installed (make cross-tools)")
+        cmd, run = [cxx, *FLAGS, "-static"], [qemu, str(exe)]
+    else:
+        cmd, run = ["c++", *FLAGS, "-march=native" if isa == "native" else "-mno-avx"], [str(exe)]
+    subprocess.run([*cmd, str(DECODE_TEST), "-o", str(exe)], check=True, capture_output=True)
+    proc = subprocess.run(run, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout
+    import platform
+
+    host = "neon" if platform.machine() in ("aarch64", "arm64") else (
+        "avx2" if "avx2" in open("/proc/cpuinfo").read() else "scalar")
+    expected = {"native": host, "scalar": "scalar" if host != "neon" else "neon", "neon": "neon"}[isa]
+    assert f"({expected}): ok" in proc.stdout, proc.stdout
+
+
 def test_library_loads_once(kernels):
     from runtime_py.executorch_runner import load_kernel_library, registered_operators
 

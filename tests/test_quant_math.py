@@ -109,6 +109,40 @@ def test_any4_quantize_round_trip_and_weighting():
     assert err_weighted < err_plain
 
 
+def test_any4_lut_entries_are_exact_in_fp16_and_bf16():
+    """The LUT is stored fp16 but rounded to bf16 precision, so `.pte` export can carry it as bf16 losslessly (the
+    CPU kernel's fast path); rounding costs at most 2^-9 relative per entry and codes follow the rounded LUT."""
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(64, 256, generator=g) * 0.02
+    lut = any4.quantize(w, 128)["lut"].float()
+    assert torch.equal(lut.to(torch.bfloat16).float(), lut)
+    v = torch.tensor([7.123456, -3.3, 1e-6, -2.0 ** -15, 0.0, 2.0 ** -14])
+    r = any4.lut_grid(v)
+    assert torch.equal(r.to(torch.bfloat16).float(), r) and torch.equal(r.half().float(), r)
+    assert r[2] == 0 and r[3] == 0 and r[5] == 2.0 ** -14
+    big = v.abs() >= 2.0 ** -14
+    assert bool(((r - v).abs() <= v.abs() * 2.0 ** -9)[big].all()) and bool(((r - v).abs() < 2.0 ** -14)[~big].all())
+
+
+def test_export_carries_lossless_luts_as_bf16():
+    from export.nn.quant_linear import Any4Linear
+    from export.targets.executorch import any4_luts_to_bf16
+
+    g = torch.Generator().manual_seed(4)
+    layers = torch.nn.ModuleList([Any4Linear(64, 8, TensorQuant("any4", 32)) for _ in range(2)])
+    for m in layers:
+        for name, value in any4.quantize(torch.randn(8, 64, generator=g), 32).items():
+            setattr(m, name, value)
+    layers[1].lut[0, 0] = 0.1  # not a bf16 value: this layer keeps its fp16 LUT
+    x = torch.randn(3, 64, generator=g)
+    before = [m(x) for m in layers]
+    assert any4_luts_to_bf16(layers) == {"bf16": 1, "fp16": 1}
+    assert layers[0].lut.dtype == torch.bfloat16 and layers[1].lut.dtype == torch.float16
+    assert "lut" in dict(layers[0].named_buffers())
+    for m, y in zip(layers, before):
+        assert torch.equal(m(x), y)
+
+
 def test_baseline_error_bounds():
     g = torch.Generator().manual_seed(3)
     w = torch.randn(16, 128, generator=g)

@@ -6,7 +6,8 @@ Schema:
 
 x:       [..., K] float (fp32, bf16 or fp16).
 qweight: uint8 [N, K/2], two 4-bit codes per byte: column 2j in the low nibble, column 2j+1 in the high nibble.
-lut:     [N, 16] float (stored fp16): per-row table of `centroid - 8`.
+lut:     [N, 16] float (stored fp16; `.pte` files carry it as bf16 when that is lossless, which it is for every LUT
+         `pocketllm quantize` writes): per-row table of `centroid - 8`.
 scales, zeros: [N, K/g] float (stored fp16), per (row, group of g consecutive columns).
 group_size: g (K for one group per row).
 Returns y = x @ W.T in x's dtype, [..., N], with W dequantized in fp32 as

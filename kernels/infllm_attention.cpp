@@ -44,6 +44,28 @@ int64_t visible_kernels(int64_t pos, int64_t n_kernels, const InfllmParams& p) {
 
 int64_t floor_div(int64_t a, int64_t b) { return a >= 0 ? a / b : -((-a + b - 1) / b); }
 
+typedef float v4f __attribute__((vector_size(16)));
+
+// Four dot products q . k_r (D % 8 == 0): one vector accumulator per key, reduced together at the end (a
+// transpose-add instead of four horizontal sums).
+inline v4f dot4(const float* q, const float* const kr[4], int64_t D) {
+  v8f a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
+  for (int64_t d = 0; d < D; d += 8) {
+    const v8f qv = load8(q + d);
+    a0 += qv * load8(kr[0] + d);
+    a1 += qv * load8(kr[1] + d);
+    a2 += qv * load8(kr[2] + d);
+    a3 += qv * load8(kr[3] + d);
+  }
+  const v8f b0 = __builtin_shufflevector(a0, a1, 0, 8, 2, 10, 4, 12, 6, 14) +
+                 __builtin_shufflevector(a0, a1, 1, 9, 3, 11, 5, 13, 7, 15);
+  const v8f b1 = __builtin_shufflevector(a2, a3, 0, 8, 2, 10, 4, 12, 6, 14) +
+                 __builtin_shufflevector(a2, a3, 1, 9, 3, 11, 5, 13, 7, 15);
+  const v8f c = __builtin_shufflevector(b0, b1, 0, 1, 8, 9, 4, 5, 12, 13) +
+                __builtin_shufflevector(b0, b1, 2, 3, 10, 11, 6, 7, 14, 15);
+  return __builtin_shufflevector(c, c, 0, 1, 2, 3) + __builtin_shufflevector(c, c, 4, 5, 6, 7);
+}
+
 // Selection for one (KV head, query): writes sel[n_blocks].
 void select_one(const float* qg /* [G, D] */, const float* kc, int64_t n_kernels, int64_t Hkv, int64_t h,
                 int64_t G, int64_t D, int64_t pos, int64_t n_blocks, const InfllmParams& p, uint8_t* sel,
@@ -55,7 +77,16 @@ void select_one(const float* qg /* [G, D] */, const float* kc, int64_t n_kernels
   logit.resize(nv);
   for (int64_t g = 0; g < G; ++g) {
     const float* qv = qg + g * D;
-    for (int64_t j = 0; j < nv; ++j) logit[j] = dot(qv, kc + (j * Hkv + h) * D, D) * scale;
+    int64_t j = 0;
+    if (D % 8 == 0) {
+      for (; j + 4 <= nv; j += 4) {
+        const float* kr[4] = {kc + (j * Hkv + h) * D, kc + ((j + 1) * Hkv + h) * D, kc + ((j + 2) * Hkv + h) * D,
+                              kc + ((j + 3) * Hkv + h) * D};
+        const v4f d4 = dot4(qv, kr, D) * scale;
+        std::memcpy(&logit[j], &d4, sizeof(d4));
+      }
+    }
+    for (; j < nv; ++j) logit[j] = dot(qv, kc + (j * Hkv + h) * D, D) * scale;
     if (nv == 0) continue;
     const float sum = softmax_numerator(logit.data(), nv);
     for (int64_t j = 0; j < nv; ++j) score[j] += logit[j] / sum;
@@ -88,6 +119,32 @@ void select_one(const float* qg /* [G, D] */, const float* kc, int64_t n_kernels
   for (int64_t b : order) sel[b] = 1;
 }
 
+// out[g, :] = sum_i p[g, i] v_{key i} for the G heads, D % 8 == 0. Keys go in chunks of 64: a chunk of V rows
+// (16 KiB at D = 64) stays in L1 while every head of the group reads it, and each head's output row is held in
+// registers across the chunk (no load/store of the output per key), NV vectors at a time.
+template <int NV>
+void weighted_v_rows(const float* p, int64_t n, const float* v, const int64_t* keys, int64_t row, int64_t G,
+                     int64_t D, float* outg) {
+  constexpr int64_t kChunk = 64;
+  for (int64_t i0 = 0; i0 < n; i0 += kChunk) {
+    const int64_t i1 = std::min(n, i0 + kChunk);
+    for (int64_t g = 0; g < G; ++g) {
+      const float* pg = p + g * n;
+      for (int64_t d0 = 0; d0 < D; d0 += 8 * NV) {
+        v8f acc[NV];
+        for (int u = 0; u < NV; ++u) acc[u] = load8(outg + g * D + d0 + 8 * u);
+        for (int64_t i = i0; i < i1; ++i) {
+          const float* vr = v + keys[i] * row + d0;
+          const float w = pg[i];
+          const v8f wv = {w, w, w, w, w, w, w, w};
+          for (int u = 0; u < NV; ++u) acc[u] += wv * load8(vr + 8 * u);
+        }
+        for (int u = 0; u < NV; ++u) store8(outg + g * D + d0 + 8 * u, acc[u]);
+      }
+    }
+  }
+}
+
 // Exact softmax attention of the G query heads of one KV head over the keys j <= pos inside selected blocks
 // (sel == nullptr: all keys 0..pos). out_g: [G, D] with row stride out_stride.
 void attend_one(const float* qg, const float* k, const float* v, int64_t Hkv, int64_t h, int64_t G, int64_t D,
@@ -109,7 +166,18 @@ void attend_one(const float* qg, const float* k, const float* v, int64_t Hkv, in
   const float scale = 1.0f / std::sqrt(static_cast<float>(D));
   logits.resize(G * n);
   const int64_t row = Hkv * D;
-  for (int64_t i = 0; i < n; ++i) {
+  int64_t i = 0;
+  if (D % 8 == 0) {
+    for (; i + 4 <= n; i += 4) {
+      const float* kr[4] = {k + keys[i] * row + h * D, k + keys[i + 1] * row + h * D, k + keys[i + 2] * row + h * D,
+                            k + keys[i + 3] * row + h * D};
+      for (int64_t g = 0; g < G; ++g) {
+        const v4f d4 = dot4(qg + g * D, kr, D) * scale;
+        std::memcpy(&logits[g * n + i], &d4, sizeof(d4));
+      }
+    }
+  }
+  for (; i < n; ++i) {
     const float* kr = k + keys[i] * row + h * D;
     for (int64_t g = 0; g < G; ++g) logits[g * n + i] = dot(qg + g * D, kr, D) * scale;
   }
@@ -119,9 +187,18 @@ void attend_one(const float* qg, const float* k, const float* v, int64_t Hkv, in
     for (int64_t i = 0; i < n; ++i) lg[i] /= sum;
     std::fill(outg + g * D, outg + (g + 1) * D, 0.0f);
   }
-  for (int64_t i = 0; i < n; ++i) {
-    const float* vr = v + keys[i] * row + h * D;
-    for (int64_t g = 0; g < G; ++g) axpy(outg + g * D, logits[g * n + i], vr, D);
+  const float* vh = v + h * D;
+  if (D % 64 == 0) {
+    weighted_v_rows<8>(logits.data(), n, vh, keys.data(), row, G, D, outg);
+  } else if (D % 32 == 0) {
+    weighted_v_rows<4>(logits.data(), n, vh, keys.data(), row, G, D, outg);
+  } else if (D % 8 == 0) {
+    weighted_v_rows<1>(logits.data(), n, vh, keys.data(), row, G, D, outg);
+  } else {
+    for (int64_t i = 0; i < n; ++i) {
+      const float* vr = vh + keys[i] * row;
+      for (int64_t g = 0; g < G; ++g) axpy(outg + g * D, logits[g * n + i], vr, D);
+    }
   }
 }
 

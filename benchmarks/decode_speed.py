@@ -8,14 +8,16 @@
         --out benchmarks/results/decode_speed_0.5b
 
 What is measured, per variant and context length C (the number of positions already in the KV cache):
-- prefill tok/s: one forward call of --prefill-tokens tokens at positions C .. C+P-1;
+- prefill tok/s: a forward call of --prefill-tokens tokens at positions C .. C+P-1;
 - decode tok/s: --decode-steps single-token forward calls at positions C+P, C+P+1, ... (after one warm-up call).
+All variants are loaded together and timed round-robin, --rounds rounds per context; reported: the median prefill
+call and 1 / the median decode call over all rounds (the mean is kept as decode_tok_s_mean).
 The cache is not filled by a real prefill of C tokens first (a 16K-token prefill of a 0.5B model takes many minutes
 on two cores): attention cost depends on how many positions it reads, not on their values, so calls at start_pos C
 time the same work as after a real prompt. InfLLM v2's selection reads every compressed key too (its memo of
 compressed keys is rebuilt by the warm-up call, then extended by one entry every 16 tokens, as in real decoding).
-Each variant is timed in one process, one after the other, with the same thread count (ExecuTorch threadpool and
-torch intra-op threads). Export time and peak RSS come from each bundle's manifest (`pocketllm export` records them).
+Every variant runs in this one process with the same thread count (ExecuTorch threadpool and torch intra-op
+threads). Export time and peak RSS come from each bundle's manifest (`pocketllm export` records them).
 """
 
 from __future__ import annotations
@@ -71,26 +73,33 @@ class EagerRunner:
             self.model(self.torch.from_numpy(tokens.astype(np.int64))[None], start)
 
 
-def measure(runner, context: int, prefill_tokens: int, decode_steps: int, vocab: int) -> dict:
-    rng = np.random.default_rng(context)
+def sample(runner, context: int, prefill_tokens: int, decode_steps: int, vocab: int, seed: int) -> tuple:
+    """One prefill call at positions context.., then decode_steps single-token calls after it (plus one warm-up).
+    Returns (prefill tokens, prefill seconds, [decode seconds])."""
+    rng = np.random.default_rng(context * 1000 + seed)
     P = min(prefill_tokens, runner.max_context - context - decode_steps - 1)
     if P < 1:
         raise SystemExit(f"context {context} + steps does not fit max_context {runner.max_context}")
-    prompt = rng.integers(3, vocab, size=P)
     t0 = time.perf_counter()
-    runner.call(prompt, context)
+    runner.call(rng.integers(3, vocab, size=P), context)
     prefill_s = time.perf_counter() - t0
     pos = context + P
     runner.call(np.array([5]), pos)  # warm-up decode call
-    pos += 1
     times = []
     for i in range(decode_steps):
         t0 = time.perf_counter()
-        runner.call(np.array([int(rng.integers(3, vocab))]), pos + i)
+        runner.call(np.array([int(rng.integers(3, vocab))]), pos + 1 + i)
         times.append(time.perf_counter() - t0)
-    return {"context": context, "prefill_tokens": P, "prefill_s": prefill_s, "prefill_tok_s": P / prefill_s,
-            "decode_steps": decode_steps, "decode_tok_s": decode_steps / sum(times),
-            "decode_ms_median": 1000 * float(np.median(times))}
+    return P, prefill_s, times
+
+
+def summarize(context: int, P: int, prefill_times: list[float], decode_times: list[float]) -> dict:
+    # Medians: a shared VM stalls now and then for tens of ms, which a mean over a few calls would absorb.
+    return {"context": context, "prefill_tokens": P, "prefill_calls": len(prefill_times),
+            "prefill_s": float(np.median(prefill_times)), "prefill_tok_s": P / float(np.median(prefill_times)),
+            "decode_steps": len(decode_times), "decode_tok_s": 1.0 / float(np.median(decode_times)),
+            "decode_tok_s_mean": len(decode_times) / sum(decode_times),
+            "decode_ms_median": 1000 * float(np.median(decode_times))}
 
 
 def main() -> None:
@@ -103,7 +112,8 @@ def main() -> None:
     ap.add_argument("--long-contexts", default="", help="extra contexts, only for --long-variants")
     ap.add_argument("--long-variants", default="")
     ap.add_argument("--prefill-tokens", type=int, default=128)
-    ap.add_argument("--decode-steps", type=int, default=16)
+    ap.add_argument("--decode-steps", type=int, default=8, help="decode calls per variant per round")
+    ap.add_argument("--rounds", type=int, default=4, help="round-robin rounds over the variants per context")
     ap.add_argument("--out", type=Path, required=True, help="path stem: writes STEM.json and STEM.png")
     args = ap.parse_args()
 
@@ -120,28 +130,45 @@ def main() -> None:
     results = {"device": {"machine": platform.machine(), "processor": platform.processor(),
                           "cpu_count": __import__("os").cpu_count(), "threads": args.threads},
                "method": __doc__.split("What is measured", 1)[1].strip(), "prefill_tokens": args.prefill_tokens,
-               "decode_steps": args.decode_steps, "variants": {}}
+               "decode_steps_per_round": args.decode_steps, "rounds": args.rounds, "variants": {}}
+    # Every variant is loaded at once and timed round-robin (--rounds rounds per context), so that machine noise
+    # (a shared VM's stalls, another tenant's burst) lands on all of them alike instead of on whichever ran then.
+    runners = {}
     for name, make in variants:
-        runner = make()
-        vocab = (runner.manifest or {}).get("model", {}).get("vocab_size") or runner.model.spec.vocab_size
-        ctxs = contexts + (long_contexts if name in long_variants else [])
-        rows = []
-        for c in ctxs:
-            if c + args.prefill_tokens + args.decode_steps + 2 > runner.max_context:
-                print(f"{name}: skip context {c} (max_context {runner.max_context})", flush=True)
+        runners[name] = make()
+        print(f"loaded {name} in {runners[name].load_s:.1f} s", flush=True)
+    vocab_of = {n: (r.manifest or {}).get("model", {}).get("vocab_size") or r.model.spec.vocab_size
+                for n, r in runners.items()}
+    rows: dict[str, list] = {n: [] for n in runners}
+    for c in sorted(set(contexts) | set(long_contexts)):
+        active = []
+        for n, r in runners.items():
+            if c not in contexts and n not in long_variants:
                 continue
-            r = measure(runner, c, args.prefill_tokens, args.decode_steps, vocab)
-            rows.append(r)
-            print(f"{name:>12} ctx {c:>6}: prefill {r['prefill_tok_s']:8.1f} tok/s  decode {r['decode_tok_s']:7.2f} "
+            if c + args.prefill_tokens + args.decode_steps + 2 > r.max_context:
+                print(f"{n}: skip context {c} (max_context {r.max_context})", flush=True)
+                continue
+            active.append(n)
+        got = {n: ([], [], 0) for n in active}
+        for rnd in range(args.rounds):
+            for n in active:
+                P, pre, dec = sample(runners[n], c, args.prefill_tokens, args.decode_steps, vocab_of[n], rnd)
+                got[n][0].append(pre)
+                got[n][1].extend(dec)
+                got[n] = (got[n][0], got[n][1], P)
+        for n in active:
+            r = summarize(c, got[n][2], got[n][0], got[n][1])
+            rows[n].append(r)
+            print(f"{n:>12} ctx {c:>6}: prefill {r['prefill_tok_s']:8.1f} tok/s  decode {r['decode_tok_s']:7.2f} "
                   f"tok/s", flush=True)
-        entry = {"load_s": runner.load_s, "results": rows}
+    for name, runner in runners.items():
+        entry = {"load_s": runner.load_s, "results": rows[name]}
         if runner.manifest:
             m = runner.manifest
             t = m["targets"]["executorch"]
             entry.update(bundle=str(runner.engine.bundle), pte_mib=t["size"] / 2**20, quantization=m["quantization"],
                          export=m.get("export"), attention=m["attention"]["per_layer"][0])
         results["variants"][name] = entry
-        del runner
     results["peak_rss_mib_benchmark_process"] = peak_rss_mib()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     json_path, png_path = Path(f"{args.out}.json"), Path(f"{args.out}.png")  # the stem may contain dots

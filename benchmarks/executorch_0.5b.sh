@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The ExecuTorch numbers of README.md: MiniCPM4 0.5b preset (random weights, real shapes), 2 threads.
 #   exports: any4 (timed: wall clock and peak RSS), 8da4w, fp32, and any4 with dense attention (same weights);
-#   then benchmarks/decode_speed.py times every variant in one run -> STEM.json + STEM.png.
-# About an hour on the 2-core CI machine. BENCH_DIR (default out/bench) holds checkpoints and bundles.
+#   then benchmarks/decode_speed.py times every variant in one process, round-robin -> STEM.json + STEM.png.
+# About 25 minutes on the 2-core CI machine (exports ~15, timing ~10). BENCH_DIR (default out/bench) holds checkpoints and bundles.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 B=${BENCH_DIR:-out/bench}

@@ -162,7 +162,10 @@ def main() -> None:
     if len(any4_runs) > 1:
         inc = np.array([r["ppl_increase"] for r in any4_runs])
         spread = {"seeds": [r["seed"] for r in any4_runs], "ppl_increase": inc.tolist(), "mean": float(inc.mean()),
-                  "std": float(inc.std(ddof=1))}
+                  "std": float(inc.std(ddof=1)), "stderr_of_mean": float(inc.std(ddof=1) / np.sqrt(len(inc)))}
+        if "int4 g128" in by_label and by_label["int4 g128"]["ppl_increase"] > 0:
+            # One seed is one draw of the quantization noise; the mean over seeds estimates any4's expected increase.
+            spread["mean_over_int4_g128"] = spread["mean"] / by_label["int4 g128"]["ppl_increase"]
 
     command = shlex.join([".venv/bin/python", "benchmarks/quant_quality.py", *sys.argv[1:]])
     result = {
@@ -198,6 +201,10 @@ def main() -> None:
     if spread is not None:
         lines.append(f"any4 g128 over seeds {spread['seeds']}: increase {spread['mean']:+.3f} +- {spread['std']:.3f} "
                      "(std): the perplexity change quantization noise alone causes")
+        if "mean_over_int4_g128" in spread:
+            lines.append(f"mean any4 g128 increase over seeds / int4 g128 increase = "
+                         f"{spread['mean_over_int4_g128']:.3f} (standard error of the mean "
+                         f"{spread['stderr_of_mean']:.3f} ppl)")
     for line in lines:
         console.print(line, highlight=False)
     md += [""] + lines if lines else []

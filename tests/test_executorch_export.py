@@ -26,6 +26,7 @@ from export.spec import spec_from_config
 from tests.test_executorch_kernels import build_kernels
 
 MAX_CONTEXT = 320
+BF16_VALUED = ("minicpm4_infllm", "smallthinker")  # tied and untied embeddings: the .pte gathers from a bf16 table
 runner = CliRunner()
 
 
@@ -46,13 +47,18 @@ def ascii_tokenizer(vocab_size: int, specials: list[str]):
     return tok
 
 
-def make_checkpoint(out: Path, config: dict, seed: int, ascii_only: bool = False) -> Path:
-    """A random fp32 checkpoint for an arbitrary config (init-checkpoint's writer, any layer count)."""
+def make_checkpoint(out: Path, config: dict, seed: int, ascii_only: bool = False, bf16_values: bool = False) -> Path:
+    """A random fp32 checkpoint for an arbitrary config (init-checkpoint's writer, any layer count). bf16_values:
+    every value exactly a bf16 number, as when a released bf16 checkpoint is loaded."""
+    import torch
+
     from export.init_checkpoint import build_tokenizer
 
     config = dict(config, torch_dtype="float32")
     spec = spec_from_config(config)
-    tensors, total = random_tensors(config, __import__("torch").float32, seed)
+    tensors, total = random_tensors(config, torch.float32, seed)
+    if bf16_values:
+        tensors = ((n, t.to(torch.bfloat16).to(t.dtype) if t.is_floating_point() else t) for n, t in tensors)
     names = SPECIALS[spec.family][0]
     with atomic_directory(out) as tmp:
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
@@ -84,7 +90,8 @@ def bundles(tmp_path_factory) -> dict[str, tuple[Path, Path]]:
     root = tmp_path_factory.mktemp("et")
     out = {}
     for i, (name, cfg) in enumerate(configs().items()):
-        ckpt = make_checkpoint(root / f"{name}-ckpt", cfg, seed=10 + i, ascii_only=name == "minicpm4_dense")
+        ckpt = make_checkpoint(root / f"{name}-ckpt", cfg, seed=10 + i, ascii_only=name == "minicpm4_dense",
+                               bf16_values=name in BF16_VALUED)
         bundle = root / f"{name}-bundle"
         r = runner.invoke(app, ["export", "--checkpoint", str(ckpt), "--target", "executorch", "--max-context",
                                 str(MAX_CONTEXT), "--out", str(bundle)])
@@ -118,6 +125,11 @@ def test_bundle_contents(bundles):
     assert target["file"] == "model.pte" and len(target["sha256"]) == 64
     assert target["size"] == (bundle / "model.pte").stat().st_size
     assert target["custom_ops"] == ["pocketllm::infllm_attention.out"]  # the op stays whole, no decomposition
+    # bf16-valued weights: the gather table is stored in bf16 (tied head keeps fp32); fp32 weights keep fp32.
+    assert target["embedding_table_dtype"] == "bf16"
+    for name in ("smallthinker", "minimax"):
+        t = json.loads((bundles[name][1] / "manifest.json").read_text())["targets"]["executorch"]
+        assert t["embedding_table_dtype"] == ("bf16" if name in BF16_VALUED else "fp32")
     assert "llama::update_cache.out" in target["operators"]  # in-place cache writes ...
     assert "aten::slice_scatter.out" not in target["operators"]  # ... never a copy of the whole cache per call
     assert manifest["attention"]["infllm_v2"]["dense_len"] == -1

@@ -159,6 +159,36 @@ def any4_luts_to_bf16(model: nn.Module) -> dict[str, int]:
     return counts
 
 
+class Bf16Embedding(nn.Module):
+    """Token embedding whose gather table is stored in bf16; gathered rows are widened to fp32 (exact)."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.register_buffer("weight", weight.detach().to(torch.bfloat16))
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return F.embedding(tokens, self.weight).to(torch.float32)
+
+
+def embedding_table_to_bf16(model: nn.Module) -> bool:
+    """bf16 checkpoints (every released MiniCPM4 / SmallThinker / MiniMax) load into fp32 values that are exact in
+    bf16: the `.pte` keeps the embedding gather table in bf16, half its bytes (0.5b: 150 of 770 MiB). A tied LM head
+    keeps the fp32 table as its own weight, which XNNPACK packs anyway. Call after any quantization of nn.Linear
+    layers (8da4w must not see the LM head). Returns whether the table was converted."""
+    emb = getattr(getattr(model, "model", None), "embed_tokens", None)
+    if not isinstance(emb, nn.Embedding) or emb.weight.dtype != torch.float32:
+        return False
+    w = emb.weight.detach()
+    if not torch.equal(w.to(torch.bfloat16).to(torch.float32), w):
+        return False
+    if model.lm_head is None:  # tied: give the head its own reference to the fp32 table
+        head = nn.Linear(w.shape[1], w.shape[0], bias=False)
+        head.weight = nn.Parameter(w, requires_grad=False)
+        model.lm_head = head
+    model.model.embed_tokens = Bf16Embedding(w)
+    return True
+
+
 # ------------------------------------------------------------------------------------------ export + lower
 def metadata(spec: ModelSpec, max_context: int, prefill_chunk: int) -> dict[str, Any]:
     """Constant methods ExecuTorch's LLM runner (and Android LlmModule) read; names as in runner/constants.h.
@@ -235,6 +265,7 @@ def export_executorch(model: nn.Module, spec: ModelSpec, options: ExecutorchOpti
     lut_dtypes = any4_luts_to_bf16(model)
     if lut_dtypes:
         quant_info["lut_dtype_layers"] = lut_dtypes
+    embedding_dtype = "bf16" if embedding_table_to_bf16(model) else "fp32"
     with stage("export"):
         t0 = time.perf_counter()
         chunk = min(options.prefill_chunk, options.max_context)
@@ -267,6 +298,7 @@ def export_executorch(model: nn.Module, spec: ModelSpec, options: ExecutorchOpti
         "custom_ops": custom,
         "kernel_library": "libpocketllm_kernels" if custom else None,
         "llama_sdpa_layers": n_swapped,
+        "embedding_table_dtype": embedding_dtype,
         "quantization": quant_info,
         "timings": {k: round(v, 2) for k, v in timings.items()},
     }

@@ -4,7 +4,9 @@
 //                    lookups (vpshufb / tbl) on the bf16 or fp16 LUT, fp32 multiply-adds, s and z applied per group;
 //   decode otherwise: per (row, group) the 16 dequantised values t[c] = lut * s + z are built once (exact, as the
 //                    reference dequantises), then a table lookup + multiply-add per weight;
-//   prefill (M > 1): each row of W is dequantised once into an fp32 scratch row, then dotted with every x row.
+//   prefill (M > 1): 16 rows of W at a time dequantised exactly into a k-major fp32 panel, then a 6 x 16
+//                    register-tiled multiply with fused multiply-adds (the one-hot contract still holds:
+//                    fma(1, w, 0) = w and fma(0, w', acc) = acc).
 // Blocks of rows go to ExecuTorch's threadpool. Build with -ffp-contract=off so t[c] keeps its two roundings.
 #include "any4_linear.h"
 
@@ -39,17 +41,44 @@ inline void group_table(const float* lut_row, float s, float z, float* t) {
   }
 }
 
-// Dequantise row i of W into w[K].
+// Dequantise row i of W into w[j * stride], j < K.
 void dequant_row(const uint8_t* qrow, const float* lut_row, const float* srow, const float* zrow, int64_t K,
-                 int64_t g, float* w) {
+                 int64_t g, float* w, int64_t stride) {
   float t[16];
   for (int64_t j0 = 0; j0 < K; j0 += g) {
     group_table(lut_row, srow[j0 / g], zrow[j0 / g], t);
     for (int64_t j = j0; j < j0 + g; j += 2) {
       const uint8_t b = qrow[j / 2];
-      w[j] = t[b & 15];
-      w[j + 1] = t[b >> 4];
+      w[j * stride] = t[b & 15];
+      w[(j + 1) * stride] = t[b >> 4];
     }
+  }
+}
+
+// y[m0 + i, n0 + c] = x[m0 + i, :] . panel[:, c] for i < MR, c < nr (panel: K x 16, k-major).
+template <int MR>
+void panel_tile(const float* x, int64_t K, const float* panel, int64_t m0, float* y, int64_t N, int64_t n0,
+                int64_t nr) {
+  v8f acc[MR][2];
+  const float* xr[MR];
+  for (int i = 0; i < MR; ++i) {
+    acc[i][0] = acc[i][1] = v8f{0, 0, 0, 0, 0, 0, 0, 0};
+    xr[i] = x + (m0 + i) * K;
+  }
+  for (int64_t k = 0; k < K; ++k) {
+    const v8f p0 = load8(panel + k * 16), p1 = load8(panel + k * 16 + 8);
+    for (int i = 0; i < MR; ++i) {
+      const float xv = xr[i][k];
+      const v8f bx = {xv, xv, xv, xv, xv, xv, xv, xv};
+      acc[i][0] = fma8(bx, p0, acc[i][0]);
+      acc[i][1] = fma8(bx, p1, acc[i][1]);
+    }
+  }
+  for (int i = 0; i < MR; ++i) {
+    float out[16];
+    store8(out, acc[i][0]);
+    store8(out + 8, acc[i][1]);
+    std::copy(out, out + nr, y + (m0 + i) * N + n0);
   }
 }
 
@@ -187,39 +216,28 @@ void any4_linear_f32(const float* x, const uint8_t* qweight, const float* lut, c
     });
     return;
   }
-  // Prefill: dequantise NR rows of W at a time (exact), then a 4 x NR register tile of x rows x W rows: each
-  // loaded x vector feeds NR multiply-adds and each W vector 4.
-  constexpr int64_t NR = 2, MR = 4;
-  parallel_dynamic((N + NR - 1) / NR, 8, [&](int64_t b, int64_t e) {
-    std::vector<float> w(NR * K);
-    for (int64_t tile = b; tile < e; ++tile) {
-      const int64_t i0 = tile * NR, nr = std::min(NR, N - i0);
+  // Prefill: per panel of 16 output rows, dequantise W[n0:n0+16, :] exactly into a k-major panel P[K][16], then
+  // y[m, n0:n0+16] = sum_k x[m, k] * P[k, :] in register tiles of up to 6 x rows x 16 outputs: each step loads two
+  // panel vectors, broadcasts one x value per row and does 2 fused multiply-adds per row (12 accumulators).
+  constexpr int64_t NP = 16;
+  parallel_dynamic((N + NP - 1) / NP, 1, [&](int64_t b, int64_t e) {
+    std::vector<float> panel(K * NP);
+    for (int64_t p = b; p < e; ++p) {
+      const int64_t n0 = p * NP, nr = std::min(NP, N - n0);
+      if (nr < NP) std::fill(panel.begin(), panel.end(), 0.0f);
       for (int64_t r = 0; r < nr; ++r)
-        dequant_row(qweight + (i0 + r) * (K / 2), lut + (i0 + r) * 16, scales + (i0 + r) * G,
-                    zeros + (i0 + r) * G, K, g, w.data() + r * K);
-      if (nr < NR) std::fill(w.begin() + nr * K, w.end(), 0.0f);
+        dequant_row(qweight + (n0 + r) * (K / 2), lut + (n0 + r) * 16, scales + (n0 + r) * G,
+                    zeros + (n0 + r) * G, K, g, panel.data() + r, NP);
       int64_t m = 0;
-      for (; m + MR <= M; m += MR) {
-        v8f acc[MR][NR] = {};
-        const float* xr[MR] = {x + m * K, x + (m + 1) * K, x + (m + 2) * K, x + (m + 3) * K};
-        int64_t j = 0;
-        for (; j + 8 <= K; j += 8) {
-          const v8f w0 = load8(w.data() + j), w1 = load8(w.data() + K + j);
-          for (int64_t mm = 0; mm < MR; ++mm) {
-            const v8f xv = load8(xr[mm] + j);
-            acc[mm][0] += xv * w0;
-            acc[mm][1] += xv * w1;
-          }
-        }
-        for (int64_t mm = 0; mm < MR; ++mm)
-          for (int64_t r = 0; r < nr; ++r) {
-            float sum = hsum8(acc[mm][r]);
-            for (int64_t jj = j; jj < K; ++jj) sum += xr[mm][jj] * w[r * K + jj];
-            y[(m + mm) * N + i0 + r] = sum;
-          }
+      for (; m + 6 <= M; m += 6) panel_tile<6>(x, K, panel.data(), m, y, N, n0, nr);
+      switch (M - m) {
+        case 5: panel_tile<5>(x, K, panel.data(), m, y, N, n0, nr); break;
+        case 4: panel_tile<4>(x, K, panel.data(), m, y, N, n0, nr); break;
+        case 3: panel_tile<3>(x, K, panel.data(), m, y, N, n0, nr); break;
+        case 2: panel_tile<2>(x, K, panel.data(), m, y, N, n0, nr); break;
+        case 1: panel_tile<1>(x, K, panel.data(), m, y, N, n0, nr); break;
+        default: break;
       }
-      for (; m < M; ++m)
-        for (int64_t r = 0; r < nr; ++r) y[m * N + i0 + r] = dot(x + m * K, w.data() + r * K, K);
     }
   });
 }

@@ -10,6 +10,12 @@
 
 #include <executorch/runtime/kernel/thread_parallel_interface.h>
 
+#if defined(__FMA__)
+#include <immintrin.h>
+#elif defined(__aarch64__)
+#include <arm_neon.h>
+#endif
+
 namespace pocketllm {
 
 typedef float v8f __attribute__((vector_size(32)));
@@ -23,6 +29,25 @@ inline v8f load8(const float* p) {
 }
 
 inline void store8(float* p, v8f v) { std::memcpy(p, &v, sizeof(v)); }
+
+// a * b + c with one rounding where the ISA has it. Explicit, so it holds in files built with -ffp-contract=off
+// (any4_linear.cpp, where dequantised values must keep two roundings but the dot products may fuse).
+inline v8f fma8(v8f a, v8f b, v8f c) {
+#if defined(__FMA__)
+  return (v8f)_mm256_fmadd_ps((__m256)a, (__m256)b, (__m256)c);
+#elif defined(__aarch64__)
+  float32x4_t a2[2], b2[2], c2[2];
+  std::memcpy(a2, &a, sizeof(a));
+  std::memcpy(b2, &b, sizeof(b));
+  std::memcpy(c2, &c, sizeof(c));
+  c2[0] = vfmaq_f32(c2[0], a2[0], b2[0]);
+  c2[1] = vfmaq_f32(c2[1], a2[1], b2[1]);
+  std::memcpy(&c, c2, sizeof(c));
+  return c;
+#else
+  return a * b + c;
+#endif
+}
 
 inline float hsum8(v8f v) {
   return ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7]));

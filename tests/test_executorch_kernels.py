@@ -103,7 +103,7 @@ def test_lightning_matches_reference(kernels, B, T, H, D, block):
 
 
 @pytest.mark.parametrize("M,N,K,g", [(1, 64, 128, 128), (1, 96, 256, 32), (5, 64, 256, 64), (1, 33, 48, 16),
-                                     (3, 17, 20, 2)])
+                                     (3, 17, 20, 2), (13, 37, 256, 64), (6, 16, 128, 128), (128, 48, 512, 128)])
 def test_any4_linear_matches_reference(kernels, M, N, K, g):
     gen = torch.Generator().manual_seed(N)
     x = torch.randn(M, K, generator=gen)

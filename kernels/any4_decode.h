@@ -18,6 +18,8 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
+#include <vector>
 
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #include <immintrin.h>
@@ -139,14 +141,45 @@ inline float32x4_t widen_high(uint16x8_t v) {
 }
 #endif
 
+template <Lut kind, typename SZ>
+float row_dot(const uint8_t* qrow, const uint16_t* lut16, const SZ* srow, const SZ* zrow, const float* xp,
+              const float* xsum, int64_t K, int64_t g);
+
+// More than 64 fp16 scales per row (K / g > 64): widen them into heap buffers, then the fp32-scale path.
+template <Lut kind, typename SZ>
+float row_dot_wide_groups(const uint8_t* qrow, const uint16_t* lut16, const SZ* srow, const SZ* zrow,
+                          const float* xp, const float* xsum, int64_t K, int64_t g) {
+  std::vector<float> s(K / g), z(K / g);
+  for (int64_t i = 0; i < K / g; ++i) s[i] = to_f32(srow[i]), z[i] = to_f32(zrow[i]);
+  return row_dot<kind, float>(qrow, lut16, s.data(), z.data(), xp, xsum, K, g);
+}
+
 // One output: qrow = K/2 code bytes (low nibble = even column), lut16 = the row's 16 entries (fp16 or bf16 bits, as kind says), srow/zrow = the
 // row's K/g scales and zeros (fp32, or fp16 bits), xp = permute_x(x, kind), xsum[G] = per-group sums of x.
 template <Lut kind, typename SZ>
 inline float row_dot(const uint8_t* qrow, const uint16_t* lut16, const SZ* srow, const SZ* zrow, const float* xp,
                      const float* xsum, int64_t K, int64_t g) {
-  float zterm = 0.0f;
-  for (int64_t gi = 0; gi < K / g; ++gi) zterm += to_f32(zrow[gi]) * xsum[gi];
 #if defined(POCKETLLM_ANY4_DECODE_AVX2)
+  // The row's scales and zeros widened once, eight at a time (a scalar fp16 conversion per group costs as much as
+  // a quarter of the group's inner loop on Zen 3).
+  const int64_t G = K / g;
+  constexpr int64_t kMaxG = 64;
+  alignas(32) float sbuf[kMaxG], zbuf[kMaxG];
+  const float *sf = sbuf, *zf = zbuf;
+  if constexpr (std::is_same_v<SZ, float>) {
+    sf = srow, zf = zrow;
+  } else if (G <= kMaxG) {
+    int64_t i = 0;
+    for (; i + 8 <= G; i += 8) {
+      _mm256_store_ps(sbuf + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(srow + i))));
+      _mm256_store_ps(zbuf + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(zrow + i))));
+    }
+    for (; i < G; ++i) sbuf[i] = to_f32(srow[i]), zbuf[i] = to_f32(zrow[i]);
+  } else {
+    return row_dot_wide_groups<kind>(qrow, lut16, srow, zrow, xp, xsum, K, g);
+  }
+  float zterm = 0.0f;
+  for (int64_t gi = 0; gi < G; ++gi) zterm += zf[gi] * xsum[gi];
   // Byte planes, each duplicated into both 128-bit lanes (vpshufb looks up within a lane).
   const __m256i ctrl = _mm256_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15,
                                         0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
@@ -177,13 +210,15 @@ inline float row_dot(const uint8_t* qrow, const uint16_t* lut16, const SZ* srow,
       }
     }
     const __m256 a = _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3));
-    acc = _mm256_fmadd_ps(_mm256_set1_ps(to_f32(srow[gi])), a, acc);
+    acc = _mm256_fmadd_ps(_mm256_broadcast_ss(sf + gi), a, acc);
   }
   __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
   s4 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
   s4 = _mm_add_ss(s4, _mm_movehdup_ps(s4));
   return _mm_cvtss_f32(s4) + zterm;
 #elif defined(POCKETLLM_ANY4_DECODE_NEON)
+  float zterm = 0.0f;
+  for (int64_t gi = 0; gi < K / g; ++gi) zterm += to_f32(zrow[gi]) * xsum[gi];
   const uint8x16x2_t planes = vld2q_u8(reinterpret_cast<const uint8_t*>(lut16));  // [0] low bytes, [1] high bytes
   const uint8x16_t m0f = vdupq_n_u8(0x0F);
   float32x4_t acc = vdupq_n_f32(0.0f);
@@ -210,6 +245,8 @@ inline float row_dot(const uint8_t* qrow, const uint16_t* lut16, const SZ* srow,
   }
   return vaddvq_f32(acc) + zterm;
 #else
+  float zterm = 0.0f;
+  for (int64_t gi = 0; gi < K / g; ++gi) zterm += to_f32(zrow[gi]) * xsum[gi];
   float t[16];
   for (int c = 0; c < 16; ++c) t[c] = kind == Lut::kFp16 ? half_to_float(lut16[c]) : bf16_to_float(lut16[c]);
   float y = 0.0f;

@@ -131,6 +131,9 @@ int main() {
       test_row_dot<Lut::kBf16, float>(K, g, static_cast<uint32_t>(K * 13 + g));
       test_row_dot<Lut::kBf16, uint16_t>(K, g, static_cast<uint32_t>(K * 17 + g));
     }
+  // More than 64 groups per row (K / g = 128): the fp16-scale path widens them on the heap.
+  test_row_dot<Lut::kBf16, uint16_t>(4096, 32, 99);
+  test_row_dot<Lut::kFp16, uint16_t>(4096, 32, 101);
 #if defined(POCKETLLM_ANY4_DECODE_AVX2)
   const char* isa = "avx2";
 #elif defined(POCKETLLM_ANY4_DECODE_NEON)

@@ -149,15 +149,17 @@ def main() -> None:
                 print(f"{n}: skip context {c} (max_context {r.max_context})", flush=True)
                 continue
             active.append(n)
-        got = {n: ([], [], 0) for n in active}
+        prefill = {n: [] for n in active}
+        decode = {n: [] for n in active}
+        prompt_len = {}
         for rnd in range(args.rounds):
             for n in active:
-                P, pre, dec = sample(runners[n], c, args.prefill_tokens, args.decode_steps, vocab_of[n], rnd)
-                got[n][0].append(pre)
-                got[n][1].extend(dec)
-                got[n] = (got[n][0], got[n][1], P)
+                prompt_len[n], pre, dec = sample(runners[n], c, args.prefill_tokens, args.decode_steps, vocab_of[n],
+                                                 rnd)
+                prefill[n].append(pre)
+                decode[n].extend(dec)
         for n in active:
-            r = summarize(c, got[n][2], got[n][0], got[n][1])
+            r = summarize(c, prompt_len[n], prefill[n], decode[n])
             rows[n].append(r)
             print(f"{n:>12} ctx {c:>6}: prefill {r['prefill_tok_s']:8.1f} tok/s  decode {r['decode_tok_s']:7.2f} "
                   f"tok/s", flush=True)

@@ -19,7 +19,6 @@
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
-#include <vector>
 
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #include <immintrin.h>
@@ -141,31 +140,19 @@ inline float32x4_t widen_high(uint16x8_t v) {
 }
 #endif
 
-template <Lut kind, typename SZ>
-float row_dot(const uint8_t* qrow, const uint16_t* lut16, const SZ* srow, const SZ* zrow, const float* xp,
-              const float* xsum, int64_t K, int64_t g);
-
-// More than 64 fp16 scales per row (K / g > 64): widen them into heap buffers, then the fp32-scale path.
-template <Lut kind, typename SZ>
-float row_dot_wide_groups(const uint8_t* qrow, const uint16_t* lut16, const SZ* srow, const SZ* zrow,
-                          const float* xp, const float* xsum, int64_t K, int64_t g) {
-  std::vector<float> s(K / g), z(K / g);
-  for (int64_t i = 0; i < K / g; ++i) s[i] = to_f32(srow[i]), z[i] = to_f32(zrow[i]);
-  return row_dot<kind, float>(qrow, lut16, s.data(), z.data(), xp, xsum, K, g);
-}
-
-// One output: qrow = K/2 code bytes (low nibble = even column), lut16 = the row's 16 entries (fp16 or bf16 bits, as kind says), srow/zrow = the
-// row's K/g scales and zeros (fp32, or fp16 bits), xp = permute_x(x, kind), xsum[G] = per-group sums of x.
+// One output: qrow = K/2 code bytes (low nibble = even column), lut16 = the row's 16 entries (fp16 or bf16 bits,
+// as kind says), srow/zrow = the row's K/g scales and zeros (fp32, or fp16 bits), xp = permute_x(x, kind),
+// xsum[G] = per-group sums of x.
 template <Lut kind, typename SZ>
 inline float row_dot(const uint8_t* qrow, const uint16_t* lut16, const SZ* srow, const SZ* zrow, const float* xp,
                      const float* xsum, int64_t K, int64_t g) {
 #if defined(POCKETLLM_ANY4_DECODE_AVX2)
-  // The row's scales and zeros widened once, eight at a time (a scalar fp16 conversion per group costs as much as
-  // a quarter of the group's inner loop on Zen 3).
+  // fp16 scales and zeros of up to 64 groups are widened once per row, eight at a time (a scalar fp16 conversion per
+  // group costs as much as a quarter of the group's inner loop on Zen 3); rows with more groups widen per group.
   const int64_t G = K / g;
   constexpr int64_t kMaxG = 64;
   alignas(32) float sbuf[kMaxG], zbuf[kMaxG];
-  const float *sf = sbuf, *zf = zbuf;
+  const float *sf = nullptr, *zf = nullptr;
   if constexpr (std::is_same_v<SZ, float>) {
     sf = srow, zf = zrow;
   } else if (G <= kMaxG) {
@@ -175,11 +162,10 @@ inline float row_dot(const uint8_t* qrow, const uint16_t* lut16, const SZ* srow,
       _mm256_store_ps(zbuf + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(zrow + i))));
     }
     for (; i < G; ++i) sbuf[i] = to_f32(srow[i]), zbuf[i] = to_f32(zrow[i]);
-  } else {
-    return row_dot_wide_groups<kind>(qrow, lut16, srow, zrow, xp, xsum, K, g);
+    sf = sbuf, zf = zbuf;
   }
   float zterm = 0.0f;
-  for (int64_t gi = 0; gi < G; ++gi) zterm += zf[gi] * xsum[gi];
+  for (int64_t gi = 0; gi < G; ++gi) zterm += (zf ? zf[gi] : to_f32(zrow[gi])) * xsum[gi];
   // Byte planes, each duplicated into both 128-bit lanes (vpshufb looks up within a lane).
   const __m256i ctrl = _mm256_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15,
                                         0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
@@ -193,7 +179,8 @@ inline float row_dot(const uint8_t* qrow, const uint16_t* lut16, const SZ* srow,
     __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
     for (int64_t j = j0; j < j0 + g; j += 32) {
       // 16 code bytes in both lanes; low lane keeps the low nibbles, high lane the high nibbles (shift by 4 there).
-      const __m256i bytes = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qrow + j / 2)));
+      const __m256i bytes =
+          _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qrow + j / 2)));
       const __m256i codes = _mm256_and_si256(_mm256_srlv_epi64(bytes, _mm256_setr_epi64x(0, 0, 4, 4)), m0f);
       const __m256i b0 = _mm256_shuffle_epi8(L0, codes), b1 = _mm256_shuffle_epi8(L1, codes);
       const __m256i ha = _mm256_unpacklo_epi8(b0, b1), hb = _mm256_unpackhi_epi8(b0, b1);
@@ -210,7 +197,7 @@ inline float row_dot(const uint8_t* qrow, const uint16_t* lut16, const SZ* srow,
       }
     }
     const __m256 a = _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3));
-    acc = _mm256_fmadd_ps(_mm256_broadcast_ss(sf + gi), a, acc);
+    acc = _mm256_fmadd_ps(_mm256_set1_ps(sf ? sf[gi] : to_f32(srow[gi])), a, acc);
   }
   __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
   s4 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));

@@ -128,14 +128,11 @@ class MiniMaxReferenceModel:
                 s.fill(0.0)
 
     def _check_call(self, tokens, start_pos) -> tuple[np.ndarray, int]:
-        tokens, start_pos = check_tokens(tokens, start_pos, self.spec.vocab_size)
+        tokens, start_pos = check_tokens(tokens, start_pos, self.spec.vocab_size, self.max_context)
         if start_pos not in (0, self.length):
             raise PocketllmError(f"forward: start_pos {start_pos} must be 0 (new sequence) or {self.length} "
                                  "(continue): lightning layers keep a running state that cannot rewind")
-        if start_pos + tokens.size > self.max_context:
-            raise PocketllmError(f"forward: {start_pos} cached + {tokens.size} new tokens exceed max_context "
-                                 f"{self.max_context}; reset() or build the model with a larger max_context")
-        return tokens.astype(np.int64), start_pos
+        return tokens, start_pos
 
     def forward(self, tokens, start_pos: int) -> np.ndarray:
         """tokens int [T] at positions start_pos .. start_pos + T - 1 -> logits float32 [T, vocab]."""

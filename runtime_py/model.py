@@ -42,8 +42,9 @@ def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
     return x / np.sqrt(ms + np.float32(eps)) * weight
 
 
-def check_tokens(tokens, start_pos, vocab_size: int) -> tuple[np.ndarray, int]:
-    """Validate one forward call's inputs: a non-empty 1-D int array of ids in [0, vocab) and an integer start."""
+def check_tokens(tokens, start_pos, vocab_size: int, max_context: int) -> tuple[np.ndarray, int]:
+    """Validate one forward call's inputs: a non-empty 1-D int array of ids in [0, vocab), an integer start, and
+    room in a cache of max_context positions. Returns (int64 tokens, start)."""
     tokens = np.asarray(tokens)
     if tokens.ndim != 1 or tokens.size == 0 or not np.issubdtype(tokens.dtype, np.integer):
         raise PocketllmError(f"forward: tokens must be a non-empty 1-D integer array (got dtype {tokens.dtype}, "
@@ -53,7 +54,11 @@ def check_tokens(tokens, start_pos, vocab_size: int) -> tuple[np.ndarray, int]:
                              f"(got {int(tokens.min())} .. {int(tokens.max())})")
     if isinstance(start_pos, bool) or not isinstance(start_pos, (int, np.integer)):
         raise PocketllmError(f"forward: start_pos must be an integer (got {start_pos!r})")
-    return tokens, int(start_pos)
+    start_pos = int(start_pos)
+    if start_pos + tokens.size > max_context:
+        raise PocketllmError(f"forward: {start_pos} cached + {tokens.size} new tokens exceed max_context "
+                             f"{max_context}; reset() or build the model with a larger max_context")
+    return tokens.astype(np.int64), start_pos
 
 
 # --------------------------------------------------------------------------------------------------- weights
@@ -166,14 +171,11 @@ class ReferenceModel:
 
     # ------------------------------------------------------------------------------------------- forward
     def _check_call(self, tokens, start_pos) -> tuple[np.ndarray, int]:
-        tokens, start_pos = check_tokens(tokens, start_pos, self.spec.vocab_size)
+        tokens, start_pos = check_tokens(tokens, start_pos, self.spec.vocab_size, self.max_context)
         if not 0 <= start_pos <= self.length:
             raise PocketllmError(f"forward: start_pos {start_pos} must be between 0 and the {self.length} cached "
                                  "tokens (positions cannot be skipped)")
-        if start_pos + tokens.size > self.max_context:
-            raise PocketllmError(f"forward: {start_pos} cached + {tokens.size} new tokens exceed max_context "
-                                 f"{self.max_context}; reset() or build the model with a larger max_context")
-        return tokens.astype(np.int64), start_pos
+        return tokens, start_pos
 
     def forward(self, tokens, start_pos: int) -> np.ndarray:
         """Run T new tokens at positions start_pos .. start_pos + T - 1 and append them to the KV cache.

@@ -56,3 +56,15 @@ def tiny_copy(tiny_dirs, tmp_path):
         return dst
 
     return make
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models run ~3x faster on one torch thread on a busy 2-core CPU (no effect on results beyond rounding).
+    Use with `pytestmark = pytest.mark.usefixtures("one_torch_thread")`."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -23,13 +23,7 @@ OP = torch.ops.pocketllm.lightning_attention
 H, D = 3, 8
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run ~3x faster on one thread on a busy CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def qkv(T: int, seed: int = 0, batch: int = 1) -> tuple[torch.Tensor, ...]:

@@ -33,13 +33,7 @@ PROMPTS = {"short": 5, "one_block": BLOCK, "three_blocks_ragged": 3 * BLOCK + 3}
 TOL = 1e-4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run ~3x faster on one thread on a busy CPU (no effect on results beyond rounding)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def hf_config(**overrides):

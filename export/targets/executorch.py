@@ -154,7 +154,7 @@ def any4_luts_to_bf16(model: nn.Module) -> dict[str, int]:
             exact = torch.equal(as_bf16.to(torch.float32), m.lut.to(torch.float32))
             if exact:
                 m.lut = as_bf16  # replaces the registered buffer
-            key = "bf16" if exact else str(m.lut.dtype).removeprefix("torch.").replace("float16", "fp16")
+            key = "bf16" if exact else {torch.float16: "fp16", torch.float32: "fp32"}.get(m.lut.dtype, str(m.lut.dtype))
             counts[key] = counts.get(key, 0) + 1
     return counts
 

@@ -38,7 +38,7 @@ def peak_rss_mib() -> float:
 
 class PteRunner:
     def __init__(self, bundle: Path, threads: int):
-        from runtime_py.executorch_runner import ExecutorchEngine
+        from pocketllm.runtime_py.executorch_runner import ExecutorchEngine
 
         t0 = time.perf_counter()
         self.engine = ExecutorchEngine(bundle, verify=False, threads=threads)
@@ -58,7 +58,7 @@ class EagerRunner:
     def __init__(self, checkpoint: Path, threads: int, max_context: int):
         import torch
 
-        from export.nn import load_model
+        from pocketllm.export.nn import load_model
 
         torch.set_num_threads(threads)
         t0 = time.perf_counter()

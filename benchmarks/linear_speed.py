@@ -35,10 +35,10 @@ def build_programs(n: int, k: int, group_size: int, tmp: Path) -> dict[str, Path
     import torch
     from torch import nn
 
-    from export.nn.quant_linear import Any4Linear
-    from export.quant import any4 as any4q
-    from export.quant.format import TensorQuant
-    from export.targets import executorch as et
+    from pocketllm.export.nn.quant_linear import Any4Linear
+    from pocketllm.export.quant import any4 as any4q
+    from pocketllm.export.quant.format import TensorQuant
+    from pocketllm.export.targets import executorch as et
 
     class One(nn.Module):
         def __init__(self, lin: nn.Module):
@@ -81,7 +81,7 @@ def main() -> None:
     import torch
     from executorch.runtime import Runtime
 
-    from runtime_py.executorch_runner import load_kernel_library, set_threads
+    from pocketllm.runtime_py.executorch_runner import load_kernel_library, set_threads
 
     torch.set_num_threads(1)
     load_kernel_library(needed=["pocketllm::any4_linear.out"])

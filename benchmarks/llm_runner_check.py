@@ -22,8 +22,8 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=64)
     args = ap.parse_args()
 
-    from export.bundle import read_manifest
-    from runtime_py.executorch_runner import load_kernel_library, load_llama_ops
+    from pocketllm.export.bundle import read_manifest
+    from pocketllm.runtime_py.executorch_runner import load_kernel_library, load_llama_ops
 
     manifest = read_manifest(args.bundle)
     target = manifest["targets"]["executorch"]
@@ -39,7 +39,7 @@ def main() -> None:
     runner.generate(args.prompt, GenerationConfig(echo=False, max_new_tokens=args.max_new_tokens, temperature=0.0,
                                                   num_bos=num_bos), token_callback=pieces.append)
     theirs = args.prompt + "".join(pieces)
-    proc = subprocess.run([sys.executable, "-m", "export.cli.main", "generate", "--engine", "executorch", "--bundle",
+    proc = subprocess.run([sys.executable, "-m", "pocketllm.export.cli.main", "generate", "--engine", "executorch", "--bundle",
                            str(args.bundle), "--prompt", args.prompt, "--greedy", "--max-new-tokens",
                            str(args.max_new_tokens)], capture_output=True, text=True, cwd=REPO)
     ours = proc.stdout.rsplit("\n", 2)[0]  # prompt + continuation; the last line is the speed

@@ -34,12 +34,12 @@ from rich.table import Table  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from export.checkpoint import open_checkpoint  # noqa: E402
-from export.cli.engines import make_engine  # noqa: E402
-from export.cli.run import perplexity_of  # noqa: E402
-from export.quant.calibrate import ACT_STATS, DEFAULT_ACT_STAT  # noqa: E402
-from export.quant.quantize import quantize_checkpoint  # noqa: E402
-from export.tokenizer import load_tokenizer  # noqa: E402
+from pocketllm.export.checkpoint import open_checkpoint  # noqa: E402
+from pocketllm.export.cli.engines import make_engine  # noqa: E402
+from pocketllm.export.cli.run import perplexity_of  # noqa: E402
+from pocketllm.export.quant.calibrate import ACT_STATS, DEFAULT_ACT_STAT  # noqa: E402
+from pocketllm.export.quant.quantize import quantize_checkpoint  # noqa: E402
+from pocketllm.export.tokenizer import load_tokenizer  # noqa: E402
 
 CONFIGS = [  # (label, scheme, group size)
     ("fp32", None, None),

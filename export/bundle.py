@@ -15,8 +15,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from export.errors import PocketllmError
-from export.spec import ModelSpec
+from pocketllm.export.errors import PocketllmError
+from pocketllm.export.spec import ModelSpec
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
-from export.errors import PocketllmError
-from export.spec import ModelSpec, spec_from_config
+from pocketllm.export.errors import PocketllmError
+from pocketllm.export.spec import ModelSpec, spec_from_config
 
 CONFIG = "config.json"
 SINGLE_FILE = "model.safetensors"
@@ -276,7 +276,7 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
     # -- quantization hook: packed tensors replace quantized weights (export/quant/format.py, docs/quantization.md)
     quantization, packed_dtypes = None, {}
     if "quantization_config" in config:
-        from export.quant.format import parse_quantization
+        from pocketllm.export.quant.format import parse_quantization
 
         quantization = parse_quantization(config["quantization_config"], expected, str(d / CONFIG))
         expected, packed_dtypes = quantization.expected(expected), quantization.packed_dtypes

@@ -16,10 +16,10 @@ from typing import Iterable, Iterator
 
 import torch
 
-from export.checkpoint import INDEX_FILE, SINGLE_FILE, derived_tensors, expected_tensors
-from export.errors import PocketllmError
-from export.presets import preset_config
-from export.spec import spec_from_config
+from pocketllm.export.checkpoint import INDEX_FILE, SINGLE_FILE, derived_tensors, expected_tensors
+from pocketllm.export.errors import PocketllmError
+from pocketllm.export.presets import preset_config
+from pocketllm.export.spec import spec_from_config
 
 # A short mixed-domain text: trains the throwaway tokenizers of random checkpoints (and calibrates quantizers).
 BUILTIN_TEXT = """\
@@ -167,7 +167,7 @@ def derived_values(spec) -> dict[str, torch.Tensor]:
     MiniMax lightning layers: slope_rate s [H,1,1]; for r = 1..B: query_decay exp(-s r), key_decay exp(-s (B - r)),
     diagonal_decay exp(-s (r_i - r_j)) where r_i >= r_j, else 0.
     """
-    from export.ops.lightning_attention import lightning_decay_rates
+    from pocketllm.export.ops.lightning_attention import lightning_decay_rates
 
     shapes = derived_tensors(spec)
     out: dict[str, torch.Tensor] = {}

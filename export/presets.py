@@ -6,7 +6,7 @@ lightning + softmax layers) at sizes a test runs in milliseconds.
 
 from __future__ import annotations
 
-from export.errors import PocketllmError
+from pocketllm.export.errors import PocketllmError
 
 SPARSE_UPSTREAM = {"kernel_size": 32, "kernel_stride": 16, "init_blocks": 1, "block_size": 64, "window_size": 2048,
                    "topk": 64, "use_nope": False, "dense_len": 8192}

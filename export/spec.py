@@ -11,7 +11,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from export.errors import PocketllmError
+from pocketllm.export.errors import PocketllmError
 
 FAMILIES = ("minicpm4", "smallthinker", "minimax")
 MODEL_TYPE_TO_FAMILY = {"minicpm": "minicpm4", "minicpm4": "minicpm4", "smallthinker": "smallthinker"}
@@ -410,4 +410,4 @@ def spec_from_config(raw: Any, where: str = "config.json") -> ModelSpec:
 
 
 # Families that live in their own module register themselves through `register_family` on import.
-from export.families import minimax as _minimax  # noqa: E402,F401  (model_type "minimax": lightning hybrids)
+from pocketllm.export.families import minimax as _minimax  # noqa: E402,F401  (model_type "minimax": lightning hybrids)

@@ -6,7 +6,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from export.errors import PocketllmError
+from pocketllm.export.errors import PocketllmError
 
 
 @dataclass

@@ -4,7 +4,7 @@ Model math in numpy only, written from shared/docs/MODELS.md and docs/infllm_v2.
 export/ but the spec reader (export.spec) and the checkpoint validator (export.checkpoint).
 """
 
-from runtime_py.generate import GenerationResult, generate
-from runtime_py.model import ReferenceModel
+from pocketllm.runtime_py.generate import GenerationResult, generate
+from pocketllm.runtime_py.model import ReferenceModel
 
 __all__ = ["GenerationResult", "ReferenceModel", "generate"]

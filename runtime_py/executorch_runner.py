@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from export.errors import PocketllmError
+from pocketllm.export.errors import PocketllmError
 
 KERNEL_LIBRARY_ENV = "POCKETLLM_KERNELS"
 REPO = Path(__file__).resolve().parents[1]
@@ -84,7 +84,7 @@ class ExecutorchEngine:
 
     def __init__(self, bundle: str | Path, verify: bool = True, threads: int | None = None,
                  kernel_library: str | Path | None = None):
-        from export.bundle import read_manifest
+        from pocketllm.export.bundle import read_manifest
 
         self.bundle = Path(bundle)
         self.manifest = read_manifest(self.bundle, verify=verify)

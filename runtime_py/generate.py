@@ -14,7 +14,7 @@ from typing import Callable, Protocol, Sequence
 
 import numpy as np
 
-from export.errors import PocketllmError
+from pocketllm.export.errors import PocketllmError
 
 
 class Engine(Protocol):

@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from export.spec import SparseSpec
-from runtime_py.attention import masked_attention, softmax
+from pocketllm.export.spec import SparseSpec
+from pocketllm.runtime_py.attention import masked_attention, softmax
 
 
 def uses_dense_fallback(total_len: int, sparse: SparseSpec) -> bool:

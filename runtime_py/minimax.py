@@ -25,13 +25,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 import numpy as np
 
-from export.errors import PocketllmError
-from export.spec import ModelSpec
-from runtime_py.attention import causal_attention
-from runtime_py.lightning import decay_rates, lightning_attention
-from runtime_py.mlp import route, sigmoid, silu, swiglu
-from runtime_py.model import DEFAULT_MAX_CONTEXT, check_tokens, rms_norm
-from runtime_py.rope import apply_rope, rope_tables
+from pocketllm.export.errors import PocketllmError
+from pocketllm.export.spec import ModelSpec
+from pocketllm.runtime_py.attention import causal_attention
+from pocketllm.runtime_py.lightning import decay_rates, lightning_attention
+from pocketllm.runtime_py.mlp import route, sigmoid, silu, swiglu
+from pocketllm.runtime_py.model import DEFAULT_MAX_CONTEXT, check_tokens, rms_norm
+from pocketllm.runtime_py.rope import apply_rope, rope_tables
 
 
 def _take(weights: dict[str, np.ndarray], name: str, shape: tuple[int, ...]) -> np.ndarray:

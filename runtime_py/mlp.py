@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from runtime_py.attention import softmax
+from pocketllm.runtime_py.attention import softmax
 
 
 def sigmoid(x: np.ndarray) -> np.ndarray:

@@ -26,12 +26,12 @@ from pathlib import Path
 
 import numpy as np
 
-from export.errors import PocketllmError
-from export.spec import LayerSpec, ModelSpec
-from runtime_py.attention import causal_attention
-from runtime_py.infllm import infllm_attention
-from runtime_py.mlp import Expert, moe, swiglu
-from runtime_py.rope import apply_rope, rope_tables
+from pocketllm.export.errors import PocketllmError
+from pocketllm.export.spec import LayerSpec, ModelSpec
+from pocketllm.runtime_py.attention import causal_attention
+from pocketllm.runtime_py.infllm import infllm_attention
+from pocketllm.runtime_py.mlp import Expert, moe, swiglu
+from pocketllm.runtime_py.rope import apply_rope, rope_tables
 
 DEFAULT_MAX_CONTEXT = 4096
 
@@ -150,16 +150,16 @@ class ReferenceModel:
     @classmethod
     def from_checkpoint(cls, path: str | Path, max_context: int | None = None) -> "ReferenceModel":
         """Validate a HF-style checkpoint directory (export.checkpoint) and load its weights as float32."""
-        from export.checkpoint import open_checkpoint
-        from runtime_py.weights import load_weights
+        from pocketllm.export.checkpoint import open_checkpoint
+        from pocketllm.runtime_py.weights import load_weights
 
         ckpt = open_checkpoint(path)
         if ckpt.quantization is not None:  # hook: packed 4/8-bit weights, dequantized by runtime_py/quant.py
-            from runtime_py.quant import quantized_weight_loader
+            from pocketllm.runtime_py.quant import quantized_weight_loader
 
             load_weights = quantized_weight_loader(ckpt.quantization)  # noqa: F811
         if ckpt.spec.family == "minimax":  # hook: lightning hybrids have their own model (runtime_py/minimax.py)
-            from runtime_py.minimax import MiniMaxReferenceModel
+            from pocketllm.runtime_py.minimax import MiniMaxReferenceModel
 
             return MiniMaxReferenceModel(ckpt.spec, load_weights(ckpt.dir, ckpt.weight_map), max_context=max_context)
         return cls(ckpt.spec, load_weights(ckpt.dir, ckpt.weight_map), max_context=max_context)

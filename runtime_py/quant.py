@@ -22,8 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from export.errors import PocketllmError
-from runtime_py.weights import load_weights
+from pocketllm.export.errors import PocketllmError
+from pocketllm.runtime_py.weights import load_weights
 
 NF4 = np.array([-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
                 -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,

@@ -21,7 +21,7 @@ import math
 
 import numpy as np
 
-from export.spec import RopeSpec
+from pocketllm.export.spec import RopeSpec
 
 
 def rope_tables(rope: RopeSpec, max_context: int) -> tuple[np.ndarray, np.ndarray]:

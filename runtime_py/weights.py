@@ -19,7 +19,7 @@ from typing import Iterable
 
 import numpy as np
 
-from export.errors import PocketllmError
+from pocketllm.export.errors import PocketllmError
 
 SUPPORTED_DTYPES = ("F32", "F16", "BF16")
 

@@ -20,10 +20,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from export.init_checkpoint import SPECIALS, atomic_directory, build_tokenizer, write_tokenizer, write_weights
-from export.nn.decoder import CausalLM
-from export.presets import minicpm4_config
-from export.spec import spec_from_config
+from pocketllm.export.init_checkpoint import SPECIALS, atomic_directory, build_tokenizer, write_tokenizer, write_weights
+from pocketllm.export.nn.decoder import CausalLM
+from pocketllm.export.presets import minicpm4_config
+from pocketllm.export.spec import spec_from_config
 
 AUSTEN = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "austen"
 TRAIN_BOOKS = ("sensesensibility.txt", "prideprejudice.txt", "mansfieldpark.txt", "emma.txt", "northangerabbey.txt")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from export.init_checkpoint import init_checkpoint
+from pocketllm.export.init_checkpoint import init_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_AUSTEN = REPO / "models" / "tiny-austen"

@@ -10,8 +10,8 @@ import pytest
 from safetensors.numpy import load_file, save_file
 from typer.testing import CliRunner
 
-from export.cli.main import app
-from export.init_checkpoint import init_checkpoint
+from pocketllm.export.cli.main import app
+from pocketllm.export.init_checkpoint import init_checkpoint
 from tests.conftest import edit_config
 
 runner = CliRunner()

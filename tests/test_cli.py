@@ -8,7 +8,7 @@ import re
 import numpy as np
 from typer.testing import CliRunner
 
-from export.cli.main import app
+from pocketllm.export.cli.main import app
 from tests.conftest import AUSTEN_DATA, TINY_AUSTEN
 
 runner = CliRunner()

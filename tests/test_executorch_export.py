@@ -18,11 +18,11 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from export.cli.main import app
-from export.init_checkpoint import (BUILTIN_TEXT, SPECIALS, atomic_directory, random_tensors, write_tokenizer,
+from pocketllm.export.cli.main import app
+from pocketllm.export.init_checkpoint import (BUILTIN_TEXT, SPECIALS, atomic_directory, random_tensors, write_tokenizer,
                                     write_weights)
-from export.presets import preset_config
-from export.spec import spec_from_config
+from pocketllm.export.presets import preset_config
+from pocketllm.export.spec import spec_from_config
 from tests.test_executorch_kernels import build_kernels
 
 MAX_CONTEXT = 320
@@ -35,7 +35,7 @@ def ascii_tokenizer(vocab_size: int, specials: list[str]):
     valid UTF-8 on its own, which ExecuTorch's runner needs to hand each token piece to Python."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    from export.cli.parity import DEFAULT_PROMPTS
+    from pocketllm.export.cli.parity import DEFAULT_PROMPTS
 
     text = "".join(c for c in BUILTIN_TEXT + " ".join(DEFAULT_PROMPTS) if ord(c) < 128)
     tok = Tokenizer(models.BPE())
@@ -52,7 +52,7 @@ def make_checkpoint(out: Path, config: dict, seed: int, ascii_only: bool = False
     every value exactly a bf16 number, as when a released bf16 checkpoint is loaded."""
     import torch
 
-    from export.init_checkpoint import build_tokenizer
+    from pocketllm.export.init_checkpoint import build_tokenizer
 
     config = dict(config, torch_dtype="float32")
     spec = spec_from_config(config)
@@ -141,7 +141,7 @@ def test_bundle_contents(bundles):
 
 
 def test_constant_methods(bundles):
-    from runtime_py.executorch_runner import ExecutorchEngine
+    from pocketllm.runtime_py.executorch_runner import ExecutorchEngine
 
     ckpt, bundle = bundles["smallthinker"]
     engine = ExecutorchEngine(bundle)
@@ -159,8 +159,8 @@ def test_constant_methods(bundles):
 def test_chunked_prefill_matches_one_call(bundles):
     """Dynamic T: a prompt prefilled in chunks gives the logits of one pass (cache and lightning state); prompts
     longer than the program's T bound (256) are split by the engine."""
-    from runtime_py import ReferenceModel
-    from runtime_py.executorch_runner import ExecutorchEngine
+    from pocketllm.runtime_py import ReferenceModel
+    from pocketllm.runtime_py.executorch_runner import ExecutorchEngine
 
     for name in ("minimax", "minicpm4_infllm"):
         ckpt, bundle = bundles[name]
@@ -177,8 +177,8 @@ def test_chunked_prefill_matches_one_call(bundles):
 def test_infllm_rewind_and_new_sequence_match_reference(bundles):
     """The kernel memoises compressed keys per cache buffer: rewinding (start_pos < cached length) and starting a
     new sequence must invalidate exactly the entries whose cache rows were rewritten."""
-    from runtime_py import ReferenceModel
-    from runtime_py.executorch_runner import ExecutorchEngine
+    from pocketllm.runtime_py import ReferenceModel
+    from pocketllm.runtime_py.executorch_runner import ExecutorchEngine
 
     ckpt, bundle = bundles["minicpm4_infllm"]
     engine = ExecutorchEngine(bundle, verify=False)
@@ -210,7 +210,7 @@ def test_logits_and_generate_cli(bundles, tmp_path):
 
 RUNNER_SCRIPT = """
 import sys
-from runtime_py.executorch_runner import load_kernel_library, load_llama_ops
+from pocketllm.runtime_py.executorch_runner import load_kernel_library, load_llama_ops
 load_llama_ops()
 from executorch.extension.llm.runner import GenerationConfig, TextLLMRunner
 bundle, prompt, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
@@ -305,8 +305,8 @@ def test_max_context_too_large(tiny_dirs, tmp_path):
 
 
 def test_failed_export_leaves_no_bundle(tiny_dirs, tmp_path, monkeypatch):
-    from export.errors import PocketllmError
-    from export.targets import executorch as et
+    from pocketllm.export.errors import PocketllmError
+    from pocketllm.export.targets import executorch as et
 
     def boom(*a, **k):
         raise PocketllmError("lowering failed (injected)")
@@ -336,7 +336,7 @@ def test_sha256_mismatch(bundles, tmp_path):
 def test_missing_kernel_library(bundles):
     """A fresh process whose kernel library path is wrong: one line naming the library and the fix."""
     _, bundle = bundles["minicpm4_infllm"]
-    proc = subprocess.run([sys.executable, "-m", "export.cli.main", "generate", "--engine", "executorch", "--bundle",
+    proc = subprocess.run([sys.executable, "-m", "pocketllm.export.cli.main", "generate", "--engine", "executorch", "--bundle",
                            str(bundle), "--prompt", "x", "--max-new-tokens", "2"],
                           capture_output=True, text=True, env={**__import__("os").environ,
                                                                "POCKETLLM_KERNELS": "/nonexistent/libk.so"})

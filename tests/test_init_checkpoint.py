@@ -8,11 +8,11 @@ import pytest
 from safetensors import safe_open
 from typer.testing import CliRunner
 
-from export.checkpoint import expected_tensors, open_checkpoint
-from export.cli.main import app
-from export.init_checkpoint import init_checkpoint
-from export.presets import PRESETS, preset_config
-from export.spec import spec_from_config
+from pocketllm.export.checkpoint import expected_tensors, open_checkpoint
+from pocketllm.export.cli.main import app
+from pocketllm.export.init_checkpoint import init_checkpoint
+from pocketllm.export.presets import PRESETS, preset_config
+from pocketllm.export.spec import spec_from_config
 
 runner = CliRunner()
 
@@ -63,7 +63,7 @@ def test_refuses_to_overwrite_and_force_replaces(tmp_path):
 
 
 def test_failed_write_leaves_nothing(tmp_path, monkeypatch):
-    import export.init_checkpoint as ic
+    import pocketllm.export.init_checkpoint as ic
 
     def boom(*args, **kwargs):
         raise OSError("disk full")

@@ -10,14 +10,14 @@ import numpy as np
 import pytest
 import torch
 
-import export.ops  # noqa: F401  (registers the ops)
-from export.errors import PocketllmError
-from export.init_checkpoint import init_checkpoint
-from export.nn import load_model
-from export.nn.lightning import LightningAttention
-from export.ops.lightning_attention import lightning_decay_rates
-from runtime_py import ReferenceModel
-from runtime_py.lightning import decay_rates, lightning_attention, lightning_recurrent
+import pocketllm.export.ops  # noqa: F401  (registers the ops)
+from pocketllm.export.errors import PocketllmError
+from pocketllm.export.init_checkpoint import init_checkpoint
+from pocketllm.export.nn import load_model
+from pocketllm.export.nn.lightning import LightningAttention
+from pocketllm.export.ops.lightning_attention import lightning_decay_rates
+from pocketllm.runtime_py import ReferenceModel
+from pocketllm.runtime_py.lightning import decay_rates, lightning_attention, lightning_recurrent
 
 OP = torch.ops.pocketllm.lightning_attention
 H, D = 3, 8
@@ -222,9 +222,9 @@ def test_model_state_of_wrong_shape_is_one_line(tiny_minimax):
 
 def small_minimax(seed: int = 0):
     """A 2-layer minimax CausalLM (lightning + softmax, 2 experts) with random weights: quick to export."""
-    from export.nn import CausalLM
-    from export.presets import preset_config
-    from export.spec import spec_from_config
+    from pocketllm.export.nn import CausalLM
+    from pocketllm.export.presets import preset_config
+    from pocketllm.export.spec import spec_from_config
 
     cfg = preset_config("minimax", "tiny")
     cfg.update(num_hidden_layers=2, layer_types=["linear_attention", "full_attention"], num_local_experts=2,

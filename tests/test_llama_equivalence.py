@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from export.checkpoint import open_checkpoint
-from export.cli.engines import make_engine
-from export.cli.run import run_logits
+from pocketllm.export.checkpoint import open_checkpoint
+from pocketllm.export.cli.engines import make_engine
+from pocketllm.export.cli.run import run_logits
 from tests.conftest import edit_config
 
 transformers = pytest.importorskip("transformers")

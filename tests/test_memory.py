@@ -6,11 +6,11 @@ import json
 import subprocess
 import sys
 
-from export.init_checkpoint import init_checkpoint
+from pocketllm.export.init_checkpoint import init_checkpoint
 
 MEASURE = """
 import json, resource, sys, torch
-from export.nn import load_model
+from pocketllm.export.nn import load_model
 model, ckpt = load_model(sys.argv[1], max_context=256)
 n = sum(p.numel() for p in model.parameters())
 print(json.dumps({"peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "params": n,

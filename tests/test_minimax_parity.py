@@ -18,12 +18,12 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from export.checkpoint import open_checkpoint
-from export.errors import PocketllmError
-from export.init_checkpoint import init_checkpoint
-from export.nn import load_model
-from export.ops.lightning_attention import lightning_decay_rates
-from runtime_py import ReferenceModel
+from pocketllm.export.checkpoint import open_checkpoint
+from pocketllm.export.errors import PocketllmError
+from pocketllm.export.init_checkpoint import init_checkpoint
+from pocketllm.export.nn import load_model
+from pocketllm.export.ops.lightning_attention import lightning_decay_rates
+from pocketllm.runtime_py import ReferenceModel
 
 transformers = pytest.importorskip("transformers")
 hf_minimax = pytest.importorskip("transformers.models.minimax.modeling_minimax")
@@ -191,7 +191,7 @@ def test_sliding_window_on_the_softmax_layers(tmp_path):
 
 def test_config_defaults_are_transformers_defaults(saved):
     """Keys a config.json may omit mean what MiniMaxConfig's defaults mean."""
-    from export.spec import spec_from_config
+    from pocketllm.export.spec import spec_from_config
 
     _, directory = saved
     cfg = json.loads((directory / "config.json").read_text())
@@ -243,7 +243,7 @@ def test_decay_table_of_the_wrong_block_size_is_one_line(saved, tmp_path):
 
 # ----------------------------------------------------------------------------------------------------- CLI
 def test_cli_logits_on_a_transformers_checkpoint(saved, tmp_path):
-    from export.cli.main import app
+    from pocketllm.export.cli.main import app
 
     model, directory = saved
     ids = np.random.default_rng(5).integers(0, 160, BLOCK + 5)
@@ -268,12 +268,12 @@ def test_cli_logits_on_a_transformers_checkpoint(saved, tmp_path):
 
 
 def test_cli_generate_on_init_checkpoint(tmp_path):
-    from export.cli.main import app
+    from pocketllm.export.cli.main import app
 
     directory = init_checkpoint("minimax", "tiny", tmp_path / "tiny", seed=3, dtype="fp32")
     prompt = ("The quick brown fox jumps over the lazy dog. In 1969, Apollo 11 landed on the Moon; "
               "3 + 4 = 7 and the square root of 144 is 12.")
-    from export.tokenizer import load_tokenizer
+    from pocketllm.export.tokenizer import load_tokenizer
 
     assert len(load_tokenizer(directory, 1).encode(prompt)) > 32  # the prefill spans two lightning blocks
     runner = CliRunner()

@@ -10,14 +10,14 @@ import pytest
 from safetensors import safe_open
 from typer.testing import CliRunner
 
-from export.checkpoint import open_checkpoint
-from export.cli.engines import make_engine
-from export.cli.main import app
-from export.cli.run import run_logits
-from export.nn.quant_linear import Any4Linear, Int4Linear, Int8Linear
-from export.ops.any4_linear import any4_dequantize
-from export.quant.quantize import REPORT_FILE, quantize_checkpoint
-from runtime_py.quant import quantized_weight_loader
+from pocketllm.export.checkpoint import open_checkpoint
+from pocketllm.export.cli.engines import make_engine
+from pocketllm.export.cli.main import app
+from pocketllm.export.cli.run import run_logits
+from pocketllm.export.nn.quant_linear import Any4Linear, Int4Linear, Int8Linear
+from pocketllm.export.ops.any4_linear import any4_dequantize
+from pocketllm.export.quant.quantize import REPORT_FILE, quantize_checkpoint
+from pocketllm.runtime_py.quant import quantized_weight_loader
 
 runner = CliRunner()
 # tiny minicpm4: input widths 64 and 160 (group 32 divides both); tiny smallthinker: 64, 96, 48 (group 16)

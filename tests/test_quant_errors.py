@@ -10,8 +10,8 @@ import pytest
 from safetensors.numpy import load_file, save_file
 from typer.testing import CliRunner
 
-from export.cli.main import app
-from export.quant.quantize import quantize_checkpoint
+from pocketllm.export.cli.main import app
+from pocketllm.export.quant.quantize import quantize_checkpoint
 from tests.test_checkpoint_errors import assert_one_line_error
 
 runner = CliRunner()

@@ -7,14 +7,14 @@ import numpy as np
 import pytest
 import torch
 
-from export.errors import PocketllmError
-from export.nn.quant_linear import dequantize_packed
-from export.ops.any4_linear import any4_dequantize
-from export.quant import any4, int4, int8, nf4
-from export.quant.format import TensorQuant
-from export.quant.pack import pack_nibbles, unpack_nibbles
-from export.quant.recipe import default_recipe
-from runtime_py import quant as np_quant
+from pocketllm.export.errors import PocketllmError
+from pocketllm.export.nn.quant_linear import dequantize_packed
+from pocketllm.export.ops.any4_linear import any4_dequantize
+from pocketllm.export.quant import any4, int4, int8, nf4
+from pocketllm.export.quant.format import TensorQuant
+from pocketllm.export.quant.pack import pack_nibbles, unpack_nibbles
+from pocketllm.export.quant.recipe import default_recipe
+from pocketllm.runtime_py import quant as np_quant
 
 
 def test_nibble_order_low_first():
@@ -125,8 +125,8 @@ def test_any4_lut_entries_are_exact_in_fp16_and_bf16():
 
 
 def test_export_carries_lossless_luts_as_bf16():
-    from export.nn.quant_linear import Any4Linear
-    from export.targets.executorch import any4_luts_to_bf16
+    from pocketllm.export.nn.quant_linear import Any4Linear
+    from pocketllm.export.targets.executorch import any4_luts_to_bf16
 
     g = torch.Generator().manual_seed(4)
     layers = torch.nn.ModuleList([Any4Linear(64, 8, TensorQuant("any4", 32)) for _ in range(2)])

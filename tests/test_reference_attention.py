@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from runtime_py.attention import causal_attention, causal_mask, masked_attention, softmax
+from pocketllm.runtime_py.attention import causal_attention, causal_mask, masked_attention, softmax
 
 
 def test_causal_mask_for_a_chunk_after_cached_tokens():
@@ -54,7 +54,7 @@ def test_softmax_of_a_fully_masked_row_is_zero_not_nan():
 
 
 def test_long_prompts_are_processed_in_query_chunks_with_the_same_result(monkeypatch):
-    import runtime_py.attention as attention
+    import pocketllm.runtime_py.attention as attention
 
     rng = np.random.default_rng(0)
     q, k, v = (rng.standard_normal((50, 4, 8)).astype(np.float32),

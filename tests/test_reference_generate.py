@@ -9,9 +9,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from export.errors import PocketllmError
-from runtime_py import generate
-from runtime_py.generate import sample_next
+from pocketllm.export.errors import PocketllmError
+from pocketllm.runtime_py import generate
+from pocketllm.runtime_py.generate import sample_next
 
 V = 10
 

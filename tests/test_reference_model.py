@@ -16,11 +16,11 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from export.errors import PocketllmError
-from export.spec import spec_from_config
-from runtime_py import ReferenceModel, generate
-from runtime_py.rope import rope_tables
-from runtime_py.weights import load_file
+from pocketllm.export.errors import PocketllmError
+from pocketllm.export.spec import spec_from_config
+from pocketllm.runtime_py import ReferenceModel, generate
+from pocketllm.runtime_py.rope import rope_tables
+from pocketllm.runtime_py.weights import load_file
 
 # --------------------------------------------------------------------------------------- tiny checkpoints
 

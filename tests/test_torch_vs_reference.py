@@ -7,13 +7,13 @@ import numpy as np
 import pytest
 import torch
 
-from export.checkpoint import open_checkpoint
-from export.cli.engines import make_engine
-from export.cli.run import run_logits
-from export.ops.infllm_attention import infllm_attention_reference, infllm_block_mask
-from export.spec import SparseSpec
-from runtime_py.generate import generate
-from runtime_py.infllm import infllm_attention as reference_infllm
+from pocketllm.export.checkpoint import open_checkpoint
+from pocketllm.export.cli.engines import make_engine
+from pocketllm.export.cli.run import run_logits
+from pocketllm.export.ops.infllm_attention import infllm_attention_reference, infllm_block_mask
+from pocketllm.export.spec import SparseSpec
+from pocketllm.runtime_py.generate import generate
+from pocketllm.runtime_py.infllm import infllm_attention as reference_infllm
 
 VARIANTS = ["minicpm4_dense", "minicpm4_sparse", "smallthinker_sigmoid", "smallthinker_softmax"]
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn
 
-from export.cli.common import console, user_errors
+from pocketllm.export.cli.common import console, user_errors
 
 
 class Arch(str, Enum):
@@ -37,7 +37,7 @@ def init_checkpoint(
 
 @user_errors
 def _init(arch, preset, out, seed, dtype, force):
-    from export.init_checkpoint import init_checkpoint as write
+    from pocketllm.export.init_checkpoint import init_checkpoint as write
 
     with Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(), TimeRemainingColumn(),
                   console=console, transient=True) as bar:

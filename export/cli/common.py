@@ -11,7 +11,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
-from export.errors import PocketllmError
+from pocketllm.export.errors import PocketllmError
 
 console = Console(stderr=True)
 EXIT_USER_ERROR = 2

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from export.checkpoint import Checkpoint
-from export.errors import PocketllmError
+from pocketllm.export.checkpoint import Checkpoint
+from pocketllm.export.errors import PocketllmError
 
 ENGINES = ("torch", "reference", "executorch")
 
@@ -17,7 +17,7 @@ class TorchEngine:
     def __init__(self, ckpt: Checkpoint, max_context: int | None, dtype: str | None):
         import torch
 
-        from export.nn import load_model
+        from pocketllm.export.nn import load_model
 
         self.torch = torch
         self.model, _ = load_model(ckpt, max_context=max_context, dtype=dtype)
@@ -37,27 +37,27 @@ def open_source(checkpoint, bundle, engine_name: str, threads: int | None = None
     if engine_name == "executorch":
         if bundle is None:
             raise PocketllmError("--engine executorch needs --bundle DIR (a bundle written by `pocketllm export`)")
-        from export.bundle import BundleSource
+        from pocketllm.export.bundle import BundleSource
 
         return BundleSource.open(bundle, threads)
     if bundle is not None:
         raise PocketllmError("--bundle is read by --engine executorch only")
     if checkpoint is None:
         raise PocketllmError(f"--engine {engine_name} needs --checkpoint DIR")
-    from export.checkpoint import open_checkpoint
+    from pocketllm.export.checkpoint import open_checkpoint
 
     return open_checkpoint(checkpoint)
 
 
 def make_engine(name: str, ckpt: Checkpoint, max_context: int | None = None, dtype: str | None = None):
     if name == "executorch":  # ckpt is a BundleSource (open_source); the cache size is the bundle's
-        from runtime_py.executorch_runner import ExecutorchEngine
+        from pocketllm.runtime_py.executorch_runner import ExecutorchEngine
 
         return ExecutorchEngine(ckpt.dir, verify=False, threads=ckpt.threads)
     if name == "torch":
         return TorchEngine(ckpt, max_context, dtype)
     if name == "reference":
-        from runtime_py import ReferenceModel
+        from pocketllm.runtime_py import ReferenceModel
 
         return ReferenceModel.from_checkpoint(ckpt.dir, max_context=max_context)
     raise PocketllmError(f"unknown --engine {name!r} (expected one of: {', '.join(ENGINES)})")

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import typer
 
-from export.cli.common import console, set_threads, user_errors
-from export.errors import PocketllmError
+from pocketllm.export.cli.common import console, set_threads, user_errors
+from pocketllm.export.errors import PocketllmError
 
 
 class Quant(str, Enum):
@@ -86,7 +86,7 @@ def quantized_source(ckpt, scheme: str, out: Path, group_size: int | None, calib
     """The checkpoint to export for --quant SCHEME: itself when already quantized that way, else a quantized copy
     written by export/quant beside the bundle (OUT.SCHEME-checkpoint), which parity's reference then loads.
     Returns (checkpoint, directory created here or None)."""
-    from export.checkpoint import open_checkpoint
+    from pocketllm.export.checkpoint import open_checkpoint
 
     have = ckpt.quantization.scheme if ckpt.quantization is not None else None
     if have is not None:
@@ -96,7 +96,7 @@ def quantized_source(ckpt, scheme: str, out: Path, group_size: int | None, calib
         return ckpt, None
     if scheme not in PROJECT_SCHEMES:
         return ckpt, None
-    from export.quant.quantize import quantize_checkpoint
+    from pocketllm.export.quant.quantize import quantize_checkpoint
 
     qdir = out.with_name(f"{out.name}.{scheme}-checkpoint")
     t0 = time.perf_counter()
@@ -123,11 +123,11 @@ def run_export(checkpoint, target: str, quant: str, max_context: int | None, out
                progress: bool = False) -> dict:
     import shutil
 
-    from export.bundle import copy_tokenizer, write_manifest
-    from export.checkpoint import open_checkpoint
-    from export.init_checkpoint import atomic_directory
-    from export.nn.load import load_model, resolve_max_context
-    from export.targets import target_module
+    from pocketllm.export.bundle import copy_tokenizer, write_manifest
+    from pocketllm.export.checkpoint import open_checkpoint
+    from pocketllm.export.init_checkpoint import atomic_directory
+    from pocketllm.export.nn.load import load_model, resolve_max_context
+    from pocketllm.export.targets import target_module
 
     module = target_module(target)  # unknown target fails before anything is read
     ckpt = open_checkpoint(checkpoint)

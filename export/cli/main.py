@@ -2,7 +2,7 @@
 
 import typer
 
-from export.cli import checkpoint, export_cmd, parity, quantize, run
+from pocketllm.export.cli import checkpoint, export_cmd, parity, quantize, run
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Put MiniCPM4, SmallThinker and lightning-attention LLMs on phones.")

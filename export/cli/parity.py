@@ -17,8 +17,8 @@ import numpy as np
 import typer
 from rich.table import Table
 
-from export.cli.common import console, set_threads, user_errors
-from export.errors import PocketllmError
+from pocketllm.export.cli.common import console, set_threads, user_errors
+from pocketllm.export.errors import PocketllmError
 
 # Real prompts of different kinds (prose, code, numbers, dialogue, multilingual); long enough together with 64
 # steps to cross InfLLM v2's dense_len on the tiny presets when it is small.
@@ -159,7 +159,7 @@ def compare_engines(reference, engine, prompt_ids: list[int], steps: int, block_
 
 
 def reference_for(manifest: dict, checkpoint: Path | None, max_context: int):
-    from runtime_py import ReferenceModel
+    from pocketllm.runtime_py import ReferenceModel
 
     path = Path(checkpoint or manifest.get("source", {}).get("checkpoint") or "")
     if not path.is_dir():
@@ -170,9 +170,9 @@ def reference_for(manifest: dict, checkpoint: Path | None, max_context: int):
 
 def run_parity(bundle: Path, *, prompts_file: Path | None = None, steps: int = 64, checkpoint: Path | None = None,
                tolerance: float | None = None, threads: int | None = None, engine=None) -> dict:
-    from export.bundle import PARITY_FILE, add_parity, read_manifest, write_json
-    from export.tokenizer import load_tokenizer
-    from runtime_py.executorch_runner import ExecutorchEngine
+    from pocketllm.export.bundle import PARITY_FILE, add_parity, read_manifest, write_json
+    from pocketllm.export.tokenizer import load_tokenizer
+    from pocketllm.runtime_py.executorch_runner import ExecutorchEngine
 
     bundle = Path(bundle)
     manifest = read_manifest(bundle, verify=True)

@@ -10,7 +10,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 from rich.table import Table
 
-from export.cli.common import console, set_threads, user_errors
+from pocketllm.export.cli.common import console, set_threads, user_errors
 
 
 def quantize(
@@ -50,7 +50,7 @@ def _quantize(checkpoint, scheme, out, group_size, calibration, max_calibration_
     # steal the cores the k-means' many small ops need (measured 14x slower on tiny-austen). Only takes effect when
     # torch is first imported here; an explicit OMP_WAIT_POLICY wins.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    from export.quant.quantize import REPORT_FILE, quantize_checkpoint
+    from pocketllm.export.quant.quantize import REPORT_FILE, quantize_checkpoint
 
     set_threads(threads)
     with Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),

@@ -13,11 +13,11 @@ import typer
 from rich.progress import Progress
 from rich.table import Table
 
-from export.checkpoint import open_checkpoint
-from export.cli.common import atomic_write_bytes, console, set_threads, user_errors
-from export.cli.engines import make_engine, open_source
-from export.errors import PocketllmError
-from export.tokenizer import load_tokenizer
+from pocketllm.export.checkpoint import open_checkpoint
+from pocketllm.export.cli.common import atomic_write_bytes, console, set_threads, user_errors
+from pocketllm.export.cli.engines import make_engine, open_source
+from pocketllm.export.errors import PocketllmError
+from pocketllm.export.tokenizer import load_tokenizer
 
 
 class Mode(str, Enum):
@@ -116,7 +116,7 @@ def generate(
 @user_errors
 def _generate(checkpoint, prompt, max_new_tokens, greedy, temperature, top_p, seed, engine_name, max_context,
               dtype, threads, bundle=None):
-    from runtime_py.generate import generate as generate_loop
+    from pocketllm.runtime_py.generate import generate as generate_loop
 
     set_threads(threads)
     ckpt = open_source(checkpoint, bundle, engine_name, threads)

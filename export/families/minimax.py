@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from export.spec import (LayerSpec, LightningSpec, ModelSpec, MoESpec, RopeSpec, _common, _Config, _eos_ids,
+from pocketllm.export.spec import (LayerSpec, LightningSpec, ModelSpec, MoESpec, RopeSpec, _common, _Config, _eos_ids,
                          register_family)
 
 LAYER_TYPES = {"linear_attention": "lightning", "full_attention": "softmax"}

@@ -12,9 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import export.ops  # noqa: F401  (registers pocketllm custom ops)
-from export.nn.rope import RotaryTable
-from export.spec import LayerSpec, ModelSpec
+import pocketllm.export.ops  # noqa: F401  (registers pocketllm custom ops)
+from pocketllm.export.nn.rope import RotaryTable
+from pocketllm.export.spec import LayerSpec, ModelSpec
 
 
 class Attention(nn.Module):

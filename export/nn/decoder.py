@@ -14,12 +14,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from export.nn.attention import Attention
-from export.nn.lightning import LightningAttention
-from export.nn.mlp import MoE, SoftmaxTopKMoE, SwiGLU
-from export.nn.norm import RMSNorm
-from export.nn.rope import RotaryTable
-from export.spec import ModelSpec
+from pocketllm.export.nn.attention import Attention
+from pocketllm.export.nn.lightning import LightningAttention
+from pocketllm.export.nn.mlp import MoE, SoftmaxTopKMoE, SwiGLU
+from pocketllm.export.nn.norm import RMSNorm
+from pocketllm.export.nn.rope import RotaryTable
+from pocketllm.export.spec import ModelSpec
 
 
 class DecoderLayer(nn.Module):

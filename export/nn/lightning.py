@@ -18,10 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import export.ops  # noqa: F401  (registers pocketllm custom ops)
-from export.nn.norm import RMSNorm
-from export.ops.lightning_attention import lightning_decay_rates
-from export.spec import ModelSpec
+import pocketllm.export.ops  # noqa: F401  (registers pocketllm custom ops)
+from pocketllm.export.nn.norm import RMSNorm
+from pocketllm.export.ops.lightning_attention import lightning_decay_rates
+from pocketllm.export.spec import ModelSpec
 
 
 class LightningAttention(nn.Module):

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import torch
 
-from export.checkpoint import Checkpoint, open_checkpoint
-from export.errors import PocketllmError
-from export.nn.decoder import CausalLM
+from pocketllm.export.checkpoint import Checkpoint, open_checkpoint
+from pocketllm.export.errors import PocketllmError
+from pocketllm.export.nn.decoder import CausalLM
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
@@ -38,7 +38,7 @@ def load_model(checkpoint, max_context: int | None = None, dtype: str | torch.dt
     with torch.device("meta"):
         model = CausalLM(spec, max_context)
     if ckpt.quantization is not None:  # packed modules for quantized weights (export/nn/quant_linear.py)
-        from export.nn.quant_linear import swap_quantized_linears
+        from pocketllm.export.nn.quant_linear import swap_quantized_linears
 
         swap_quantized_linears(model, ckpt.quantization)
     model = model.to_empty(device="cpu")

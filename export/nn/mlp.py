@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from export.spec import MoESpec
+from pocketllm.export.spec import MoESpec
 
 
 class SwiGLU(nn.Module):

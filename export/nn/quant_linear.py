@@ -18,10 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import export.ops  # noqa: F401  (registers pocketllm custom ops)
-from export.ops.any4_linear import any4_dequantize
-from export.quant.format import QuantConfig, TensorQuant
-from export.quant.nf4 import NF4
+import pocketllm.export.ops  # noqa: F401  (registers pocketllm custom ops)
+from pocketllm.export.ops.any4_linear import any4_dequantize
+from pocketllm.export.quant.format import QuantConfig, TensorQuant
+from pocketllm.export.quant.nf4 import NF4
 
 INT4_TABLE = tuple(float(c - 8) for c in range(16))
 NF4_TABLE = NF4  # QLoRA's NormalFloat-4 codebook (runtime_py/quant.py keeps its own copy)

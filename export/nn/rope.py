@@ -3,7 +3,7 @@
 import torch
 from torch import nn
 
-from export.spec import RopeSpec
+from pocketllm.export.spec import RopeSpec
 
 
 class RotaryTable(nn.Module):

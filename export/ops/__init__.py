@@ -3,6 +3,6 @@
 Importing this package registers every op once per process (Python's import cache is the guard).
 """
 
-from export.ops import infllm_attention  # noqa: F401  (registers pocketllm::infllm_attention)
-from export.ops import lightning_attention  # noqa: F401  (registers pocketllm::lightning_attention)
-from export.ops import any4_linear  # noqa: F401  (registers pocketllm::any4_linear)
+from pocketllm.export.ops import infllm_attention  # noqa: F401  (registers pocketllm::infllm_attention)
+from pocketllm.export.ops import lightning_attention  # noqa: F401  (registers pocketllm::lightning_attention)
+from pocketllm.export.ops import any4_linear  # noqa: F401  (registers pocketllm::any4_linear)

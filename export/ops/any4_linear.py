@@ -24,8 +24,8 @@ from __future__ import annotations
 
 import torch
 
-from export.errors import PocketllmError
-from export.ops.library import LIB
+from pocketllm.export.errors import PocketllmError
+from pocketllm.export.ops.library import LIB
 
 SCHEMA_ARGS = "Tensor x, Tensor qweight, Tensor lut, Tensor scales, Tensor zeros, int group_size"
 LIB.define(f"any4_linear({SCHEMA_ARGS}) -> Tensor")

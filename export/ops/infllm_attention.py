@@ -19,7 +19,7 @@ import math
 
 import torch
 
-from export.ops.library import LIB
+from pocketllm.export.ops.library import LIB
 
 SCHEMA_ARGS = ("Tensor q, Tensor k_cache, Tensor v_cache, SymInt start_pos, int kernel_size, int kernel_stride, "
                "int block_size, int init_blocks, int window_size, int topk, int dense_len")

@@ -25,8 +25,8 @@ from __future__ import annotations
 
 import torch
 
-from export.errors import PocketllmError
-from export.ops.library import LIB
+from pocketllm.export.errors import PocketllmError
+from pocketllm.export.ops.library import LIB
 
 SCHEMA_ARGS = "Tensor q, Tensor k, Tensor v, Tensor state, Tensor decay, int block_size"
 LIB.define(f"lightning_attention({SCHEMA_ARGS}) -> (Tensor, Tensor)")

@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import torch
 
-from export.quant.common import grouped, minmax_scale_zero, nearest_code, to_fp16
-from export.quant.pack import pack_nibbles
+from pocketllm.export.quant.common import grouped, minmax_scale_zero, nearest_code, to_fp16
+from pocketllm.export.quant.pack import pack_nibbles
 
 LUT_SIZE = 16
 CHUNK_ELEMENTS = 1 << 18  # rows per k-means batch = max(1, CHUNK_ELEMENTS // K): temporaries stay cache- and

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-from export.errors import PocketllmError
-from export.init_checkpoint import BUILTIN_TEXT
+from pocketllm.export.errors import PocketllmError
+from pocketllm.export.init_checkpoint import BUILTIN_TEXT
 
 TEXT_SUFFIXES = (".txt", ".text", ".md", ".json", ".jsonl", ".csv", ".py")
 # How any4 turns the statistics into a column weight a_j:

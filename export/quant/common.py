@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from export.errors import PocketllmError
+from pocketllm.export.errors import PocketllmError
 
 FP16_TINY = 2.0 ** -24  # smallest positive fp16 (subnormal): scales never round to zero
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from export.errors import PocketllmError
+from pocketllm.export.errors import PocketllmError
 
 QUANT_METHOD = "pocketllm"
 FORMAT_VERSION = 1

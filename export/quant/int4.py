@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from export.quant.common import grouped, minmax_scale_zero
-from export.quant.pack import pack_nibbles
+from pocketllm.export.quant.common import grouped, minmax_scale_zero
+from pocketllm.export.quant.pack import pack_nibbles
 
 
 def quantize(w: torch.Tensor, group_size: int) -> dict[str, torch.Tensor]:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from export.quant.common import FP16_TINY, to_fp16
+from pocketllm.export.quant.common import FP16_TINY, to_fp16
 
 
 def quantize(w: torch.Tensor, group_size: int = 0) -> dict[str, torch.Tensor]:

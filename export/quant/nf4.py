@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from export.quant.common import FP16_TINY, grouped, nearest_code, to_fp16
-from export.quant.pack import pack_nibbles
+from pocketllm.export.quant.common import FP16_TINY, grouped, nearest_code, to_fp16
+from pocketllm.export.quant.pack import pack_nibbles
 
 NF4 = (-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
        -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,

@@ -23,13 +23,13 @@ from typing import Callable, Iterator
 
 import torch
 
-from export.checkpoint import CONFIG, Checkpoint, expected_tensors, open_checkpoint
-from export.errors import PocketllmError
-from export.init_checkpoint import atomic_directory, write_weights
-from export.quant import any4, int4, int8, nf4
-from export.quant.calibrate import DEFAULT_ACT_STAT, ACT_STATS, ActivationStats, calibration_text, calibration_windows
-from export.quant.format import QuantConfig, TensorQuant
-from export.quant.recipe import Recipe, default_recipe
+from pocketllm.export.checkpoint import CONFIG, Checkpoint, expected_tensors, open_checkpoint
+from pocketllm.export.errors import PocketllmError
+from pocketllm.export.init_checkpoint import atomic_directory, write_weights
+from pocketllm.export.quant import any4, int4, int8, nf4
+from pocketllm.export.quant.calibrate import DEFAULT_ACT_STAT, ACT_STATS, ActivationStats, calibration_text, calibration_windows
+from pocketllm.export.quant.format import QuantConfig, TensorQuant
+from pocketllm.export.quant.recipe import Recipe, default_recipe
 
 REPORT_FILE = "quantization_report.json"
 SHARD_BYTES = 256 * 1024**2
@@ -116,7 +116,7 @@ def quantize_checkpoint(checkpoint: str | Path | Checkpoint, out: str | Path, sc
         raise PocketllmError(f"{ckpt.dir}: the recipe quantizes no tensor of this {spec.family} checkpoint")
     text, source = calibration_text(calibration)
 
-    from export.tokenizer import load_tokenizer
+    from pocketllm.export.tokenizer import load_tokenizer
 
     tok = load_tokenizer(ckpt.dir, spec.bos_token_id)
     window = min(CALIBRATION_WINDOW, spec.max_position_embeddings)
@@ -180,7 +180,7 @@ def _materialize(module: torch.nn.Module, tensors: dict[str, torch.Tensor], pref
 def _quantized_stream(ckpt: Checkpoint, plan: dict[str, TensorQuant], windows: list[list[int]], window: int,
                       act_stat: str, seed: int, result: QuantizeResult,
                       progress) -> Iterator[tuple[str, torch.Tensor]]:
-    from export.nn.decoder import CausalLM
+    from pocketllm.export.nn.decoder import CausalLM
 
     spec = ckpt.spec
     total_steps = spec.num_layers + 2
@@ -257,7 +257,7 @@ def _emit(tensors: dict[str, torch.Tensor], plan: dict[str, TensorQuant], stats:
     independent: each keeps its own LUT, groups and calibration weights), so small matrices such as MoE experts
     cost one batched k-means instead of one each.
     """
-    from export.nn.quant_linear import dequantize_packed
+    from pocketllm.export.nn.quant_linear import dequantize_packed
 
     weights = {n[:-len(".weight")]: t.to(torch.float32) for n, t in tensors.items()
                if n.endswith(".weight") and n[:-len(".weight")] in plan}

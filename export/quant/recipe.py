@@ -11,8 +11,8 @@ from __future__ import annotations
 import fnmatch
 from dataclasses import dataclass
 
-from export.errors import PocketllmError
-from export.quant.format import SCHEMES, TensorQuant, check_tensor_quant
+from pocketllm.export.errors import PocketllmError
+from pocketllm.export.quant.format import SCHEMES, TensorQuant, check_tensor_quant
 
 DEFAULT_GROUP_SIZE = 128
 

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import importlib
 
-from export.errors import PocketllmError
+from pocketllm.export.errors import PocketllmError
 
-TARGETS = {"executorch": "export.targets.executorch"}
+TARGETS = {"executorch": "pocketllm.export.targets.executorch"}
 
 
 def target_module(name: str):

@@ -28,9 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from export.errors import PocketllmError
-from export.nn.attention import Attention
-from export.spec import ModelSpec
+from pocketllm.export.errors import PocketllmError
+from pocketllm.export.nn.attention import Attention
+from pocketllm.export.spec import ModelSpec
 
 PTE_FILE = "model.pte"
 QUANT_SCHEMES = ("none", "int8", "int4", "any4", "8da4w")
@@ -145,7 +145,7 @@ def any4_luts_to_bf16(model: nn.Module) -> dict[str, int]:
     """Carry each any4 LUT as bf16 when that is lossless (always for LUTs `pocketllm quantize` writes, see
     export/quant/any4.lut_grid): the kernel then widens entries with a shift instead of vcvtph2ps (1.4x faster
     decode on x86). Other LUTs stay fp16 (the kernel's slower fp16 path). Returns {dtype: layers}."""
-    from export.nn.quant_linear import Any4Linear
+    from pocketllm.export.nn.quant_linear import Any4Linear
 
     counts: dict[str, int] = {}
     for m in model.modules():

@@ -15,6 +15,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from pocketllm.export.atomic import write_json
 from pocketllm.export.errors import PocketllmError
 from pocketllm.export.spec import ModelSpec
 
@@ -145,12 +146,6 @@ def _chat_template(out_dir: Path) -> str | None:
         return json.loads(cfg.read_text()).get("chat_template")
     except json.JSONDecodeError:
         return None
-
-
-def write_json(path: Path, data: Any) -> None:
-    tmp = Path(path).with_name(f".{Path(path).name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 def read_manifest(bundle: str | Path, verify: bool = True) -> dict[str, Any]:

@@ -5,8 +5,8 @@ shards, tensor names and shapes from the safetensors headers) and fails with one
 file, key or tensor. Weight data is read lazily, shard by shard, through safetensors' memory map; non-finite values
 are caught as each tensor is read.
 
-The expected tensor names per family are data (`expected_tensors`): mapping to our torch modules is the identity,
-because `export/nn` mirrors upstream module names. Buffers some upstream models save although they are pure
+The expected tensor names are each family's table (`export/families/<name>/`): mapping to our torch modules is the
+identity, because `export/nn` mirrors upstream module names. Buffers some upstream models save although they are pure
 functions of the config (MiniMax's lightning decay tables) are `derived_tensors`: shape-checked when present, never
 required, never loaded (every engine recomputes them from the spec).
 """
@@ -18,10 +18,11 @@ import struct
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
 from pocketllm.export.errors import PocketllmError
-from pocketllm.export.spec import ModelSpec, spec_from_config
+from pocketllm.export.families import get_family, spec_from_config
+from pocketllm.export.spec import ModelSpec
 
 CONFIG = "config.json"
 SINGLE_FILE = "model.safetensors"
@@ -33,93 +34,14 @@ IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
 # ------------------------------------------------------------------------------------------ expected tensors
-def _layer_tensors(spec: ModelSpec, i: int) -> dict[str, tuple[int, ...]]:
-    H, p = spec.hidden_size, f"model.layers.{i}."
-    t = {
-        p + "input_layernorm.weight": (H,),
-        p + "post_attention_layernorm.weight": (H,),
-        p + "self_attn.q_proj.weight": (spec.q_width, H),
-        p + "self_attn.k_proj.weight": (spec.kv_width, H),
-        p + "self_attn.v_proj.weight": (spec.kv_width, H),
-        p + "self_attn.o_proj.weight": (H, spec.q_width),
-    }
-    if spec.layers[i].mlp == "moe":
-        moe = spec.moe
-        q = p + "block_sparse_moe."
-        t[q + "primary_router.weight"] = (moe.num_experts, H)
-        for e in range(moe.num_experts):
-            t[f"{q}experts.{e}.gate.weight"] = (moe.ffn_hidden_size, H)
-            t[f"{q}experts.{e}.up.weight"] = (moe.ffn_hidden_size, H)
-            t[f"{q}experts.{e}.down.weight"] = (H, moe.ffn_hidden_size)
-    else:
-        I = spec.intermediate_size
-        t[p + "mlp.gate_proj.weight"] = (I, H)
-        t[p + "mlp.up_proj.weight"] = (I, H)
-        t[p + "mlp.down_proj.weight"] = (H, I)
-    return t
-
-
-def _minimax_layer_tensors(spec: ModelSpec, i: int) -> dict[str, tuple[int, ...]]:
-    """transformers' MiniMaxForCausalLM.save_pretrained layout (experts in the per-expert w1/w2/w3 form)."""
-    H, p = spec.hidden_size, f"model.layers.{i}."
-    t = {p + "input_layernorm.weight": (H,), p + "post_attention_layernorm.weight": (H,)}
-    a = p + "self_attn."
-    if spec.layers[i].attention == "lightning":
-        W = spec.num_heads * spec.head_dim  # no GQA in lightning layers
-        t[a + "qkv_proj.weight"] = (3 * W, H)  # per head [q | k | v], head after head
-        t[a + "output_gate.weight"] = (W, H)
-        t[a + "norm.weight"] = (W,)
-        t[a + "out_proj.weight"] = (H, W)
-    else:
-        t[a + "q_proj.weight"] = (spec.q_width, H)
-        t[a + "k_proj.weight"] = (spec.kv_width, H)
-        t[a + "v_proj.weight"] = (spec.kv_width, H)
-        t[a + "o_proj.weight"] = (H, spec.q_width)
-    moe, q = spec.moe, p + "block_sparse_moe."
-    t[q + "gate.weight"] = (moe.num_experts, H)
-    for e in range(moe.num_experts):
-        t[f"{q}experts.{e}.w1.weight"] = (moe.ffn_hidden_size, H)  # gate (SiLU)
-        t[f"{q}experts.{e}.w3.weight"] = (moe.ffn_hidden_size, H)  # up
-        t[f"{q}experts.{e}.w2.weight"] = (H, moe.ffn_hidden_size)  # down
-    return t
-
-
-LAYER_TENSORS: dict[str, Callable[[ModelSpec, int], dict[str, tuple[int, ...]]]] = {
-    "minicpm4": _layer_tensors,
-    "smallthinker": _layer_tensors,
-    "minimax": _minimax_layer_tensors,
-}
-
-
 def expected_tensors(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
-    """Every tensor name the checkpoint must hold, with its shape, in upstream naming."""
-    V, H = spec.vocab_size, spec.hidden_size
-    t = {"model.embed_tokens.weight": (V, H)}
-    for i in range(spec.num_layers):
-        t.update(LAYER_TENSORS[spec.family](spec, i))
-    t["model.norm.weight"] = (H,)
-    if not spec.tie_word_embeddings:
-        t["lm_head.weight"] = (V, H)
-    return t
+    """Every tensor name the checkpoint must hold, with its shape, in upstream naming (the family's table)."""
+    return get_family(spec.family).expected_tensors(spec)
 
 
 def derived_tensors(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
-    """Buffers upstream saves that are functions of the config alone: allowed (shape-checked), never loaded.
-
-    MiniMax lightning layers: slope_rate [H,1,1] and the decay tables of one prefill block B.
-    """
-    t: dict[str, tuple[int, ...]] = {}
-    if spec.lightning is None:
-        return t
-    Hh, B = spec.num_heads, spec.lightning.block_size
-    for i, layer in enumerate(spec.layers):
-        if layer.attention == "lightning":
-            a = f"model.layers.{i}.self_attn."
-            t[a + "slope_rate"] = (Hh, 1, 1)
-            t[a + "query_decay"] = (Hh, B, 1)
-            t[a + "key_decay"] = (Hh, B, 1)
-            t[a + "diagonal_decay"] = (1, Hh, B, B)
-    return t
+    """Buffers upstream saves that are functions of the config alone: allowed (shape-checked), never loaded."""
+    return get_family(spec.family).derived_tensors(spec)
 
 
 def optional_tensors(spec: ModelSpec) -> dict[str, tuple[int, ...]]:

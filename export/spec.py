@@ -1,20 +1,17 @@
-"""ModelSpec: the typed, validated description of a checkpoint. The single source of truth downstream.
+"""ModelSpec: the typed description of a checkpoint, the single source of truth downstream. Dataclasses only.
 
-`spec_from_config(config_dict, where)` turns an upstream `config.json` into a `ModelSpec` and rejects bad or
-conflicting values before any weight is read. Everything downstream (torch model, numpy reference, exporters,
-bundles) reads the spec, never the raw dict. Key names are exactly upstream's (see shared/docs/MODELS.md).
+Each family package (export/families/<name>/) turns an upstream config.json into a ModelSpec and rejects bad or
+conflicting values before any weight is read (`export.families.spec_from_config`). Everything downstream (torch
+model, numpy reference, exporters, bundles) reads the spec, never the raw dict.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from pocketllm.export.errors import PocketllmError
-
-FAMILIES = ("minicpm4", "smallthinker", "minimax")
-MODEL_TYPE_TO_FAMILY = {"minicpm": "minicpm4", "minicpm4": "minicpm4", "smallthinker": "smallthinker"}
 
 
 @dataclass(frozen=True)
@@ -120,18 +117,36 @@ class LightningSpec:
 
     block_size: int = 256  # prefill block length B (upstream `block_size`)
     norm_eps: float = 1e-6  # RMSNorm over the concatenated heads (upstream hard-codes its default)
-    activation: str = "silu"  # applied to q, k and v
+
+
+MOE_ROUTERS = ("pre_attention", "post_attention")
+GATE_ACTIVATIONS = ("relu", "silu")
 
 
 @dataclass(frozen=True)
 class MoESpec:
+    """Top-k mixture of gated experts: out = sum over the k chosen experts of w * down(act(gate(u)) * up(u)).
+
+    router "pre_attention" (SmallThinker): routes on the layer input, before its norm and attention; top-k of the
+      logits, then softmax over the k (router_softmax) or sigmoid of them renormalised to sum 1.
+    router "post_attention" (MiniMax): routes on the post-attention norm output u, the tensor the experts read;
+      softmax over all experts, top-k, renormalised to sum 1 (router_softmax must be true).
+    activation: the gate's, "relu" (ReGLU, SmallThinker) or "silu" (SwiGLU, MiniMax).
+    """
+
     num_experts: int
     top_k: int
     ffn_hidden_size: int
-    router_softmax: bool  # True: softmax over the top-k logits; False: sigmoid of them, renormalised
-    router_input: str = "layer_input"  # SmallThinker: the layer input, before norm and attention;
-    # MiniMax: "post_attention_norm", the same normed tensor the experts read
-    activation: str = "reglu"  # "reglu" (SmallThinker) | "swiglu" (MiniMax)
+    router_softmax: bool
+    router: str = "pre_attention"
+    activation: str = "relu"
+
+    def __post_init__(self):
+        if self.router not in MOE_ROUTERS:
+            raise PocketllmError(f"MoESpec: router must be one of {', '.join(MOE_ROUTERS)} (got {self.router!r})")
+        if self.activation not in GATE_ACTIVATIONS:
+            raise PocketllmError(f"MoESpec: activation must be one of {', '.join(GATE_ACTIVATIONS)} "
+                                 f"(got {self.activation!r})")
 
 
 @dataclass(frozen=True)
@@ -161,7 +176,6 @@ class ModelSpec:
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     torch_dtype: str = "float32"
-    extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def __post_init__(self):
         if any(layer.attention == "lightning" for layer in self.layers) and self.lightning is None:
@@ -177,237 +191,4 @@ class ModelSpec:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form, embedded in artifacts so runtimes never guess."""
-        d = asdict(self)
-        d.pop("extra")
-        return d
-
-
-# ---------------------------------------------------------------------------------------------- config parsing
-class _Config:
-    """Typed access to a config dict; every failure names the file and key."""
-
-    def __init__(self, raw: dict[str, Any], where: str):
-        self.raw, self.where = raw, where
-
-    def fail(self, key: str, expected: str, got: Any = None) -> PocketllmError:
-        shown = "missing" if got is _MISSING else f"got {got!r}"
-        return PocketllmError(f"{self.where}: key '{key}' must be {expected} ({shown})")
-
-    def get(self, key: str, kind: str, default: Any = None, required: bool = True) -> Any:
-        if key not in self.raw or self.raw[key] is None:
-            if required:
-                raise self.fail(key, _KIND_TEXT[kind], _MISSING)
-            return default
-        value = self.raw[key]
-        if kind == "int":
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise self.fail(key, "an integer", value)
-        elif kind == "posint":
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise self.fail(key, "a positive integer", value)
-        elif kind == "float":
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise self.fail(key, "a number", value)
-            value = float(value)
-        elif kind == "posfloat":
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or not math.isfinite(value):
-                raise self.fail(key, "a positive number", value)
-            value = float(value)
-        elif kind == "bool":
-            if not isinstance(value, bool):
-                raise self.fail(key, "true or false", value)
-        elif kind == "dict":
-            if not isinstance(value, dict):
-                raise self.fail(key, "an object", value)
-        elif kind == "str":
-            if not isinstance(value, str):
-                raise self.fail(key, "a string", value)
-        return value
-
-    def layout(self, key: str, n: int, default: int | None = None) -> list[int]:
-        if key not in self.raw and default is not None:
-            return [default] * n
-        value = self.get(key, "list")
-        if not isinstance(value, list) or len(value) != n or any(v not in (0, 1) or isinstance(v, float) for v in value):
-            raise self.fail(key, f"a list of {n} entries, each 0 or 1", value)
-        return [int(v) for v in value]
-
-
-class _Missing:
-    pass
-
-
-_MISSING = _Missing()
-_KIND_TEXT = {"int": "an integer", "posint": "a positive integer", "float": "a number", "posfloat": "a positive number",
-              "bool": "true or false", "dict": "an object", "str": "a string", "list": "a list"}
-
-
-def _eos_ids(cfg: _Config, default: list[int]) -> tuple[int, ...]:
-    eos = cfg.raw.get("eos_token_id", default)
-    if eos is None:
-        return ()
-    eos = eos if isinstance(eos, list) else [eos]
-    if any(isinstance(e, bool) or not isinstance(e, int) for e in eos):
-        raise cfg.fail("eos_token_id", "an integer or a list of integers", cfg.raw.get("eos_token_id"))
-    return tuple(eos)
-
-
-def _rope(cfg: _Config, head_dim: int, max_pos: int, default_theta: float) -> RopeSpec:
-    theta = cfg.get("rope_theta", "posfloat", default_theta, required=False)
-    scaling = cfg.raw.get("rope_scaling")
-    if scaling is None:
-        return RopeSpec(theta=theta, dim=head_dim, max_position_embeddings=max_pos)
-    if not isinstance(scaling, dict):
-        raise cfg.fail("rope_scaling", "an object or null", scaling)
-    rope_type = scaling.get("rope_type", scaling.get("type"))
-    if rope_type != "longrope":
-        raise cfg.fail("rope_scaling.rope_type", "'longrope' (the only scaling MiniCPM4 uses)", rope_type)
-    factors = {}
-    for name in ("short_factor", "long_factor"):
-        f = scaling.get(name)
-        if (not isinstance(f, list) or len(f) != head_dim // 2
-                or any(isinstance(x, bool) or not isinstance(x, (int, float)) or not x > 0 for x in f)):
-            raise cfg.fail(f"rope_scaling.{name}", f"a list of {head_dim // 2} positive numbers (head_dim / 2)", f)
-        factors[name] = tuple(float(x) for x in f)
-    orig = scaling.get("original_max_position_embeddings")
-    if isinstance(orig, bool) or not isinstance(orig, int) or orig <= 1:
-        raise cfg.fail("rope_scaling.original_max_position_embeddings", "an integer > 1", orig)
-    return RopeSpec(theta=theta, dim=head_dim, short_factor=factors["short_factor"], long_factor=factors["long_factor"],
-                    original_max_position_embeddings=orig, max_position_embeddings=max_pos)
-
-
-def _sparse(cfg: _Config) -> SparseSpec | None:
-    raw = cfg.raw.get("sparse_config")
-    if raw is None:
-        return None
-    if not isinstance(raw, dict):
-        raise cfg.fail("sparse_config", "an object or null", raw)
-    sub = _Config(raw, cfg.where)
-    vals = {}
-    defaults = SparseSpec()
-    for key in ("kernel_size", "kernel_stride", "block_size"):
-        vals[key] = sub.get(key, "posint", getattr(defaults, key), required=False)
-    for key in ("init_blocks", "window_size", "topk", "dense_len"):
-        vals[key] = sub.get(key, "int", getattr(defaults, key), required=False)
-    vals["use_nope"] = sub.get("use_nope", "bool", False, required=False)
-    spec = SparseSpec(**vals)
-    if spec.init_blocks < 0 or spec.topk < 0 or spec.window_size < 0:
-        raise cfg.fail("sparse_config", "non-negative init_blocks, topk and window_size", raw)
-    if spec.window_size % spec.block_size:
-        raise cfg.fail("sparse_config.window_size", f"a multiple of block_size ({spec.block_size})", spec.window_size)
-    if spec.dense_len < -1:
-        raise cfg.fail("sparse_config.dense_len", "-1 (always sparse) or a non-negative length", spec.dense_len)
-    if spec.use_nope:
-        raise cfg.fail("sparse_config.use_nope", "false (block selection on pre-RoPE keys is not supported yet)", True)
-    if spec.budget <= 0:
-        raise cfg.fail("sparse_config.topk", "such that topk + window_size / block_size > 0", spec.topk)
-    return spec
-
-
-def _common(cfg: _Config) -> dict[str, Any]:
-    hidden = cfg.get("hidden_size", "posint")
-    heads = cfg.get("num_attention_heads", "posint")
-    kv_heads = cfg.get("num_key_value_heads", "posint", heads, required=False)
-    if heads % kv_heads:
-        raise cfg.fail("num_key_value_heads", f"a divisor of num_attention_heads ({heads})", kv_heads)
-    return dict(
-        vocab_size=cfg.get("vocab_size", "posint"),
-        hidden_size=hidden,
-        num_layers=cfg.get("num_hidden_layers", "posint"),
-        num_heads=heads,
-        num_kv_heads=kv_heads,
-        rms_norm_eps=cfg.get("rms_norm_eps", "posfloat", 1e-6, required=False),
-        max_position_embeddings=cfg.get("max_position_embeddings", "posint"),
-        torch_dtype=str(cfg.raw.get("torch_dtype") or cfg.raw.get("dtype") or "float32"),
-    )
-
-
-def _minicpm4(cfg: _Config) -> ModelSpec:
-    c = _common(cfg)
-    hidden, heads, n_layers = c["hidden_size"], c["num_heads"], c["num_layers"]
-    head_dim = cfg.get("head_dim", "posint", None, required=False)
-    if head_dim is None:
-        if hidden % heads:
-            raise cfg.fail("head_dim", f"given when hidden_size ({hidden}) is not a multiple of num_attention_heads", None)
-        head_dim = hidden // heads
-    if head_dim % 2:
-        raise cfg.fail("head_dim", "even (rotate-half RoPE)", head_dim)
-    scale_depth = cfg.get("scale_depth", "float")
-    dim_model_base = cfg.get("dim_model_base", "posfloat")
-    sparse = _sparse(cfg)
-    layer = LayerSpec(attention="infllm" if sparse else "dense", use_rope=True, mlp="swiglu")
-    return ModelSpec(
-        family="minicpm4", model_type=cfg.raw["model_type"], head_dim=head_dim,
-        intermediate_size=cfg.get("intermediate_size", "posint"),
-        tie_word_embeddings=cfg.get("tie_word_embeddings", "bool", True, required=False),
-        rope=_rope(cfg, head_dim, c["max_position_embeddings"], 10000.0),
-        layers=tuple([layer] * n_layers),
-        scale_emb=cfg.get("scale_emb", "float"),
-        residual_scale=scale_depth / math.sqrt(n_layers),
-        logit_scale=1.0 / (hidden / dim_model_base),
-        sparse=sparse,
-        bos_token_id=cfg.get("bos_token_id", "int", 1, required=False),
-        eos_token_ids=_eos_ids(cfg, [2]),
-        **c,
-    )
-
-
-def _smallthinker(cfg: _Config) -> ModelSpec:
-    c = _common(cfg)
-    n_layers = c["num_layers"]
-    head_dim = cfg.get("head_dim", "posint")
-    if head_dim % 2:
-        raise cfg.fail("head_dim", "even (rotate-half RoPE)", head_dim)
-    rope_layout = cfg.layout("rope_layout", n_layers, default=1)
-    swa_layout = cfg.layout("sliding_window_layout", n_layers, default=0)
-    window = cfg.get("sliding_window_size", "posint", None, required=any(swa_layout))
-    experts = cfg.get("moe_num_primary_experts", "posint")
-    active = cfg.get("moe_num_active_primary_experts", "posint")
-    if active > experts:
-        raise cfg.fail("moe_num_active_primary_experts", f"at most moe_num_primary_experts ({experts})", active)
-    if cfg.raw.get("moe_shared_primary_experts") or cfg.raw.get("moe_enable_secondary_experts"):
-        raise cfg.fail("moe_shared_primary_experts", "0 (shared/secondary experts are not in released SmallThinker)",
-                       cfg.raw.get("moe_shared_primary_experts"))
-    moe = MoESpec(num_experts=experts, top_k=active, ffn_hidden_size=cfg.get("moe_ffn_hidden_size", "posint"),
-                  router_softmax=cfg.get("moe_primary_router_apply_softmax", "bool", False, required=False))
-    layers = tuple(
-        LayerSpec(attention="sliding" if swa else "dense", use_rope=bool(rope),
-                  sliding_window=window if swa else None, mlp="moe")
-        for rope, swa in zip(rope_layout, swa_layout)
-    )
-    return ModelSpec(
-        family="smallthinker", model_type="smallthinker", head_dim=head_dim,
-        intermediate_size=moe.ffn_hidden_size,
-        tie_word_embeddings=cfg.get("tie_word_embeddings", "bool", True, required=False),
-        rope=_rope(cfg, head_dim, c["max_position_embeddings"], 1.5e6),
-        layers=layers, moe=moe,
-        bos_token_id=cfg.get("bos_token_id", "int", None, required=False),
-        eos_token_ids=_eos_ids(cfg, []),
-        **c,
-    )
-
-
-_BUILDERS = {"minicpm4": _minicpm4, "smallthinker": _smallthinker}
-
-
-def register_family(model_types: tuple[str, ...], family: str, builder) -> None:
-    """Hook for further families (lightning-attention models add theirs here)."""
-    for t in model_types:
-        MODEL_TYPE_TO_FAMILY[t] = family
-    _BUILDERS[family] = builder
-
-
-def spec_from_config(raw: Any, where: str = "config.json") -> ModelSpec:
-    if not isinstance(raw, dict):
-        raise PocketllmError(f"{where}: expected a JSON object at the top level")
-    cfg = _Config(raw, where)
-    model_type = raw.get("model_type")
-    family = MODEL_TYPE_TO_FAMILY.get(model_type) if isinstance(model_type, str) else None
-    if family is None:
-        known = ", ".join(sorted(MODEL_TYPE_TO_FAMILY))
-        raise PocketllmError(f"{where}: unknown model_type {model_type!r} (supported: {known})")
-    return _BUILDERS[family](cfg)
-
-
-# Families that live in their own module register themselves through `register_family` on import.
-from pocketllm.export.families import minimax as _minimax  # noqa: E402,F401  (model_type "minimax": lightning hybrids)
+        return asdict(self)

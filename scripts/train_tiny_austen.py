@@ -20,10 +20,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pocketllm.export.init_checkpoint import SPECIALS, atomic_directory, build_tokenizer, write_tokenizer, write_weights
+from pocketllm.export.atomic import atomic_directory
+from pocketllm.export.checkpoint_writer import write_weights
+from pocketllm.export.families import get_family
+from pocketllm.export.init_checkpoint import build_tokenizer
+from pocketllm.export.tokenizer import write_tokenizer
 from pocketllm.export.nn.decoder import CausalLM
-from pocketllm.export.presets import minicpm4_config
-from pocketllm.export.spec import spec_from_config
+from pocketllm.export.families.minicpm4.presets import minicpm4_config
+from pocketllm.export.families import spec_from_config
 
 AUSTEN = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "austen"
 TRAIN_BOOKS = ("sensesensibility.txt", "prideprejudice.txt", "mansfieldpark.txt", "emma.txt", "northangerabbey.txt")
@@ -57,7 +61,7 @@ def main() -> None:
     t_start = time.time()
 
     texts = [(args.data / b).read_text(encoding="utf-8") for b in TRAIN_BOOKS]
-    names, _, _, _ = SPECIALS["minicpm4"]
+    names = list(get_family("minicpm4").tokenizer.specials)
     tokenizer = build_tokenizer(CONFIG["vocab_size"], names, texts)
     bos = tokenizer.token_to_id("<s>")
     assert bos == CONFIG["bos_token_id"], "special token ids must match the config"

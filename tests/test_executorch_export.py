@@ -19,10 +19,13 @@ import pytest
 from typer.testing import CliRunner
 
 from pocketllm.export.cli.main import app
-from pocketllm.export.init_checkpoint import (BUILTIN_TEXT, SPECIALS, atomic_directory, random_tensors, write_tokenizer,
-                                    write_weights)
-from pocketllm.export.presets import preset_config
-from pocketllm.export.spec import spec_from_config
+from pocketllm.export.atomic import atomic_directory
+from pocketllm.export.checkpoint_writer import write_weights
+from pocketllm.export.families import get_family
+from pocketllm.export.init_checkpoint import BUILTIN_TEXT, random_tensors
+from pocketllm.export.tokenizer import write_tokenizer
+from pocketllm.export.families import preset_config
+from pocketllm.export.families import spec_from_config
 from tests.test_executorch_kernels import build_kernels
 
 MAX_CONTEXT = 320
@@ -59,7 +62,7 @@ def make_checkpoint(out: Path, config: dict, seed: int, ascii_only: bool = False
     tensors, total = random_tensors(config, torch.float32, seed)
     if bf16_values:
         tensors = ((n, t.to(torch.bfloat16).to(t.dtype) if t.is_floating_point() else t) for n, t in tensors)
-    names = SPECIALS[spec.family][0]
+    names = list(get_family(spec.family).tokenizer.specials)
     with atomic_directory(out) as tmp:
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         tok = ascii_tokenizer(spec.vocab_size, names) if ascii_only else build_tokenizer(spec.vocab_size, names,

@@ -11,8 +11,8 @@ from typer.testing import CliRunner
 from pocketllm.export.checkpoint import expected_tensors, open_checkpoint
 from pocketllm.export.cli.main import app
 from pocketllm.export.init_checkpoint import init_checkpoint
-from pocketllm.export.presets import PRESETS, preset_config
-from pocketllm.export.spec import spec_from_config
+from pocketllm.export.families import families, preset_config
+from pocketllm.export.families import spec_from_config
 
 runner = CliRunner()
 
@@ -82,7 +82,7 @@ def test_unknown_preset_is_one_line(tmp_path):
     assert not (tmp_path / "x").exists()
 
 
-@pytest.mark.parametrize("arch,preset", [(a, p) for a in PRESETS for p in PRESETS[a] if p != "tiny"])
+@pytest.mark.parametrize("arch,preset", [(a, p) for a, f in families().items() for p in f.presets if p != "tiny"])
 def test_real_presets_match_published_shapes(arch, preset):
     """Real-size presets parse and have the parameter counts the model cards state (no weights are written)."""
     spec = spec_from_config(preset_config(arch, preset))

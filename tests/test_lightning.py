@@ -137,7 +137,7 @@ def tiny_minimax(tmp_path_factory):
 
 
 def lightning_states(model) -> list[torch.Tensor]:
-    return [m.state for m in model.modules() if isinstance(m, LightningAttention)]
+    return [m.state_cache.state for m in model.modules() if isinstance(m, LightningAttention)]
 
 
 def test_decode_memory_is_constant_in_context_length(tiny_minimax):
@@ -150,7 +150,7 @@ def test_decode_memory_is_constant_in_context_length(tiny_minimax):
     assert len(states) == sum(layer.attention == "lightning" for layer in spec.layers) == 3
     for layer in model.model.layers:
         if isinstance(layer.self_attn, LightningAttention):
-            assert not hasattr(layer.self_attn, "k_cache")
+            assert not hasattr(layer.self_attn, "cache")
     buffers = {name: (tuple(b.shape), b.dtype) for name, b in model.named_buffers()}
     ids = np.random.default_rng(0).integers(0, spec.vocab_size, 80)
     seen_state_values = set()
@@ -214,7 +214,7 @@ def test_position_zero_starts_a_new_sequence(tiny_minimax):
 def test_model_state_of_wrong_shape_is_one_line(tiny_minimax):
     model, _ = load_model(tiny_minimax, max_context=16, dtype="fp32")
     attn = next(m for m in model.modules() if isinstance(m, LightningAttention))
-    attn.state = torch.zeros(1, 4, 8, 8)  # a state from some other model
+    attn.state_cache.state = torch.zeros(1, 4, 8, 8)  # a state from some other model
     with pytest.raises(PocketllmError) as e, torch.no_grad():
         model(torch.tensor([[1, 2, 3]]), 0)
     assert "\n" not in str(e.value) and "state has shape [1, 4, 8, 8], expected [1, 4, 16, 16]" in str(e.value)
@@ -223,8 +223,8 @@ def test_model_state_of_wrong_shape_is_one_line(tiny_minimax):
 def small_minimax(seed: int = 0):
     """A 2-layer minimax CausalLM (lightning + softmax, 2 experts) with random weights: quick to export."""
     from pocketllm.export.nn import CausalLM
-    from pocketllm.export.presets import preset_config
-    from pocketllm.export.spec import spec_from_config
+    from pocketllm.export.families import preset_config
+    from pocketllm.export.families import spec_from_config
 
     cfg = preset_config("minimax", "tiny")
     cfg.update(num_hidden_layers=2, layer_types=["linear_attention", "full_attention"], num_local_experts=2,
@@ -249,7 +249,7 @@ def test_torch_export_keeps_the_state_as_a_mutable_buffer():
                                  dynamic_shapes=({1: Dim("tokens", min=1, max=48)}, None), strict=False)
     ep = ep.run_decompositions({})
     mutated = {s.target for s in ep.graph_signature.output_specs if s.kind.name == "BUFFER_MUTATION"}
-    assert "model.layers.0.self_attn.state" in mutated and "model.layers.1.self_attn.k_cache" in mutated
+    assert "model.layers.0.self_attn.state_cache.state" in mutated and "model.layers.1.self_attn.cache.k_cache" in mutated
     assert sum(n.target == torch.ops.pocketllm.lightning_attention.default for n in ep.graph.nodes) == 1
     exported = ep.module()
     ids = torch.as_tensor(np.random.default_rng(2).integers(0, 512, 40))[None]

@@ -191,7 +191,7 @@ def test_sliding_window_on_the_softmax_layers(tmp_path):
 
 def test_config_defaults_are_transformers_defaults(saved):
     """Keys a config.json may omit mean what MiniMaxConfig's defaults mean."""
-    from pocketllm.export.spec import spec_from_config
+    from pocketllm.export.families import spec_from_config
 
     _, directory = saved
     cfg = json.loads((directory / "config.json").read_text())

@@ -17,7 +17,7 @@ import pytest
 from safetensors.numpy import save_file
 
 from pocketllm.export.errors import PocketllmError
-from pocketllm.export.spec import spec_from_config
+from pocketllm.export.families import spec_from_config
 from pocketllm.runtime_py import ReferenceModel, generate
 from pocketllm.runtime_py.rope import rope_tables
 from pocketllm.runtime_py.weights import load_file

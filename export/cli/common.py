@@ -5,8 +5,6 @@ from __future__ import annotations
 import functools
 import os
 import sys
-import tempfile
-from pathlib import Path
 
 import typer
 from rich.console import Console
@@ -36,21 +34,6 @@ def user_errors(fn):
             raise typer.Exit(130)
 
     return wrapper
-
-
-def atomic_write_bytes(path: Path, write) -> None:
-    """Call write(tmp_path) then rename onto `path`: a failed write never leaves a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def set_threads(threads: int | None) -> None:

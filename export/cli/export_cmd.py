@@ -125,7 +125,7 @@ def run_export(checkpoint, target: str, quant: str, max_context: int | None, out
 
     from pocketllm.export.bundle import copy_tokenizer, write_manifest
     from pocketllm.export.checkpoint import open_checkpoint
-    from pocketllm.export.init_checkpoint import atomic_directory
+    from pocketllm.export.atomic import atomic_directory
     from pocketllm.export.nn.load import load_model, resolve_max_context
     from pocketllm.export.targets import target_module
 

@@ -14,7 +14,8 @@ from rich.progress import Progress
 from rich.table import Table
 
 from pocketllm.export.checkpoint import open_checkpoint
-from pocketllm.export.cli.common import atomic_write_bytes, console, set_threads, user_errors
+from pocketllm.export.atomic import atomic_write
+from pocketllm.export.cli.common import console, set_threads, user_errors
 from pocketllm.export.cli.engines import make_engine, open_source
 from pocketllm.export.errors import PocketllmError
 from pocketllm.export.tokenizer import load_tokenizer
@@ -85,7 +86,7 @@ def _logits(checkpoint, tokens, mode, engine_name, out, max_context, dtype, thre
         raise PocketllmError(f"--tokens has {len(ids)} ids, more than the model's context ({max_context})")
     engine = make_engine(engine_name, ckpt, max_context, None if dtype == "auto" else dtype)
     result = run_logits(engine, ids, mode)
-    atomic_write_bytes(out, lambda tmp: _save_npy(tmp, result))
+    atomic_write(out, lambda tmp: _save_npy(tmp, result))
     console.print(f"wrote {out} {list(result.shape)} float32 ({engine_name}, {mode})")
 
 
@@ -225,4 +226,4 @@ def _perplexity(checkpoint, text, context, max_tokens, engine_name, dtype, json_
     console.print(table)
     print(f"perplexity {ppl:.3f} over {count} tokens")
     if json_out:
-        atomic_write_bytes(json_out, lambda tmp: Path(tmp).write_text(json.dumps(result, indent=2) + "\n"))
+        atomic_write(json_out, lambda tmp: Path(tmp).write_text(json.dumps(result, indent=2) + "\n"))

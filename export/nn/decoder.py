@@ -14,9 +14,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from pocketllm.export.families import get_family
 from pocketllm.export.nn.attention import Attention
-from pocketllm.export.nn.lightning import LightningAttention
-from pocketllm.export.nn.mlp import MoE, SoftmaxTopKMoE, SwiGLU
+from pocketllm.export.nn.kv_cache import KVCache
+from pocketllm.export.nn.lightning import LightningAttention, RecurrentState
+from pocketllm.export.nn.mlp import GatedMLP
+from pocketllm.export.nn.moe import MoE
 from pocketllm.export.nn.norm import RMSNorm
 from pocketllm.export.nn.rope import RotaryTable
 from pocketllm.export.spec import ModelSpec
@@ -34,29 +37,27 @@ class DecoderLayer(nn.Module):
         else:
             self.self_attn = Attention(spec, layer, max_context)
         self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
-        if layer.mlp == "moe" and spec.moe.activation == "swiglu":
-            self.block_sparse_moe = SoftmaxTopKMoE(spec.hidden_size, spec.moe)
-        elif layer.mlp == "moe":
-            self.block_sparse_moe = MoE(spec.hidden_size, spec.moe)
+        if layer.mlp == "moe":
+            self.block_sparse_moe = MoE(spec.hidden_size, spec.moe, get_family(spec.family).moe_names)
         else:
-            self.mlp = SwiGLU(spec.hidden_size, spec.intermediate_size)
+            self.mlp = GatedMLP(spec.hidden_size, spec.intermediate_size, "silu")
+
+    def feed_forward(self, u: torch.Tensor, layer_input: torch.Tensor) -> torch.Tensor:
+        if self.layer.mlp == "moe":
+            return self.block_sparse_moe(u, layer_input)
+        return self.mlp(u)
 
     def forward(self, h, rotary, positions, start_pos):
-        if self.layer.residual == "post_norm":
-            return self._post_norm_forward(h, rotary, positions, start_pos)
-        router_input = h  # SmallThinker routes on the layer input, before norm and attention
+        layer_input = h  # what SmallThinker's pre-attention router reads
+        if self.layer.residual == "post_norm":  # MiniMax: the normed input is the residual, weighted by alpha
+            layer = self.layer
+            x = self.input_layernorm(h)
+            h = x * layer.attn_alpha + self.self_attn(x, rotary, positions, start_pos) * layer.attn_beta
+            u = self.post_attention_layernorm(h)
+            return u * layer.mlp_alpha + self.feed_forward(u, layer_input) * layer.mlp_beta
         h = h + self.self_attn(self.input_layernorm(h), rotary, positions, start_pos) * self.residual_scale
         u = self.post_attention_layernorm(h)
-        m = self.block_sparse_moe(router_input, u) if hasattr(self, "block_sparse_moe") else self.mlp(u)
-        return h + m * self.residual_scale
-
-    def _post_norm_forward(self, h, rotary, positions, start_pos):
-        """MiniMax: the normed input is the residual, weighted by alpha; the sublayer output by beta."""
-        layer = self.layer
-        x = self.input_layernorm(h)
-        h = x * layer.attn_alpha + self.self_attn(x, rotary, positions, start_pos) * layer.attn_beta
-        u = self.post_attention_layernorm(h)
-        return u * layer.mlp_alpha + self.block_sparse_moe(u) * layer.mlp_beta
+        return h + self.feed_forward(u, layer_input) * self.residual_scale
 
 
 class DecoderStack(nn.Module):
@@ -100,9 +101,7 @@ class CausalLM(nn.Module):
 
     @torch.no_grad()
     def reset_cache(self) -> None:
-        for layer in self.model.layers:
-            if isinstance(layer.self_attn, LightningAttention):
-                layer.self_attn.reset_cache()
-                continue
-            layer.self_attn.k_cache.zero_()
-            layer.self_attn.v_cache.zero_()
+        """Zero every KV cache and recurrent state."""
+        for module in self.modules():
+            if isinstance(module, (KVCache, RecurrentState)):
+                module.reset()

@@ -1,8 +1,9 @@
 """Lightning attention block (MiniMax `linear_attention` layers), calling `pocketllm::lightning_attention`.
 
 Differences from transformers' MiniMaxLightningAttention:
-- the recurrent state is a fixed-size, non-persistent fp32 buffer `state` [1, heads, head_dim, head_dim] next to
-  the softmax layers' KV caches (reset with them), instead of an entry in a dynamic cache object;
+- the recurrent state lives in its own module, `state_cache` (RecurrentState: a fixed-size, non-persistent fp32
+  buffer [1, heads, head_dim, head_dim], reset with the KV caches), instead of an entry in a dynamic cache object;
+  targets swap that module (ONNX: state in, state out), never this forward;
 - one op serves prefill and decode: a call of T tokens runs in blocks of `block_size` from the incoming state, so
   a prompt can be prefilled in chunks (upstream runs the block form on the first call only, then one token at a
   time);
@@ -24,6 +25,27 @@ from pocketllm.export.ops.lightning_attention import lightning_decay_rates
 from pocketllm.export.spec import ModelSpec
 
 
+class RecurrentState(nn.Module):
+    """The state S of one lightning layer between calls. A call at position 0 starts a new sequence (reads zeros),
+    as KV-cache rows get overwritten by a new sequence."""
+
+    def __init__(self, heads: int, head_dim: int):
+        super().__init__()
+        self.register_buffer("state", torch.zeros(1, heads, head_dim, head_dim, dtype=torch.float32),
+                             persistent=False)
+
+    def read(self, positions: torch.Tensor) -> torch.Tensor:
+        # tensor form (not a Python branch) so that export keeps one graph for every start position
+        return torch.where(positions[:1].view(1, 1, 1, 1) == 0, torch.zeros_like(self.state), self.state)
+
+    def write(self, new_state: torch.Tensor) -> None:
+        self.state.copy_(new_state)
+
+    @torch.no_grad()
+    def reset(self) -> None:
+        self.state = torch.zeros(self.state.shape, dtype=torch.float32)
+
+
 class LightningAttention(nn.Module):
     def __init__(self, spec: ModelSpec, index: int):
         super().__init__()
@@ -35,20 +57,15 @@ class LightningAttention(nn.Module):
         self.output_gate = nn.Linear(hidden, H * D, bias=False)
         self.norm = RMSNorm(H * D, spec.lightning.norm_eps)
         self.out_proj = nn.Linear(H * D, hidden, bias=False)
-        self.register_buffer("state", torch.zeros(1, H, D, D, dtype=torch.float32), persistent=False)
+        self.state_cache = RecurrentState(H, D)
         self.register_buffer("decay", torch.empty(H, dtype=torch.float32), persistent=False)
         self.reset_buffers()
 
     @torch.no_grad()
     def reset_buffers(self) -> None:
         """(Re)build the decay rates from the spec and zero the state (also after meta-device construction)."""
-        H, D = self.num_heads, self.head_dim
-        self.decay = lightning_decay_rates(H, self.layer_index, self.num_layers)
-        self.state = torch.zeros(1, H, D, D, dtype=torch.float32)
-
-    @torch.no_grad()
-    def reset_cache(self) -> None:
-        self.state.zero_()
+        self.decay = lightning_decay_rates(self.num_heads, self.layer_index, self.num_layers)
+        self.state_cache.reset()
 
     def forward(self, x: torch.Tensor, rotary, positions: torch.Tensor, start_pos) -> torch.Tensor:
         """x: [B, T, hidden] (normed layer input); positions: [T]; start_pos None = cache-free, state from zero.
@@ -58,13 +75,10 @@ class LightningAttention(nn.Module):
         B, T, _ = x.shape
         H, D = self.num_heads, self.head_dim
         q, k, v = F.silu(self.qkv_proj(x)).view(B, T, H, 3 * D).split(D, dim=-1)
-        if start_pos is None:
-            state = torch.zeros(B, H, D, D, dtype=torch.float32)
-        else:  # position 0 starts a new sequence; tensor form so that export keeps one graph
-            state = torch.where(positions[:1].view(1, 1, 1, 1) == 0, torch.zeros_like(self.state), self.state)
+        state = torch.zeros(B, H, D, D, dtype=torch.float32) if start_pos is None else self.state_cache.read(positions)
         out, new_state = torch.ops.pocketllm.lightning_attention(q, k, v, state, self.decay, self.block_size)
         if start_pos is not None:
-            self.state.copy_(new_state)
+            self.state_cache.write(new_state)
         o = self.norm(out.reshape(B, T, H * D))
         o = torch.sigmoid(self.output_gate(x)) * o
         return self.out_proj(o)

@@ -11,6 +11,7 @@ import torch
 from pocketllm.export.checkpoint import Checkpoint, open_checkpoint
 from pocketllm.export.errors import PocketllmError
 from pocketllm.export.nn.decoder import CausalLM
+from pocketllm.export.nn.kv_cache import KVCache
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
@@ -47,10 +48,9 @@ def load_model(checkpoint, max_context: int | None = None, dtype: str | torch.dt
     for name, tensor in ckpt.iter_tensors(names=[n for n in ckpt.weight_map if n in wanted], dtype=dtype):
         state[name] = tensor  # packed tensors keep their stored dtypes (iter_tensors leaves them alone)
     model.load_state_dict(state, strict=True, assign=True)
-    for buf_owner in model.modules():
-        if hasattr(buf_owner, "k_cache"):
-            buf_owner.k_cache = torch.zeros(buf_owner.k_cache.shape, dtype=dtype)
-            buf_owner.v_cache = torch.zeros(buf_owner.v_cache.shape, dtype=dtype)
+    for cache in model.modules():
+        if isinstance(cache, KVCache):
+            cache.reset(dtype)  # real storage, in the compute dtype
     for module in model.modules():  # buffers computed from the spec (lightning decay rates and state)
         if hasattr(module, "reset_buffers"):
             module.reset_buffers()

@@ -25,7 +25,9 @@ import torch
 
 from pocketllm.export.checkpoint import CONFIG, Checkpoint, expected_tensors, open_checkpoint
 from pocketllm.export.errors import PocketllmError
-from pocketllm.export.init_checkpoint import atomic_directory, write_weights
+from pocketllm.export.families import get_family
+from pocketllm.export.atomic import atomic_directory
+from pocketllm.export.checkpoint_writer import write_weights
 from pocketllm.export.quant import any4, int4, int8, nf4
 from pocketllm.export.quant.calibrate import DEFAULT_ACT_STAT, ACT_STATS, ActivationStats, calibration_text, calibration_windows
 from pocketllm.export.quant.format import QuantConfig, TensorQuant
@@ -109,7 +111,7 @@ def quantize_checkpoint(checkpoint: str | Path | Checkpoint, out: str | Path, sc
     if quantize_lm_head and spec.tie_word_embeddings:
         raise PocketllmError("--quantize-lm-head: this model ties lm_head to model.embed_tokens "
                              "(tie_word_embeddings), and the embedding table stays in floating point")
-    recipe = recipe or default_recipe(scheme, group_size, quantize_lm_head)
+    recipe = recipe or default_recipe(scheme, group_size, quantize_lm_head, get_family(spec.family).float_modules)
     expected = expected_tensors(spec)
     plan = recipe.plan(expected, "--group-size")
     if not plan:

@@ -47,10 +47,13 @@ class Recipe:
         return out
 
 
-def default_recipe(scheme: str, group_size: int | None = None, quantize_lm_head: bool = False) -> Recipe:
-    """Every Linear of the decoder layers in `scheme`; embeddings, routers and (unless asked) lm_head kept.
+def default_recipe(scheme: str, group_size: int | None = None, quantize_lm_head: bool = False,
+                   keep_float: tuple[str, ...] | None = None) -> Recipe:
+    """Every Linear of the decoder layers in `scheme`; embeddings, the family's float modules (routers) and (unless
+    asked) lm_head kept.
 
     group_size None: 128 for the 4-bit schemes, per channel (0) for int8. 0 = one group per row.
+    keep_float: module patterns kept in floating point (a family's `float_modules`); None: every family's.
     """
     if scheme not in SCHEMES:
         raise PocketllmError(f"unknown --scheme {scheme!r} (expected one of: {', '.join(SCHEMES)})")
@@ -61,11 +64,14 @@ def default_recipe(scheme: str, group_size: int | None = None, quantize_lm_head:
     if scheme == "int8" and group_size:
         raise PocketllmError(f"--group-size {group_size}: int8 is per output channel, it takes no group size "
                              "(leave --group-size out)")
+    if keep_float is None:
+        from pocketllm.export.families import families
+
+        keep_float = tuple(p for f in families().values() for p in f.float_modules)
     tq = TensorQuant(scheme, group_size)
     return Recipe((
         Rule("model.embed_tokens", None),  # a lookup table, not a matmul
         Rule("lm_head", tq if quantize_lm_head else None),  # the most sensitive matmul: opt-in
-        Rule("*.primary_router", None),  # SmallThinker router: tiny, and routing flips are costly
-        Rule("*.block_sparse_moe.gate", None),  # MiniMax router (experts' gates are `experts.{e}.gate`/w1)
+        *(Rule(pattern, None) for pattern in keep_float),
         Rule("model.layers.*", tq),
     ))

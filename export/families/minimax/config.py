@@ -1,4 +1,4 @@
-"""model_type "minimax": MiniMax-style hybrids of lightning attention and softmax attention, with MoE.
+"""MiniMax config.json -> ModelSpec: hybrids of lightning attention and softmax attention, with MoE.
 
 Config keys exactly as transformers' `MiniMaxConfig` writes them (`save_pretrained`); defaults are that class's
 defaults, so a config.json that omits a key means what it means to transformers. Math: docs/lightning.md.
@@ -19,15 +19,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from pocketllm.export.spec import (LayerSpec, LightningSpec, ModelSpec, MoESpec, RopeSpec, _common, _Config, _eos_ids,
-                         register_family)
+from pocketllm.export.families.config import ConfigReader, common_keys, eos_ids, head_dim_of
+from pocketllm.export.spec import LayerSpec, LightningSpec, ModelSpec, MoESpec, RopeSpec
 
 LAYER_TYPES = {"linear_attention": "lightning", "full_attention": "softmax"}
 DEFAULT_THETA = 1_000_000.0  # MiniMaxConfig.default_theta
 DEFAULT_BLOCK_SIZE = 256
 
 
-def _layer_types(cfg: _Config, n: int) -> list[str]:
+def _layer_types(cfg: ConfigReader, n: int) -> list[str]:
     raw = cfg.raw.get("layer_types")
     if raw is None:  # transformers' default pattern
         return ["full_attention" if (i + 1) % 2 else "linear_attention" for i in range(n)]
@@ -40,7 +40,7 @@ def _layer_types(cfg: _Config, n: int) -> list[str]:
     return list(raw)
 
 
-def _rope(cfg: _Config, head_dim: int, max_pos: int) -> RopeSpec:
+def _rope(cfg: ConfigReader, head_dim: int, max_pos: int) -> RopeSpec:
     params: Any = cfg.raw.get("rope_parameters")
     if params is None:
         params = cfg.raw.get("rope_scaling") or {}
@@ -52,7 +52,7 @@ def _rope(cfg: _Config, head_dim: int, max_pos: int) -> RopeSpec:
     rope_type = params.get("rope_type", params.get("type", "default"))
     if rope_type != "default":
         raise cfg.fail(f"{key}.rope_type", "'default' (the only RoPE MiniMax uses)", rope_type)
-    sub = _Config(params, cfg.where)
+    sub = ConfigReader(params, cfg.where)  # keys inside rope_parameters / rope_scaling
     theta = sub.get("rope_theta", "posfloat", None, required=False)
     if theta is None:
         theta = cfg.get("rope_theta", "posfloat", DEFAULT_THETA, required=False)
@@ -70,16 +70,11 @@ def _rope(cfg: _Config, head_dim: int, max_pos: int) -> RopeSpec:
     return RopeSpec(theta=theta, dim=dim, max_position_embeddings=max_pos)
 
 
-def minimax_spec(cfg: _Config) -> ModelSpec:
-    c = _common(cfg)
+def parse(cfg: ConfigReader) -> ModelSpec:
+    c = common_keys(cfg)
     c["rms_norm_eps"] = cfg.get("rms_norm_eps", "posfloat", 1e-5, required=False)  # MiniMaxConfig's default
     hidden, heads, n_layers = c["hidden_size"], c["num_heads"], c["num_layers"]
-    head_dim = cfg.get("head_dim", "posint", None, required=False)
-    if head_dim is None:
-        if hidden % heads:
-            raise cfg.fail("head_dim", f"given when hidden_size ({hidden}) is not a multiple of num_attention_heads",
-                           None)
-        head_dim = hidden // heads
+    head_dim = head_dim_of(cfg, hidden, heads, even=False)  # partial RoPE: only the rotated channels pair up
     act = cfg.get("hidden_act", "str", "silu", required=False)
     if act != "silu":
         raise cfg.fail("hidden_act", "'silu' (lightning q/k/v and the SwiGLU experts use it)", act)
@@ -89,8 +84,8 @@ def minimax_spec(cfg: _Config) -> ModelSpec:
     if active > experts:
         raise cfg.fail("num_experts_per_tok", f"at most num_local_experts ({experts})", active)
     intermediate = cfg.get("intermediate_size", "posint")
-    moe = MoESpec(num_experts=experts, top_k=active, ffn_hidden_size=intermediate, router_softmax=True,
-                  router_input="post_attention_norm", activation="swiglu")
+    moe = MoESpec(num_experts=experts, top_k=active, ffn_hidden_size=intermediate, router="post_attention",
+                  router_softmax=True, activation="silu")
 
     window = cfg.get("sliding_window", "posint", None, required=False)
     factors = {k: cfg.get(k, "float", 1.0, required=False) for k in (
@@ -114,9 +109,6 @@ def minimax_spec(cfg: _Config) -> ModelSpec:
         rope=_rope(cfg, head_dim, c["max_position_embeddings"]),
         layers=tuple(layers), moe=moe, lightning=lightning, lm_head_fp32=True,
         bos_token_id=cfg.get("bos_token_id", "int", 1, required=False),
-        eos_token_ids=_eos_ids(cfg, [2]),
+        eos_token_ids=eos_ids(cfg, [2]),
         **c,
     )
-
-
-register_family(("minimax",), "minimax", minimax_spec)

@@ -1,0 +1,66 @@
+"""MiniCPM4 presets for `init-checkpoint`: upstream config.json dicts (MODELS.md section 1) and a tiny test shape
+that keeps every feature (GQA, muP, InfLLM v2 engaged past a small dense_len, LongRoPE)."""
+
+from __future__ import annotations
+
+SPARSE_UPSTREAM = {"kernel_size": 32, "kernel_stride": 16, "init_blocks": 1, "block_size": 64, "window_size": 2048,
+                   "topk": 64, "use_nope": False, "dense_len": 8192}
+
+
+def minicpm4_config(*, vocab_size, hidden_size, num_hidden_layers, num_attention_heads, num_key_value_heads,
+                    intermediate_size, max_position_embeddings, tie_word_embeddings, head_dim=None,
+                    sparse_config=None, rope_scaling=None, bos_token_id=1, eos_token_id=(2,)) -> dict:
+    cfg = {
+        "architectures": ["MiniCPMForCausalLM"],
+        "model_type": "minicpm",
+        "vocab_size": vocab_size,
+        "hidden_size": hidden_size,
+        "num_hidden_layers": num_hidden_layers,
+        "num_attention_heads": num_attention_heads,
+        "num_key_value_heads": num_key_value_heads,
+        "intermediate_size": intermediate_size,
+        "hidden_act": "silu",
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 10000.0,
+        "max_position_embeddings": max_position_embeddings,
+        "scale_emb": 12,
+        "scale_depth": 1.4,
+        "dim_model_base": 256,
+        "tie_word_embeddings": tie_word_embeddings,
+        "initializer_range": 0.1,
+        "bos_token_id": bos_token_id,
+        "eos_token_id": list(eos_token_id),
+        "rope_scaling": rope_scaling,
+        "torch_dtype": "bfloat16",
+    }
+    if head_dim is not None:
+        cfg["head_dim"] = head_dim
+    if sparse_config is not None:
+        cfg["sparse_config"] = dict(sparse_config)
+    return cfg
+
+
+def longrope(head_dim: int, orig: int) -> dict:
+    # Smooth factors from 1 (high frequency) to 4 (low frequency): shaped like MiniCPM4's released lists.
+    n = head_dim // 2
+    short = [1.0 + 3.0 * (i / (n - 1)) ** 2 for i in range(n)]
+    return {"rope_type": "longrope", "short_factor": short, "long_factor": [f * 1.25 for f in short],
+            "original_max_position_embeddings": orig}
+
+
+PRESETS = {
+    "tiny": lambda: minicpm4_config(
+        vocab_size=512, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=160, max_position_embeddings=2048, tie_word_embeddings=True,
+        sparse_config={"kernel_size": 32, "kernel_stride": 16, "init_blocks": 1, "block_size": 64,
+                       "window_size": 128, "topk": 4, "use_nope": False, "dense_len": 512},
+        rope_scaling=longrope(16, 1024)),
+    "0.5b": lambda: minicpm4_config(
+        vocab_size=73448, hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
+        num_key_value_heads=2, intermediate_size=4096, max_position_embeddings=32768,
+        tie_word_embeddings=True, head_dim=64, sparse_config=SPARSE_UPSTREAM, eos_token_id=(2, 73440)),
+    "8b": lambda: minicpm4_config(
+        vocab_size=73448, hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
+        num_key_value_heads=2, intermediate_size=16384, max_position_embeddings=32768,
+        tie_word_embeddings=False, head_dim=128, sparse_config=SPARSE_UPSTREAM, eos_token_id=(2, 73440)),
+}

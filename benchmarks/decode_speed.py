@@ -38,10 +38,10 @@ def peak_rss_mib() -> float:
 
 class PteRunner:
     def __init__(self, bundle: Path, threads: int):
-        from pocketllm.runtime_py.executorch_runner import ExecutorchEngine
+        from pocketllm.runtime_py.runners.executorch import ExecutorchRunner
 
         t0 = time.perf_counter()
-        self.engine = ExecutorchEngine(bundle, verify=False, threads=threads)
+        self.engine = ExecutorchRunner(bundle, verify=False, threads=threads)
         self.load_s = time.perf_counter() - t0
         self.max_context = self.engine.max_context
         self.manifest = self.engine.manifest

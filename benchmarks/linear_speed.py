@@ -81,7 +81,7 @@ def main() -> None:
     import torch
     from executorch.runtime import Runtime
 
-    from pocketllm.runtime_py.executorch_runner import load_kernel_library, set_threads
+    from pocketllm.runtime_py.runners.executorch import load_kernel_library, set_threads
 
     torch.set_num_threads(1)
     load_kernel_library(needed=["pocketllm::any4_linear.out"])

@@ -22,8 +22,8 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=64)
     args = ap.parse_args()
 
-    from pocketllm.export.bundle import read_manifest
-    from pocketllm.runtime_py.executorch_runner import load_kernel_library, load_llama_ops
+    from pocketllm.export.bundle.manifest import read_manifest
+    from pocketllm.runtime_py.runners.executorch import load_kernel_library, load_llama_ops
 
     manifest = read_manifest(args.bundle)
     target = manifest["targets"]["executorch"]

@@ -1,5 +1,6 @@
-"""The one exception type users see. The CLI prints its message on one line and exits with code 2."""
+"""The one exception type users see (defined in runtime_py/errors.py, which the numpy reference's model math can
+import without importing export/). The CLI prints its message on one line and exits with code 2."""
 
+from pocketllm.runtime_py.errors import PocketllmError
 
-class PocketllmError(Exception):
-    """A user-facing error: the message names the file, key or tensor and what was expected."""
+__all__ = ["PocketllmError"]

@@ -14,7 +14,7 @@ from typing import Callable, Protocol, Sequence
 
 import numpy as np
 
-from pocketllm.export.errors import PocketllmError
+from pocketllm.runtime_py.errors import PocketllmError
 
 
 class Engine(Protocol):

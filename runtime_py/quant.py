@@ -22,7 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pocketllm.export.errors import PocketllmError
+from pocketllm.runtime_py.errors import PocketllmError
+from pocketllm.runtime_py.ops.any4_linear import any4_dequantize, dequantize_lut, unpack_codes
 from pocketllm.runtime_py.weights import load_weights
 
 NF4 = np.array([-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
@@ -33,34 +34,13 @@ INT4 = np.arange(16, dtype=np.float32) - np.float32(8)
 PACKED_SUFFIXES = ("qweight", "scales", "zeros", "lut")
 
 
-def unpack_codes(packed: np.ndarray) -> np.ndarray:
-    """uint8 [N, K/2] -> uint8 [N, K], low nibble first."""
-    n, half = packed.shape
-    codes = np.empty((n, 2 * half), dtype=np.uint8)
-    codes[:, 0::2] = packed & 0x0F
-    codes[:, 1::2] = packed >> 4
-    return codes
-
-
-def dequantize_lut(codes: np.ndarray, lut: np.ndarray, scales: np.ndarray, zeros: np.ndarray | None) -> np.ndarray:
-    """codes [N, K] (0..15), lut [N, 16] or [16], scales/zeros [N, G] -> float32 [N, K] = lut[code] * s (+ z)."""
-    n, k = codes.shape
-    groups = scales.shape[1]
-    lut = np.broadcast_to(np.asarray(lut, dtype=np.float32), (n, 16))
-    values = np.take_along_axis(lut, codes.astype(np.intp), axis=1)  # [N, K]
-    w = values.reshape(n, groups, k // groups) * scales.astype(np.float32)[:, :, None]
-    if zeros is not None:
-        w = w + zeros.astype(np.float32)[:, :, None]
-    return w.reshape(n, k)
-
-
 def dequantize(scheme: str, t: dict[str, np.ndarray]) -> np.ndarray:
     """Packed tensors of one module (suffix -> array, stored dtypes) -> float32 weight [N, K]."""
     if scheme == "int8":
         return t["qweight"].astype(np.float32) * t["scales"].astype(np.float32)
     codes = unpack_codes(t["qweight"])
     if scheme == "any4":
-        return dequantize_lut(codes, t["lut"].astype(np.float32), t["scales"], t["zeros"])
+        return any4_dequantize(t["qweight"], t["lut"], t["scales"], t["zeros"])
     if scheme == "int4":
         return dequantize_lut(codes, INT4, t["scales"], t["zeros"])
     if scheme == "nf4":

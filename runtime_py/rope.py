@@ -19,9 +19,12 @@ from __future__ import annotations
 
 import math
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 
-from pocketllm.export.spec import RopeSpec
+if TYPE_CHECKING:  # annotations only: the spec's RopeSpec fields are read, no code is shared
+    from pocketllm.export.spec import RopeSpec
 
 
 def rope_tables(rope: RopeSpec, max_context: int) -> tuple[np.ndarray, np.ndarray]:

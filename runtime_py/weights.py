@@ -19,7 +19,7 @@ from typing import Iterable
 
 import numpy as np
 
-from pocketllm.export.errors import PocketllmError
+from pocketllm.runtime_py.errors import PocketllmError
 
 SUPPORTED_DTYPES = ("F32", "F16", "BF16")
 

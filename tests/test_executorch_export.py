@@ -38,7 +38,7 @@ def ascii_tokenizer(vocab_size: int, specials: list[str]):
     valid UTF-8 on its own, which ExecuTorch's runner needs to hand each token piece to Python."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    from pocketllm.export.cli.parity import DEFAULT_PROMPTS
+    from pocketllm.runtime_py.parity import DEFAULT_PROMPTS
 
     text = "".join(c for c in BUILTIN_TEXT + " ".join(DEFAULT_PROMPTS) if ord(c) < 128)
     tok = Tokenizer(models.BPE())
@@ -109,12 +109,12 @@ def test_parity_fp32(bundles, name):
     _, bundle = bundles[name]
     r = runner.invoke(app, ["parity", str(bundle), "--steps", "64"])
     assert r.exit_code == 0, r.output
-    report = json.loads((bundle / "parity.json").read_text())
+    report = json.loads((bundle / "parity.json").read_text())["executorch"]
     assert report["passed"] and report["continuations_identical"]
     assert report["max_abs_delta"] <= 1e-3
     assert all(p["steps"] == 64 for p in report["prompts"])
     manifest = json.loads((bundle / "manifest.json").read_text())
-    assert manifest["parity"]["passed"]
+    assert manifest["parity"]["executorch"]["passed"]
     if name == "minicpm4_infllm":
         assert report["infllm_engaged"], "no prompt made InfLLM v2 drop a block"
 
@@ -122,12 +122,12 @@ def test_parity_fp32(bundles, name):
 def test_bundle_contents(bundles):
     _, bundle = bundles["minicpm4_infllm"]
     manifest = json.loads((bundle / "manifest.json").read_text())
-    assert manifest["schema_version"] == 1
+    assert manifest["schema_version"] == 2
     assert {"model.pte", "tokenizer.json", "tokenizer_config.json"} <= set(manifest["files"])
     target = manifest["targets"]["executorch"]
     assert target["file"] == "model.pte" and len(target["sha256"]) == 64
     assert target["size"] == (bundle / "model.pte").stat().st_size
-    assert target["custom_ops"] == ["pocketllm::infllm_attention.out"]  # the op stays whole, no decomposition
+    assert target["requires_kernels"] == ["pocketllm::infllm_attention.out"]  # the op stays whole, no decomposition
     # bf16-valued weights: the gather table is stored in bf16 (tied head keeps fp32); fp32 weights keep fp32.
     assert target["embedding_table_dtype"] == "bf16"
     for name in ("smallthinker", "minimax"):
@@ -140,14 +140,14 @@ def test_bundle_contents(bundles):
     dense = json.loads((bundles["minicpm4_dense"][1] / "manifest.json").read_text())["targets"]["executorch"]
     assert "llama::custom_sdpa.out" in dense["operators"] and dense["llama_sdpa_layers"] == 1
     mm = json.loads((bundles["minimax"][1] / "manifest.json").read_text())["targets"]["executorch"]
-    assert mm["custom_ops"] == ["pocketllm::lightning_attention.out"]
+    assert mm["requires_kernels"] == ["pocketllm::lightning_attention.out"]
 
 
 def test_constant_methods(bundles):
-    from pocketllm.runtime_py.executorch_runner import ExecutorchEngine
+    from pocketllm.runtime_py.runners.executorch import ExecutorchRunner
 
     ckpt, bundle = bundles["smallthinker"]
-    engine = ExecutorchEngine(bundle)
+    engine = ExecutorchRunner(bundle)
     spec = spec_from_config(json.loads((ckpt / "config.json").read_text()))
     assert engine.read_constant("get_max_seq_len") == 256  # tokens per call (--prefill-chunk)
     assert engine.read_constant("get_max_context_len") == MAX_CONTEXT
@@ -163,11 +163,11 @@ def test_chunked_prefill_matches_one_call(bundles):
     """Dynamic T: a prompt prefilled in chunks gives the logits of one pass (cache and lightning state); prompts
     longer than the program's T bound (256) are split by the engine."""
     from pocketllm.runtime_py import ReferenceModel
-    from pocketllm.runtime_py.executorch_runner import ExecutorchEngine
+    from pocketllm.runtime_py.runners.executorch import ExecutorchRunner
 
     for name in ("minimax", "minicpm4_infllm"):
         ckpt, bundle = bundles[name]
-        engine = ExecutorchEngine(bundle, verify=False)
+        engine = ExecutorchRunner(bundle, verify=False)
         ids = np.arange(3, 3 + 300) % 500
         whole = engine.forward(ids, 0)  # 256 + 44
         engine.reset()
@@ -181,10 +181,10 @@ def test_infllm_rewind_and_new_sequence_match_reference(bundles):
     """The kernel memoises compressed keys per cache buffer: rewinding (start_pos < cached length) and starting a
     new sequence must invalidate exactly the entries whose cache rows were rewritten."""
     from pocketllm.runtime_py import ReferenceModel
-    from pocketllm.runtime_py.executorch_runner import ExecutorchEngine
+    from pocketllm.runtime_py.runners.executorch import ExecutorchRunner
 
     ckpt, bundle = bundles["minicpm4_infllm"]
-    engine = ExecutorchEngine(bundle, verify=False)
+    engine = ExecutorchRunner(bundle, verify=False)
     ref = ReferenceModel.from_checkpoint(ckpt, max_context=MAX_CONTEXT)
     rng = np.random.default_rng(0)
     a, b = rng.integers(3, 500, 280), rng.integers(3, 500, 200)
@@ -213,7 +213,7 @@ def test_logits_and_generate_cli(bundles, tmp_path):
 
 RUNNER_SCRIPT = """
 import sys
-from pocketllm.runtime_py.executorch_runner import load_kernel_library, load_llama_ops
+from pocketllm.runtime_py.runners.executorch import load_kernel_library, load_llama_ops
 load_llama_ops()
 from executorch.extension.llm.runner import GenerationConfig, TextLLMRunner
 bundle, prompt, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
@@ -251,14 +251,15 @@ def export_any4(ckpt: Path, out: Path) -> Path:
 
 
 def check_any4_parity(bundle: Path) -> dict:
-    """any4 .pte vs the reference running the same quantized checkpoint (written beside the bundle)."""
+    """any4 .pte vs the reference running the same quantized checkpoint (inside the bundle, reference/)."""
     manifest = json.loads((bundle / "manifest.json").read_text())
     assert manifest["quantization"]["scheme"] == "any4"
-    assert "pocketllm::any4_linear.out" in manifest["targets"]["executorch"]["custom_ops"]
-    assert Path(manifest["source"]["checkpoint"]) == bundle.with_name(bundle.name + ".any4-checkpoint").resolve()
+    assert "pocketllm::any4_linear.out" in manifest["targets"]["executorch"]["requires_kernels"]
+    reference = json.loads((bundle / manifest["reference"]["dir"] / "config.json").read_text())
+    assert reference["quantization_config"]["scheme"] == "any4"
     r = runner.invoke(app, ["parity", str(bundle), "--steps", "64"])
     assert r.exit_code == 0, r.output
-    report = json.loads((bundle / "parity.json").read_text())
+    report = json.loads((bundle / "parity.json").read_text())["executorch"]
     assert report["passed"] and report["continuations_identical"] and report["max_abs_delta"] <= 1e-3
     return report
 
@@ -295,7 +296,7 @@ def test_unknown_target(tiny_dirs, tmp_path):
     r = runner.invoke(app, ["export", "--checkpoint", str(tiny_dirs["minicpm4_dense"]), "--target", "tflite",
                             "--out", str(tmp_path / "b")])
     assert r.exit_code == 2
-    assert "unknown --target 'tflite' (supported: executorch)" in r.output
+    assert "unknown --target 'tflite' (supported: " in r.output
     assert not (tmp_path / "b").exists()
 
 
@@ -309,12 +310,12 @@ def test_max_context_too_large(tiny_dirs, tmp_path):
 
 def test_failed_export_leaves_no_bundle(tiny_dirs, tmp_path, monkeypatch):
     from pocketllm.export.errors import PocketllmError
-    from pocketllm.export.targets import executorch as et
+    from pocketllm.export.targets.executorch import lower as et_lower
 
     def boom(*a, **k):
         raise PocketllmError("lowering failed (injected)")
 
-    monkeypatch.setattr(et, "lower", boom)
+    monkeypatch.setattr(et_lower, "lower", boom)
     out = tmp_path / "b"
     r = runner.invoke(app, ["export", "--checkpoint", str(tiny_dirs["minicpm4_dense"]), "--out", str(out),
                             "--max-context", "64"])

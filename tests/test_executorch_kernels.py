@@ -15,7 +15,7 @@ import torch
 from pocketllm.export.ops.any4_linear import any4_linear_reference
 from pocketllm.export.ops.infllm_attention import infllm_attention_reference, infllm_block_mask
 from pocketllm.export.ops.lightning_attention import lightning_attention_reference, lightning_decay_rates
-from pocketllm.runtime_py.executorch_runner import DEFAULT_KERNEL_LIBRARY, REPO
+from pocketllm.runtime_py.runners.executorch import DEFAULT_KERNEL_LIBRARY, REPO
 
 I = ctypes.c_int64
 
@@ -29,7 +29,7 @@ def build_kernels() -> None:
 @pytest.fixture(scope="session")
 def kernels() -> ctypes.CDLL:
     build_kernels()
-    from pocketllm.runtime_py.executorch_runner import load_kernel_library
+    from pocketllm.runtime_py.runners.executorch import load_kernel_library
 
     load_kernel_library(needed=["pocketllm::infllm_attention.out"])  # registers the ops (once per process)
     return ctypes.CDLL(str(DEFAULT_KERNEL_LIBRARY))
@@ -166,7 +166,7 @@ def test_any4_decode_simd_paths(tmp_path, isa):
 
 
 def test_library_loads_once(kernels):
-    from pocketllm.runtime_py.executorch_runner import load_kernel_library, registered_operators
+    from pocketllm.runtime_py.runners.executorch import load_kernel_library, registered_operators
 
     ops = {"pocketllm::infllm_attention.out", "pocketllm::lightning_attention.out", "pocketllm::any4_linear.out"}
     assert ops <= registered_operators()

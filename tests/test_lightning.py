@@ -17,7 +17,7 @@ from pocketllm.export.nn import load_model
 from pocketllm.export.nn.lightning import LightningAttention
 from pocketllm.export.ops.lightning_attention import lightning_decay_rates
 from pocketllm.runtime_py import ReferenceModel
-from pocketllm.runtime_py.lightning import decay_rates, lightning_attention, lightning_recurrent
+from pocketllm.runtime_py.ops.lightning_attention import decay_rates, lightning_attention, lightning_recurrent
 
 OP = torch.ops.pocketllm.lightning_attention
 H, D = 3, 8

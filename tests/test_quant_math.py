@@ -126,7 +126,7 @@ def test_any4_lut_entries_are_exact_in_fp16_and_bf16():
 
 def test_export_carries_lossless_luts_as_bf16():
     from pocketllm.export.nn.quant_linear import Any4Linear
-    from pocketllm.export.targets.executorch import any4_luts_to_bf16
+    from pocketllm.export.targets.executorch.swaps import any4_luts_to_bf16
 
     g = torch.Generator().manual_seed(4)
     layers = torch.nn.ModuleList([Any4Linear(64, 8, TensorQuant("any4", 32)) for _ in range(2)])

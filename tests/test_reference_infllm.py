@@ -14,7 +14,7 @@ import pytest
 
 from pocketllm.export.spec import SparseSpec
 from pocketllm.runtime_py.attention import causal_attention
-from pocketllm.runtime_py.infllm import compressed_keys, infllm_attention, kernel_range
+from pocketllm.runtime_py.ops.infllm_attention import compressed_keys, infllm_attention, kernel_range
 
 # ------------------------------------------------------------------------------------------ hand-checked cases
 # Kernels of 4 tokens every 2 tokens, blocks of 4 tokens: kernel j = tokens [2j, 2j+4) touches blocks b with

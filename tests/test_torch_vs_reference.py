@@ -13,7 +13,7 @@ from pocketllm.export.cli.run import run_logits
 from pocketllm.export.ops.infllm_attention import infllm_attention_reference, infllm_block_mask
 from pocketllm.export.spec import SparseSpec
 from pocketllm.runtime_py.generate import generate
-from pocketllm.runtime_py.infllm import infllm_attention as reference_infllm
+from pocketllm.runtime_py.ops.infllm_attention import infllm_attention as reference_infllm
 
 VARIANTS = ["minicpm4_dense", "minicpm4_sparse", "smallthinker_sigmoid", "smallthinker_softmax"]
 

@@ -9,12 +9,10 @@ import typer
 from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn
 
 from pocketllm.export.cli.common import console, user_errors
+from pocketllm.export.families import families
 
 
-class Arch(str, Enum):
-    minicpm4 = "minicpm4"
-    smallthinker = "smallthinker"
-    minimax = "minimax"
+Arch = Enum("Arch", {name: name for name in families()}, type=str)  # every registered family
 
 
 class WeightDType(str, Enum):
@@ -24,8 +22,8 @@ class WeightDType(str, Enum):
 
 def init_checkpoint(
     arch: Arch = typer.Option(..., "--arch", help="Model family."),
-    preset: str = typer.Option(..., "--preset", help="tiny | 0.5b | 8b (minicpm4); tiny | 4b-a0.6b | 21b-a3b "
-                               "(smallthinker); tiny (minimax)."),
+    preset: str = typer.Option(..., "--preset", help="; ".join(f"{' | '.join(f.presets)} ({f.name})"
+                                                                for f in families().values()) + "."),
     out: Path = typer.Option(..., "--out", help="Directory to create."),
     seed: int = typer.Option(0, "--seed"),
     dtype: WeightDType = typer.Option(WeightDType.bf16, "--dtype", help="Storage dtype of the weights."),

@@ -1,20 +1,29 @@
 """Engines behind `--engine`: each has forward(tokens int64 [T], start_pos) -> fp32 logits [T, vocab] and reset().
 
-torch: our export/nn model in eager mode. reference: the independent numpy runtime (runtime_py).
+torch: our export/nn model in eager mode, on a checkpoint. reference: the independent numpy runtime (runtime_py),
+on a checkpoint. Every registered target: that target's runner (runtime_py/runners/<target>.py) on a bundle.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
 import numpy as np
 
-from pocketllm.export.checkpoint import Checkpoint
 from pocketllm.export.errors import PocketllmError
+from pocketllm.export.targets import targets
 
-ENGINES = ("torch", "reference", "executorch")
+CHECKPOINT_ENGINES = ("torch", "reference")
+
+
+def engine_names() -> tuple[str, ...]:
+    return CHECKPOINT_ENGINES + tuple(targets())
 
 
 class TorchEngine:
-    def __init__(self, ckpt: Checkpoint, max_context: int | None, dtype: str | None):
+    def __init__(self, ckpt, max_context: int | None, dtype: str | None):
         import torch
 
         from pocketllm.export.nn import load_model
@@ -32,16 +41,29 @@ class TorchEngine:
         self.model.reset_cache()
 
 
-def open_source(checkpoint, bundle, engine_name: str, threads: int | None = None):
-    """What a command runs: the checkpoint (torch, reference) or, for --engine executorch, the bundle."""
-    if engine_name == "executorch":
-        if bundle is None:
-            raise PocketllmError("--engine executorch needs --bundle DIR (a bundle written by `pocketllm export`)")
-        from pocketllm.export.bundle import BundleSource
+class BundleSource:
+    """A bundle seen by the run commands where they expect a checkpoint: `.dir` holds the tokenizer, `.spec` the
+    few spec values they read (from the verified manifest)."""
 
-        return BundleSource.open(bundle, threads)
+    def __init__(self, bundle: Path, manifest: dict[str, Any], threads: int | None = None):
+        self.dir, self.manifest, self.threads = Path(bundle), manifest, threads
+        model, tok = manifest["model"], manifest["tokenizer"]
+        self.spec = SimpleNamespace(vocab_size=model["vocab_size"], max_position_embeddings=model["max_context"],
+                                    bos_token_id=tok["bos_id"], eos_token_ids=tuple(tok["eos_ids"]),
+                                    family=manifest["architecture"])
+
+
+def open_source(checkpoint, bundle, engine_name: str, threads: int | None = None):
+    """What a command runs: the checkpoint (torch, reference) or, for a target's engine, the bundle."""
+    if engine_name not in CHECKPOINT_ENGINES:
+        if bundle is None:
+            raise PocketllmError(f"--engine {engine_name} needs --bundle DIR (a bundle written by `pocketllm export`)")
+        from pocketllm.export.bundle.manifest import read_manifest
+
+        return BundleSource(Path(bundle), read_manifest(bundle, verify=True), threads)
     if bundle is not None:
-        raise PocketllmError("--bundle is read by --engine executorch only")
+        raise PocketllmError(f"--bundle is read by the artifact engines ({', '.join(targets())}), not --engine "
+                             f"{engine_name}")
     if checkpoint is None:
         raise PocketllmError(f"--engine {engine_name} needs --checkpoint DIR")
     from pocketllm.export.checkpoint import open_checkpoint
@@ -49,15 +71,15 @@ def open_source(checkpoint, bundle, engine_name: str, threads: int | None = None
     return open_checkpoint(checkpoint)
 
 
-def make_engine(name: str, ckpt: Checkpoint, max_context: int | None = None, dtype: str | None = None):
-    if name == "executorch":  # ckpt is a BundleSource (open_source); the cache size is the bundle's
-        from pocketllm.runtime_py.executorch_runner import ExecutorchEngine
-
-        return ExecutorchEngine(ckpt.dir, verify=False, threads=ckpt.threads)
+def make_engine(name: str, source, max_context: int | None = None, dtype: str | None = None):
     if name == "torch":
-        return TorchEngine(ckpt, max_context, dtype)
+        return TorchEngine(source, max_context, dtype)
     if name == "reference":
         from pocketllm.runtime_py import ReferenceModel
 
-        return ReferenceModel.from_checkpoint(ckpt.dir, max_context=max_context)
-    raise PocketllmError(f"unknown --engine {name!r} (expected one of: {', '.join(ENGINES)})")
+        return ReferenceModel.from_checkpoint(source.dir, max_context=max_context)
+    if name in targets():  # source is a BundleSource (open_source); the cache size is the bundle's
+        from pocketllm.runtime_py.runners import open_runner
+
+        return open_runner(source.dir, name, threads=source.threads, verify=False)
+    raise PocketllmError(f"unknown --engine {name!r} (expected one of: {', '.join(engine_names())})")

@@ -11,7 +11,7 @@ app.command("logits")(run.logits)
 app.command("generate")(run.generate)
 app.command("perplexity")(run.perplexity)
 app.command("quantize")(quantize.quantize)
-app.command("export")(export_cmd.export)  # ExecuTorch target
+app.command("export")(export_cmd.export)
 app.command("parity")(parity.parity)
 
 if __name__ == "__main__":

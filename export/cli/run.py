@@ -16,7 +16,7 @@ from rich.table import Table
 from pocketllm.export.checkpoint import open_checkpoint
 from pocketllm.export.atomic import atomic_write
 from pocketllm.export.cli.common import console, set_threads, user_errors
-from pocketllm.export.cli.engines import make_engine, open_source
+from pocketllm.export.cli.engines import engine_names, make_engine, open_source
 from pocketllm.export.errors import PocketllmError
 from pocketllm.export.tokenizer import load_tokenizer
 
@@ -26,10 +26,7 @@ class Mode(str, Enum):
     decode = "decode"
 
 
-class Engine(str, Enum):
-    torch = "torch"
-    reference = "reference"
-    executorch = "executorch"  # a bundle's model.pte (--bundle)
+Engine = Enum("Engine", {name: name for name in engine_names()}, type=str)  # torch, reference, every target
 
 
 class DType(str, Enum):
@@ -64,12 +61,13 @@ def logits(
     checkpoint: Path = typer.Option(None, "--checkpoint", help="Hugging Face style checkpoint directory."),
     tokens: str = typer.Option(..., "--tokens", help="Comma-separated token ids, e.g. 1,2,3."),
     mode: Mode = typer.Option(Mode.prefill, "--mode", help="prefill: one call; decode: one token per step."),
-    engine: Engine = typer.Option(Engine.torch, "--engine", help="torch (our model) or reference (numpy)."),
+    engine: Engine = typer.Option("torch", "--engine", help="torch (our model), reference (numpy) or a target's "
+                                  "runtime on --bundle."),
     out: Path = typer.Option(..., "--out", help="Where to write float32 logits [T, vocab] (.npy)."),
     max_context: int = typer.Option(None, "--max-context", help="KV cache length (default min(max pos, 4096))."),
     dtype: DType = typer.Option(DType.fp32, "--dtype", help="torch engine compute dtype (auto = checkpoint's)."),
     threads: int = typer.Option(None, "--threads", help="CPU threads for torch."),
-    bundle: Path = typer.Option(None, "--bundle", help="Bundle directory, for --engine executorch."),
+    bundle: Path = typer.Option(None, "--bundle", help="Bundle directory, for a target's engine."),
 ):
     """Write the logits of a token sequence to a .npy file."""
     _logits(checkpoint, tokens, mode.value, engine.value, out, max_context, dtype.value, threads, bundle)
@@ -103,11 +101,11 @@ def generate(
     temperature: float = typer.Option(0.8, "--temperature", min=0.0),
     top_p: float = typer.Option(0.95, "--top-p", min=0.0, max=1.0),
     seed: int = typer.Option(0, "--seed"),
-    engine: Engine = typer.Option(Engine.torch, "--engine"),
+    engine: Engine = typer.Option("torch", "--engine"),
     max_context: int = typer.Option(None, "--max-context", help="KV cache length (default min(max pos, 4096))."),
     dtype: DType = typer.Option(DType.fp32, "--dtype"),
     threads: int = typer.Option(None, "--threads"),
-    bundle: Path = typer.Option(None, "--bundle", help="Bundle directory, for --engine executorch."),
+    bundle: Path = typer.Option(None, "--bundle", help="Bundle directory, for a target's engine."),
 ):
     """Stream a continuation of PROMPT, then print prefill and decode speed."""
     _generate(checkpoint, prompt, max_new_tokens, greedy, temperature, top_p, seed, engine.value, max_context,
@@ -167,7 +165,7 @@ def perplexity(
     text: Path = typer.Option(..., "--text", help="Plain UTF-8 text file to score."),
     context: int = typer.Option(256, "--context", min=2, help="Window length in tokens (BOS + context-1 scored)."),
     max_tokens: int = typer.Option(None, "--max-tokens", help="Score only the first N tokens of the text."),
-    engine: Engine = typer.Option(Engine.torch, "--engine"),
+    engine: Engine = typer.Option("torch", "--engine"),
     dtype: DType = typer.Option(DType.fp32, "--dtype"),
     json_out: Path = typer.Option(None, "--json", help="Also write the result as JSON."),
     threads: int = typer.Option(None, "--threads"),

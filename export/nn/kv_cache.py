@@ -19,6 +19,15 @@ class KVCache(nn.Module):
         self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype), persistent=False)
         self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype), persistent=False)
 
+    @classmethod
+    def sharing(cls, cache: "KVCache") -> "KVCache":
+        """A cache of this class over `cache`'s buffers (a target's swap: same storage, another `update`)."""
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        new.register_buffer("k_cache", cache.k_cache, persistent=False)
+        new.register_buffer("v_cache", cache.v_cache, persistent=False)
+        return new
+
     @property
     def max_context(self) -> int:
         return self.k_cache.shape[1]

@@ -1,19 +1,42 @@
-"""Backends, one module each, imported lazily so that `--help` works without any SDK installed.
+"""The target registry: one package per phone runtime (`export/targets/<name>/`), each exposing `TARGET`.
 
-Each module exposes `export_<target>(model, spec, options, out_dir, progress)` and returns the manifest's
-`targets.<target>` entry (file name, methods, inputs/outputs, kernels needed).
+Packages are discovered, not listed; importing one never imports its SDK, so `--help` and argument validation work
+without any SDK installed. The CLI's `--target` choices, the pipeline, parity and the runners read this registry.
 """
 
 from __future__ import annotations
 
 import importlib
+import pkgutil
+from functools import cache
 
 from pocketllm.export.errors import PocketllmError
+from pocketllm.export.targets.base import Target
 
-TARGETS = {"executorch": "pocketllm.export.targets.executorch"}
+
+@cache
+def targets() -> dict[str, Target]:
+    """name -> Target for every package in this folder, in name order."""
+    found = {}
+    for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
+        if info.ispkg:
+            target = importlib.import_module(f"{__name__}.{info.name}").TARGET
+            found[target.name] = target
+    return found
 
 
-def target_module(name: str):
-    if name not in TARGETS:
-        raise PocketllmError(f"unknown --target {name!r} (supported: {', '.join(sorted(TARGETS))})")
-    return importlib.import_module(TARGETS[name])
+def get_target(name: str) -> Target:
+    known = targets()
+    if name not in known:
+        raise PocketllmError(f"unknown --target {name!r} (supported: {', '.join(known)})")
+    return known[name]
+
+
+def parse_targets(value: str) -> list[Target]:
+    """`--target executorch,coreml` -> the targets, in the order given, each once."""
+    names = [n.strip() for n in value.split(",") if n.strip()]
+    if not names:
+        raise PocketllmError(f"--target is empty (expected one or more of: {', '.join(targets())}, comma-separated)")
+    if len(set(names)) != len(names):
+        raise PocketllmError(f"--target {value!r} names a target twice")
+    return [get_target(n) for n in names]

@@ -18,10 +18,15 @@ Vectorised over queries: kernel scores [Hkv, T, n_kernels] -> block scores [Hkv,
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 
-from pocketllm.export.spec import SparseSpec
+
 from pocketllm.runtime_py.attention import masked_attention, softmax
+
+if TYPE_CHECKING:  # annotations only: the spec's SparseSpec fields are read, no code is shared
+    from pocketllm.export.spec import SparseSpec
 
 
 def uses_dense_fallback(total_len: int, sparse: SparseSpec) -> bool:

@@ -17,10 +17,11 @@ from pathlib import Path
 
 import numpy as np
 
-from pocketllm.export.errors import PocketllmError
+from pocketllm.runtime_py.errors import PocketllmError
 
+TARGET = "executorch"
 KERNEL_LIBRARY_ENV = "POCKETLLM_KERNELS"
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DEFAULT_KERNEL_LIBRARY = REPO / "kernels" / "build" / "libpocketllm_kernels.so"
 _loaded: dict[str, ctypes.CDLL] = {}
 
@@ -79,15 +80,15 @@ def set_threads(threads: int | None) -> None:
         portable_lib._unsafe_reset_threadpool(int(threads))
 
 
-class ExecutorchEngine:
+class ExecutorchRunner:
     """The `.pte` of a bundle. threads: ExecuTorch threadpool size (XNNPACK and our kernels share it)."""
 
     def __init__(self, bundle: str | Path, verify: bool = True, threads: int | None = None,
-                 kernel_library: str | Path | None = None):
-        from pocketllm.export.bundle import read_manifest
+                 kernel_library: str | Path | None = None, manifest: dict | None = None):
+        from pocketllm.export.bundle.manifest import read_manifest
 
         self.bundle = Path(bundle)
-        self.manifest = read_manifest(self.bundle, verify=verify)
+        self.manifest = manifest if manifest is not None else read_manifest(self.bundle, verify=verify)
         target = self.manifest.get("targets", {}).get("executorch")
         if target is None:
             raise PocketllmError(f"{self.bundle}: the bundle has no ExecuTorch target (manifest targets: "
@@ -99,7 +100,7 @@ class ExecutorchEngine:
         ops = target.get("operators", [])
         if any(op.startswith("llama::") for op in ops):
             load_llama_ops()
-        custom = target.get("custom_ops", [])
+        custom = target.get("requires_kernels", [])
         if custom:
             load_kernel_library(kernel_library, custom)
         set_threads(threads)
@@ -139,3 +140,6 @@ class ExecutorchEngine:
 
     def read_constant(self, name: str):
         return self.program.load_method(name).execute([])[0]
+
+
+Runner = ExecutorchRunner

@@ -25,22 +25,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 import numpy as np
 
-from pocketllm.export.errors import PocketllmError
-from pocketllm.export.spec import ModelSpec
 from pocketllm.runtime_py.attention import causal_attention
-from pocketllm.runtime_py.lightning import decay_rates, lightning_attention
+from pocketllm.runtime_py.decoder import check_max_context, check_tokens, rms_norm, take as _take
+from pocketllm.runtime_py.errors import PocketllmError
 from pocketllm.runtime_py.mlp import route, sigmoid, silu, swiglu
-from pocketllm.runtime_py.model import DEFAULT_MAX_CONTEXT, check_tokens, rms_norm
+from pocketllm.runtime_py.ops.lightning_attention import decay_rates, lightning_attention
 from pocketllm.runtime_py.rope import apply_rope, rope_tables
-
-
-def _take(weights: dict[str, np.ndarray], name: str, shape: tuple[int, ...]) -> np.ndarray:
-    if name not in weights:
-        raise PocketllmError(f"reference model: missing tensor '{name}' (expected shape {list(shape)})")
-    w = np.asarray(weights[name], dtype=np.float32)
-    if w.shape != shape:
-        raise PocketllmError(f"reference model: tensor '{name}' has shape {list(w.shape)}, expected {list(shape)}")
-    return w
 
 
 @dataclass
@@ -62,7 +52,7 @@ class MiniMaxLayer:
     wo: np.ndarray | None = None  # [H, Hq * D]
 
 
-def _layer(spec: ModelSpec, i: int, w: dict[str, np.ndarray]) -> MiniMaxLayer:
+def _layer(spec, i: int, w: dict[str, np.ndarray]) -> MiniMaxLayer:
     H, p = spec.hidden_size, f"model.layers.{i}."
     E, F, m = spec.moe.num_experts, spec.moe.ffn_hidden_size, p + "block_sparse_moe."
     layer = MiniMaxLayer(
@@ -88,23 +78,16 @@ def _layer(spec: ModelSpec, i: int, w: dict[str, np.ndarray]) -> MiniMaxLayer:
     return layer
 
 
-class MiniMaxReferenceModel:
+class Model:
     """Numpy reference of one MiniMax checkpoint with its own KV caches and lightning states (module docstring).
 
     Load it with `runtime_py.ReferenceModel.from_checkpoint(dir)`, which picks this class for minimax checkpoints.
     """
 
-    def __init__(self, spec: ModelSpec, weights: dict[str, np.ndarray], max_context: int | None = None):
+    def __init__(self, spec, weights: dict[str, np.ndarray], max_context: int | None = None):
         if spec.family != "minimax":
             raise PocketllmError(f"MiniMax reference model: expected a minimax spec (got family {spec.family!r})")
-        if max_context is None:
-            max_context = min(spec.max_position_embeddings, DEFAULT_MAX_CONTEXT)
-        if isinstance(max_context, bool) or not isinstance(max_context, (int, np.integer)) or max_context <= 0:
-            raise PocketllmError(f"reference model: max_context must be a positive integer (got {max_context!r})")
-        if max_context > spec.max_position_embeddings:
-            raise PocketllmError(f"reference model: max_context {max_context} exceeds the model's "
-                                 f"max_position_embeddings ({spec.max_position_embeddings})")
-        self.spec, self.max_context = spec, int(max_context)
+        self.spec, self.max_context = spec, check_max_context(spec, max_context)
         V, H = spec.vocab_size, spec.hidden_size
         self.embed = _take(weights, "model.embed_tokens.weight", (V, H))
         self.layers = [_layer(spec, i, weights) for i in range(spec.num_layers)]

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from pocketllm.export.errors import PocketllmError
+from pocketllm.runtime_py.errors import PocketllmError
 
 
 def decay_rates(num_heads: int, layer: int, num_layers: int) -> np.ndarray:

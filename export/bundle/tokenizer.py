@@ -1,0 +1,64 @@
+"""The tokenizer files of a bundle: copied from the checkpoint as upstream ships them (tokenizer.json and/or a
+SentencePiece tokenizer.model, tokenizer_config.json, ...), so every runtime finds the kind it reads."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+
+def copy_tokenizer(files: list[Path], out_dir: Path, bos_id: int | None = None) -> list[str]:
+    """Copy the tokenizer files. When tokenizer_config.json asks for a BOS token (`add_bos_token`, default true, as
+    export/tokenizer.py reads it) and tokenizer.json has no post-processor, the bundle's tokenizer.json gets one
+    that prepends it (TemplateProcessing "<bos> $A"): ExecuTorch's C++ tokenizer adds BOS only that way (runner
+    `num_bos=1`). pocketllm itself encodes without special tokens and adds BOS from the config, so it is unaffected."""
+    names = []
+    for f in files:
+        shutil.copyfile(f, out_dir / f.name)
+        names.append(f.name)
+    if bos_id is not None and "tokenizer.json" in names:
+        _add_bos_post_processor(out_dir, bos_id)
+    return names
+
+
+def _add_bos_post_processor(out_dir: Path, bos_id: int) -> bool:
+    add_bos = True
+    cfg = out_dir / "tokenizer_config.json"
+    if cfg.is_file():
+        try:
+            add_bos = bool(json.loads(cfg.read_text()).get("add_bos_token", True))
+        except json.JSONDecodeError:
+            return False
+    path = out_dir / "tokenizer.json"
+    tok = json.loads(path.read_text())
+    if not add_bos or tok.get("post_processor") is not None:
+        return False
+    bos = next((t["content"] for t in tok.get("added_tokens", []) if t.get("id") == bos_id), None)
+    if bos is None:
+        return False
+    special = {"SpecialToken": {"id": bos, "type_id": 0}}
+    tok["post_processor"] = {
+        "type": "TemplateProcessing",
+        "single": [special, {"Sequence": {"id": "A", "type_id": 0}}],
+        "pair": [special, {"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
+        "special_tokens": {bos: {"id": bos, "ids": [bos_id], "tokens": [bos]}},
+    }
+    path.write_text(json.dumps(tok, ensure_ascii=False))
+    return True
+
+
+def adds_bos(out_dir: Path) -> bool:
+    """Whether the bundle's tokenizer.json prepends BOS itself (ExecuTorch's runner then uses num_bos=1)."""
+    path = Path(out_dir) / "tokenizer.json"
+    return path.is_file() and json.loads(path.read_text()).get("post_processor") is not None
+
+
+def chat_template(out_dir: Path) -> str | None:
+    cfg = Path(out_dir) / "tokenizer_config.json"
+    if not cfg.is_file():
+        return None
+    try:
+        return json.loads(cfg.read_text()).get("chat_template")
+    except json.JSONDecodeError:
+        return None

@@ -1,0 +1,157 @@
+"""The export pipeline: checkpoint -> (quantize) -> model -> target(s) -> bundle. Plain functions; the CLI only
+parses flags.
+
+    request = ExportRequest(...)      every argument checked before any weight is read (`plan`)
+    manifest = run_export(request)    one atomic bundle directory with every target's artifact
+
+Quantization: `--quant any4|int4|int8` writes a quantized checkpoint (export/quant) straight into the bundle's
+`reference/` folder; every target exports those weights and parity runs the numpy reference on them. `8da4w` is
+torchao's in-graph scheme (ExecuTorch only); the reference then holds the floating-point weights.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import resource
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from pocketllm.export.atomic import atomic_directory
+from pocketllm.export.errors import PocketllmError
+
+PROJECT_SCHEMES = ("any4", "int4", "int8")  # written as quantized checkpoints by export/quant
+DEFAULT_PREFILL_CHUNK = 256
+
+
+@dataclass(frozen=True)
+class ExportRequest:
+    checkpoint: Path
+    out: Path
+    targets: str = "executorch"  # comma-separated target names
+    quant: str = "none"
+    max_context: int | None = None
+    prefill_chunk: int = DEFAULT_PREFILL_CHUNK
+    group_size: int | None = None
+    calibration: Path | None = None
+    force: bool = False
+
+
+@dataclass
+class ExportPlan:
+    """A validated request: the opened checkpoint, the targets and their options."""
+
+    request: ExportRequest
+    ckpt: Any  # export.checkpoint.Checkpoint
+    max_context: int
+    targets: list  # [(Target, options)]
+
+
+def peak_rss_mib() -> float:
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+def plan(request: ExportRequest) -> ExportPlan:
+    """Check every argument against the targets and the checkpoint's config (no weight data is read)."""
+    from pocketllm.export.checkpoint import open_checkpoint
+    from pocketllm.export.nn.load import resolve_max_context
+    from pocketllm.export.targets import parse_targets
+
+    targets = parse_targets(request.targets)
+    if request.quant == "8da4w" and [t.name for t in targets] != ["executorch"]:
+        raise PocketllmError("--quant 8da4w is ExecuTorch's in-graph scheme: use it with --target executorch alone")
+    out = Path(request.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not request.force:
+        raise PocketllmError(f"{out}: already exists and is not empty (pass --force to replace it)")
+    if request.calibration is not None and not Path(request.calibration).is_file():
+        raise PocketllmError(f"{request.calibration}: calibration text file not found")
+    ckpt = open_checkpoint(request.checkpoint)
+    have = ckpt.quantization.scheme if ckpt.quantization is not None else None
+    if have is not None and request.quant not in ("none", have):
+        raise PocketllmError(f"{ckpt.dir} is already quantized with {have}; export it with --quant {have} "
+                             "(or quantize the floating-point checkpoint)")
+    max_context = resolve_max_context(ckpt.spec, request.max_context)
+    quant = have or request.quant
+    chosen = []
+    for target in targets:
+        options = target.options(max_context=max_context, quant=quant, prefill_chunk=request.prefill_chunk,
+                                 group_size=request.group_size)
+        target.check_sdk()
+        chosen.append((target, options))
+    return ExportPlan(request=request, ckpt=ckpt, max_context=max_context, targets=chosen)
+
+
+def quant_summary(ckpt) -> dict:
+    q = ckpt.quantization
+    if q is None:
+        return {"scheme": "none", "bits_per_weight": 32}
+    return {"scheme": q.scheme, "group_size": q.group_size, "bits_per_weight": round(q.bits_per_weight(), 4),
+            "modules": len(q.modules), "calibration": q.calibration,
+            "lm_head": "fp32" if not any(m == "lm_head" for m in q.modules) else q.scheme}
+
+
+@contextlib.contextmanager
+def no_stages(name: str):
+    yield
+
+
+def run_export(request: ExportRequest, stage: Callable[[str], Any] = no_stages) -> dict:
+    """Write the bundle `request.out` atomically; returns its manifest. stage(name) is a context-manager factory
+    for progress display ("quantize", "load", "export", "lower", ...)."""
+    from pocketllm.export.bundle.manifest import write_manifest
+    from pocketllm.export.bundle.reference import REFERENCE_DIR, copy_reference
+    from pocketllm.export.bundle.tokenizer import copy_tokenizer
+    from pocketllm.export.checkpoint import open_checkpoint
+    from pocketllm.export.nn.load import load_model
+
+    p = plan(request)
+    ckpt, spec, out = p.ckpt, p.ckpt.spec, Path(request.out)
+    t_start = time.perf_counter()
+    timings: dict[str, float] = {}
+    with atomic_directory(out, force=request.force) as tmp:
+        reference = tmp / REFERENCE_DIR
+        if ckpt.quantization is None and request.quant in PROJECT_SCHEMES:
+            from pocketllm.export.quant.quantize import quantize_checkpoint
+
+            t0 = time.perf_counter()
+            with stage("quantize"):
+                text = Path(request.calibration).read_text(encoding="utf-8") if request.calibration else None
+                quantize_checkpoint(ckpt, reference, request.quant, group_size=request.group_size, calibration=text)
+            timings["quantize_s"] = time.perf_counter() - t0
+        else:
+            copy_reference(ckpt, reference)
+        weights = open_checkpoint(reference)  # the weights every target exports and parity checks
+        quant = quant_summary(weights)
+        entries = {}
+        for target, options in p.targets:
+            with stage("load"):
+                model, _ = load_model(weights, max_context=p.max_context, dtype="fp32")
+            entry = target.export(model, spec, options, tmp, stage)
+            del model
+            timings.update({f"{target.name}.{k}": v for k, v in entry.pop("timings", {}).items()})
+            if options.quant == "8da4w":
+                quant = entry["quantization"]
+            entries[target.name] = entry
+        tok_files = copy_tokenizer(ckpt.tokenizer_files, tmp, spec.bos_token_id)
+        config_sha = hashlib.sha256((ckpt.dir / "config.json").read_bytes()).hexdigest()
+        timings["total_s"] = time.perf_counter() - t_start
+        manifest = write_manifest(
+            tmp, name=out.name, spec=spec, max_context=p.max_context, tokenizer_files=tok_files, quant=quant,
+            targets=entries, chat=chat_format(tmp),
+            source={"checkpoint": Path(request.checkpoint).resolve().name, "weight_dtype": ckpt.weight_dtype,
+                    "config_sha256": config_sha,
+                    "calibration": Path(request.calibration).name if request.calibration else None},
+            extra={"export": {"timings": {k: round(v, 2) for k, v in timings.items()},
+                              "peak_rss_mib": peak_rss_mib()}})
+    return manifest
+
+
+def chat_format(bundle_dir: Path) -> dict | None:
+    """Per-role prefix/suffix strings rendered from the checkpoint's chat template (apps need no Jinja)."""
+    try:
+        from pocketllm.export.bundle.chat import chat_from_tokenizer_dir
+    except ImportError:  # export/bundle/chat.py lands with the app work
+        return None
+    return chat_from_tokenizer_dir(bundle_dir)

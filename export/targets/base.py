@@ -1,0 +1,71 @@
+"""What a target is: the record each `export/targets/<name>/` package exposes as `TARGET`.
+
+A target turns a loaded torch model (export/nn, possibly with packed quantized linears) into an artifact in the
+bundle directory and returns the manifest's `targets.<name>` entry. It owns:
+- its options (a dataclass with its defaults, validated before any model is loaded),
+- the module swaps its runtime needs (a KV-cache or attention-core module, a state module, an MoE dispatch; never a
+  re-implemented forward),
+- how it lowers each pocketllm op (`lowerings`: a kernel, a converter, a decomposition, or "unsupported" with the
+  reason), checked against the op registry by tests/ops/test_registry.py,
+- the lowering itself, with its SDK imported only inside its own folder.
+Runners for the artifact live in `runtime_py/runners/<name>.py`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from pocketllm.export.errors import PocketllmError
+
+LOWERING_KINDS = ("kernel", "converter", "decomposition", "unsupported")
+
+
+@dataclass(frozen=True)
+class Lowering:
+    """How a target runs one pocketllm op: `kind` from LOWERING_KINDS; `detail` names the kernel source, the
+    converter or decomposition, or says why the op is unsupported."""
+
+    kind: str
+    detail: str
+
+    def __post_init__(self):
+        if self.kind not in LOWERING_KINDS:
+            raise ValueError(f"Lowering kind must be one of {LOWERING_KINDS} (got {self.kind!r})")
+
+
+@dataclass(frozen=True)
+class CommonOptions:
+    """What every target's options share; the pipeline fills them from the CLI. Targets subclass with more."""
+
+    max_context: int
+    quant: str = "none"
+    prefill_chunk: int = 256
+    group_size: int | None = None
+
+
+class Target:
+    """Base class; subclasses set the class attributes and implement `export`."""
+
+    name: str = ""
+    summary: str = ""
+    artifact: str = ""  # what it writes into the bundle (file or folder name)
+    quant_schemes: tuple[str, ...] = ()  # --quant values it accepts
+    sdk: str = ""  # pip requirement of its SDK, for the "install it" message
+    options_class: type = CommonOptions
+    lowerings: dict[str, Lowering] = {}
+
+    def options(self, **values: Any):
+        """The target's options from the pipeline's values (one-line PocketllmError when invalid)."""
+        if values.get("quant", "none") not in self.quant_schemes:
+            raise PocketllmError(f"--quant {values.get('quant')!r} is not available for --target {self.name} "
+                                 f"(expected one of: {', '.join(self.quant_schemes)})")
+        return self.options_class(**values)
+
+    def check_sdk(self) -> None:
+        """Fail with one line naming what to install when the target's SDK is missing."""
+
+    def export(self, model, spec, options, out_dir: Path, stage: Callable[[str], Any]) -> dict[str, Any]:
+        """Write the artifact into out_dir; return the manifest's `targets.<name>` entry."""
+        raise NotImplementedError

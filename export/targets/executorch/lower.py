@@ -1,0 +1,149 @@
+"""The ExecuTorch lowering: torch.export -> XNNPACK partitioning -> one `.pte` following ExecuTorch's LLM runner
+contract.
+
+    forward(tokens int64 [1, T], start_pos int64 [1]) -> logits fp32 [1, T, vocab]     (T dynamic, 1..max_context)
+    get_bos_id, get_eos_ids, get_max_seq_len, get_max_context_len, get_vocab_size, use_kv_cache,
+    enable_dynamic_shape                                                                 (constant methods)
+
+KV caches and lightning states are mutable buffers inside the program (they persist across `forward` calls).
+Lowering choices: the module swaps in swaps.py (llama::update_cache / llama::custom_sdpa, bf16 tables); pocketllm ops
+stay single custom ops on our kernels (ops.py); linear layers go to XNNPACK (fp32, or torchao's int8-activation x
+int4-weight for `8da4w`); int4/int8 checkpoints (export/quant) dequantize in the graph (portable kernels, slow); MoE
+layers run every expert with zero weights for unselected ones (export/nn/moe.py, static shapes).
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from pocketllm.export.spec import ModelSpec
+from pocketllm.export.targets.executorch.options import ExecutorchOptions
+from pocketllm.export.targets.executorch.swaps import (any4_luts_to_bf16, embedding_table_to_bf16, quantize_torchao,
+                                                      use_llama_ops)
+
+PTE_FILE = "model.pte"
+FORMAT_VERSION = 1  # of the .pte contract above; bumped when methods or inputs change
+CUSTOM_OP_NAMESPACES = ("pocketllm::",)  # ops that need our kernel library; llama::* ship with ExecuTorch
+
+
+# ------------------------------------------------------------------------------------------ export + lower
+def metadata(spec: ModelSpec, max_context: int, prefill_chunk: int) -> dict[str, Any]:
+    """Constant methods ExecuTorch's LLM runner (and Android LlmModule) read; names as in runner/constants.h.
+    get_max_seq_len is the most tokens one forward call takes (the runner prefills longer prompts in chunks),
+    get_max_context_len the KV cache size."""
+    return {
+        "get_bos_id": spec.bos_token_id if spec.bos_token_id is not None else -1,
+        "get_eos_ids": list(spec.eos_token_ids),
+        "get_max_seq_len": prefill_chunk,
+        "get_max_context_len": max_context,
+        "get_vocab_size": spec.vocab_size,
+        "use_kv_cache": True,
+        "enable_dynamic_shape": True,
+        "get_pocketllm_format_version": FORMAT_VERSION,
+    }
+
+
+def export_program(model: nn.Module, max_tokens: int) -> "torch.export.ExportedProgram":
+    """torch.export of forward(tokens [1, T], start_pos [1]) with T dynamic in [1, max_tokens]."""
+    from torch.export import Dim
+
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.eval()
+    example_t = min(2, max_tokens)
+    tokens = torch.zeros(1, example_t, dtype=torch.long)
+    start = torch.zeros(1, dtype=torch.long)
+    dims = ({1: Dim("tokens", min=1, max=max_tokens)}, None) if max_tokens > 1 else None
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*_check_is_size.*")
+        return torch.export.export(model, (tokens, start), dynamic_shapes=dims, strict=False)
+
+
+def lower(ep, constants: dict[str, Any]):
+    """XNNPACK partitioning, then the ExecuTorch program (mutable buffers stay in the program)."""
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import EdgeCompileConfig, to_edge_transform_and_lower
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*_check_is_size.*")
+        return to_edge_transform_and_lower(
+            ep, partitioner=[XnnpackPartitioner()], constant_methods=constants,
+            compile_config=EdgeCompileConfig(_check_ir_validity=False, _skip_dim_order=True))
+
+
+def program_operators(et_program) -> list[str]:
+    plan = et_program.executorch_program.execution_plan
+    names = set()
+    for p in plan:
+        for op in p.operators:
+            names.add(op.name + (f".{op.overload}" if op.overload else ""))
+    return sorted(names)
+
+
+def export_executorch(model: nn.Module, spec: ModelSpec, options: ExecutorchOptions, out_dir: Path,
+                      stage: Callable[[str], Any] | None = None) -> dict:
+    """Write `out_dir/model.pte`; returns the manifest's `targets.executorch` entry.
+
+    `model` is a loaded CausalLM (quantized already for any4/int4/int8, by export/quant); 8da4w is applied here.
+    stage(name) is a context-manager factory for progress display ("export", "lower", "serialize"). The entry's
+    `quantization` holds what this target adds to the checkpoint's quantization (8da4w's scheme, LUT dtypes).
+    """
+    from contextlib import nullcontext
+
+    stage = stage or (lambda name: nullcontext())
+    timings: dict[str, float] = {}
+    quant_info: dict[str, Any] = {}
+    n_swapped = use_llama_ops(model) if options.llama_sdpa else 0
+    if options.quant == "8da4w":
+        with stage("quantize"):
+            t0 = time.perf_counter()
+            quant_info = quantize_torchao(model, options.group_size)
+            timings["quantize_s"] = time.perf_counter() - t0
+
+    lut_dtypes = any4_luts_to_bf16(model)
+    if lut_dtypes:
+        quant_info["lut_dtype_layers"] = lut_dtypes
+    embedding_dtype = "bf16" if embedding_table_to_bf16(model) else "fp32"
+    with stage("export"):
+        t0 = time.perf_counter()
+        chunk = min(options.prefill_chunk, options.max_context)
+        ep = export_program(model, chunk)
+        timings["export_s"] = time.perf_counter() - t0
+    with stage("lower"):
+        t0 = time.perf_counter()
+        edge = lower(ep, metadata(spec, options.max_context, chunk))
+        del ep
+        et = edge.to_executorch()
+        timings["lower_s"] = time.perf_counter() - t0
+    with stage("serialize"):
+        t0 = time.perf_counter()
+        with open(Path(out_dir) / PTE_FILE, "wb") as f:
+            et.write_to_file(f)
+        timings["serialize_s"] = time.perf_counter() - t0
+    ops = program_operators(et)
+    custom = [op for op in ops if op.startswith(CUSTOM_OP_NAMESPACES)]
+    return {
+        "file": PTE_FILE,
+        "format_version": FORMAT_VERSION,
+        "methods": ["forward", *metadata(spec, options.max_context, chunk)],
+        "prefill_chunk": chunk,
+        "inputs": [{"name": "tokens", "dtype": "int64", "shape": [1, "T"], "T": [1, chunk]},
+                   {"name": "start_pos", "dtype": "int64", "shape": [1]}],
+        "outputs": [{"name": "logits", "dtype": "float32", "shape": [1, "T", spec.vocab_size]}],
+        "mutable_buffers": "KV caches and lightning states, persistent across forward calls",
+        "delegates": ["XnnpackBackend"],
+        "operators": ops,
+        "requires_kernels": custom,  # [] = stock ExecuTorch runtimes (pip, Maven AAR, Swift package) run it
+        "kernel_library": "libpocketllm_kernels" if custom else None,
+        "llama_sdpa_layers": n_swapped,
+        "embedding_table_dtype": embedding_dtype,
+        "quantization": quant_info,
+        "timings": {k: round(v, 2) for k, v in timings.items()},
+    }
+

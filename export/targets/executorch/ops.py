@@ -1,0 +1,10 @@
+"""How the ExecuTorch target runs each pocketllm op: every op stays one custom op in the program (never
+decomposed) and runs on our C++ kernel (kernels/<op>.cpp, registered as `pocketllm::<op>.out`)."""
+
+from pocketllm.export.targets.base import Lowering
+
+LOWERINGS = {
+    "infllm_attention": Lowering("kernel", "kernels/infllm_attention.cpp"),
+    "lightning_attention": Lowering("kernel", "kernels/lightning_attention.cpp"),
+    "any4_linear": Lowering("kernel", "kernels/any4_linear.cpp"),
+}

@@ -1,0 +1,25 @@
+"""ExecuTorch target options: defaults and validation (before any model is loaded)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pocketllm.export.errors import PocketllmError
+from pocketllm.export.targets.base import CommonOptions
+
+QUANT_SCHEMES = ("none", "int8", "int4", "any4", "8da4w")
+
+
+@dataclass(frozen=True)
+class ExecutorchOptions(CommonOptions):
+    """max_context: KV cache positions (get_max_context_len). prefill_chunk: most tokens per forward call
+    (get_max_seq_len, the dynamic T's upper bound): memory planning sizes activations, logits included, for it.
+    group_size: 8da4w's group along K (default 128, falling back to the largest of 128/64/32 dividing K)."""
+
+    llama_sdpa: bool = True  # dense layers through llama::update_cache / llama::custom_sdpa
+
+    def __post_init__(self):
+        if self.prefill_chunk < 1:
+            raise PocketllmError(f"--prefill-chunk must be positive (got {self.prefill_chunk})")
+        if self.quant not in QUANT_SCHEMES:
+            raise PocketllmError(f"unknown --quant {self.quant!r} (expected one of: {', '.join(QUANT_SCHEMES)})")

@@ -1,0 +1,133 @@
+"""Module swaps of the ExecuTorch target (how the exported model differs from the eager one).
+
+- Softmax layers with a cache write it in place with `llama::update_cache` (slice assignment lowers to
+  slice_scatter + copy_, which copies the whole cache buffer on every call: 400 MB per token for a 0.5B model at 16K
+  context): LlamaKVCache.
+- Dense, non-windowed layers attend with `llama::custom_sdpa` (ExecuTorch's fused kernel, shipped in the wheel and
+  in the Android/iOS runtimes): CustomSdpaCore. InfLLM v2 and sliding-window cores are unchanged.
+- The embedding gather table is stored in bf16 when that is exact; any4 LUTs are carried as bf16 when lossless.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pocketllm.export.errors import PocketllmError
+from pocketllm.export.nn.attention_core import DenseCore
+from pocketllm.export.nn.kv_cache import KVCache
+
+
+class LlamaKVCache(KVCache):
+    """KVCache written with `llama::update_cache` (in place, layout [1, S, H, D]); same contract as KVCache."""
+
+    def update(self, k, v, start_pos):
+        torch.ops.llama.update_cache(k, self.k_cache, start_pos)
+        torch.ops.llama.update_cache(v, self.v_cache, start_pos)
+        return self.k_cache, self.v_cache
+
+
+class CustomSdpaCore(DenseCore):
+    """Causal attention of the T queries over cache[0:start_pos+T] with `llama::custom_sdpa` (GQA, scale
+    1/sqrt(D), fp32 softmax), reading the whole cache buffers. The cache-free path is DenseCore's."""
+
+    def forward(self, q, keys, values, start_pos, positions):
+        if start_pos is None:
+            return super().forward(q, keys, values, start_pos, positions)
+        return torch.ops.llama.custom_sdpa(q, keys, values, start_pos, None, 0.0, True, None)
+
+
+def use_llama_ops(model: nn.Module) -> int:
+    """Swap every KV cache to LlamaKVCache and every dense core to CustomSdpaCore, in place. Returns how many
+    attention blocks were swapped to custom_sdpa."""
+    import executorch.extension.llm.custom_ops.custom_ops  # noqa: F401  (registers llama::* for export)
+
+    from pocketllm.export.nn.attention import Attention
+
+    n = 0
+    for module in model.modules():
+        if isinstance(module, Attention):
+            module.cache = LlamaKVCache.sharing(module.cache)
+            if type(module.core) is DenseCore:
+                module.core = CustomSdpaCore()
+                n += 1
+    return n
+
+
+def _group_for(k: int, preferred: int) -> int:
+    for g in (preferred, 128, 64, 32):
+        if g <= k and k % g == 0:
+            return g
+    raise PocketllmError(f"8da4w: input width {k} is not a multiple of 32; use --quant none or int8")
+
+
+def quantize_torchao(model: nn.Module, group_size: int | None) -> dict[str, Any]:
+    """8da4w: XNNPACK's dynamically quantized linears via torchao, int8 activations (asymmetric, per token) x int4
+    symmetric groupwise weights (fp32 scales). Embeddings and a tied LM head stay fp32 (as for any4)."""
+    from torchao.quantization import Int8DynamicActivationIntxWeightConfig, quantize_
+    from torchao.quantization.granularity import PerGroup
+
+    group_size = group_size or 128
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    groups, numel, bits = set(), 0, 0.0
+    for m in linears:
+        g = _group_for(m.in_features, group_size)
+        groups.add(g)
+        quantize_(m, Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4, weight_granularity=PerGroup(g)),
+                  filter_fn=lambda mod, fqn: isinstance(mod, nn.Linear))
+        numel += m.in_features * m.out_features
+        bits += m.in_features * m.out_features * (4 + 32 / g)  # fp32 scale per group (XNNPACK converts to bf16)
+    return {"scheme": "8da4w", "weights": "int4 symmetric groupwise", "activations": "int8 dynamic per token",
+            "group_size": max(groups) if groups else None, "layers": len(linears),
+            "bits_per_weight": round(bits / numel, 3) if numel else None, "kernel": "XNNPACK (torchao)"}
+
+
+def any4_luts_to_bf16(model: nn.Module) -> dict[str, int]:
+    """Carry each any4 LUT as bf16 when that is lossless (always for LUTs `pocketllm quantize` writes, see
+    export/quant/any4.lut_grid): the kernel then widens entries with a shift instead of vcvtph2ps (1.4x faster
+    decode on x86). Other LUTs stay fp16 (the kernel's slower fp16 path). Returns {dtype: layers}."""
+    from pocketllm.export.nn.quant_linear import Any4Linear
+
+    counts: dict[str, int] = {}
+    for m in model.modules():
+        if isinstance(m, Any4Linear):
+            as_bf16 = m.lut.to(torch.bfloat16)
+            exact = torch.equal(as_bf16.to(torch.float32), m.lut.to(torch.float32))
+            if exact:
+                m.lut = as_bf16  # replaces the registered buffer
+            key = "bf16" if exact else {torch.float16: "fp16", torch.float32: "fp32"}.get(m.lut.dtype, str(m.lut.dtype))
+            counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
+class Bf16Embedding(nn.Module):
+    """Token embedding whose gather table is stored in bf16; gathered rows are widened to fp32 (exact)."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.register_buffer("weight", weight.detach().to(torch.bfloat16))
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return F.embedding(tokens, self.weight).to(torch.float32)
+
+
+def embedding_table_to_bf16(model: nn.Module) -> bool:
+    """bf16 checkpoints (every released MiniCPM4 / SmallThinker / MiniMax) load into fp32 values that are exact in
+    bf16: the `.pte` keeps the embedding gather table in bf16, half its bytes (0.5b: 150 of 770 MiB). A tied LM head
+    keeps the fp32 table as its own weight, which XNNPACK packs anyway. Call after any quantization of nn.Linear
+    layers (8da4w must not see the LM head). Returns whether the table was converted."""
+    emb = getattr(getattr(model, "model", None), "embed_tokens", None)
+    if not isinstance(emb, nn.Embedding) or emb.weight.dtype != torch.float32:
+        return False
+    w = emb.weight.detach()
+    if not torch.equal(w.to(torch.bfloat16).to(torch.float32), w):
+        return False
+    if model.lm_head is None:  # tied: give the head its own reference to the fp32 table
+        head = nn.Linear(w.shape[1], w.shape[0], bias=False)
+        head.weight = nn.Parameter(w, requires_grad=False)
+        model.lm_head = head
+    model.model.embed_tokens = Bf16Embedding(w)
+    return True

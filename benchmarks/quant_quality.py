@@ -36,7 +36,7 @@ sys.path.insert(0, str(REPO))
 
 from pocketllm.export.checkpoint import open_checkpoint  # noqa: E402
 from pocketllm.export.cli.engines import make_engine  # noqa: E402
-from pocketllm.export.cli.run import perplexity_of  # noqa: E402
+from pocketllm.runtime_py.evaluate import perplexity_of  # noqa: E402
 from pocketllm.export.quant.calibrate import ACT_STATS, DEFAULT_ACT_STAT  # noqa: E402
 from pocketllm.export.quant.quantize import quantize_checkpoint  # noqa: E402
 from pocketllm.export.tokenizer import load_tokenizer  # noqa: E402

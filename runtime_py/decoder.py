@@ -167,7 +167,7 @@ class PreNormDecoder:
             raise PocketllmError(f"forward: start_pos {start_pos} must be between 0 and the {self.length} cached "
                                  "tokens (positions cannot be skipped)")
         spec = self.spec
-        T, L = tokens.size, start_pos + tokens.size
+        L = start_pos + tokens.size
         eps, residual_scale = spec.rms_norm_eps, np.float32(spec.residual_scale)
 
         h = self.embed[tokens] * np.float32(spec.scale_emb)  # [T, H]

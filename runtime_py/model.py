@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pocketllm.runtime_py.decoder import DEFAULT_MAX_CONTEXT, check_tokens, rms_norm  # noqa: F401  (re-exported)
 from pocketllm.runtime_py.families import model_class
 
 

@@ -8,7 +8,7 @@ import torch
 
 from pocketllm.export.checkpoint import open_checkpoint
 from pocketllm.export.cli.engines import make_engine
-from pocketllm.export.cli.run import run_logits
+from pocketllm.runtime_py.evaluate import run_logits
 from tests.conftest import edit_config
 
 transformers = pytest.importorskip("transformers")

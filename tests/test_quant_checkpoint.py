@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from pocketllm.export.checkpoint import open_checkpoint
 from pocketllm.export.cli.engines import make_engine
 from pocketllm.export.cli.main import app
-from pocketllm.export.cli.run import run_logits
+from pocketllm.runtime_py.evaluate import run_logits
 from pocketllm.export.nn.quant_linear import Any4Linear, Int4Linear, Int8Linear
 from pocketllm.export.ops.any4_linear import any4_dequantize
 from pocketllm.export.quant.quantize import REPORT_FILE, quantize_checkpoint

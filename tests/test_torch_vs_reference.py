@@ -9,7 +9,7 @@ import torch
 
 from pocketllm.export.checkpoint import open_checkpoint
 from pocketllm.export.cli.engines import make_engine
-from pocketllm.export.cli.run import run_logits
+from pocketllm.runtime_py.evaluate import run_logits
 from pocketllm.export.ops.infllm_attention import infllm_attention_reference, infllm_block_mask
 from pocketllm.export.spec import SparseSpec
 from pocketllm.runtime_py.generate import generate

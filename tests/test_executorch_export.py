@@ -9,6 +9,7 @@ per session (module fixtures); each test then only runs the .pte.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -141,6 +142,20 @@ def test_bundle_contents(bundles):
     assert "llama::custom_sdpa.out" in dense["operators"] and dense["llama_sdpa_layers"] == 1
     mm = json.loads((bundles["minimax"][1] / "manifest.json").read_text())["targets"]["executorch"]
     assert mm["requires_kernels"] == ["pocketllm::lightning_attention.out"]
+
+
+def test_bundle_is_relocatable(bundles, tmp_path):
+    """A bundle copied elsewhere passes parity there: its reference weights travel inside it and its manifest
+    holds no absolute path (no path of the exporting machine at all)."""
+    _, original = bundles["minimax"]
+    moved = tmp_path / "elsewhere" / "bundle"
+    shutil.copytree(original, moved)
+    text = (moved / "manifest.json").read_text()
+    strings = [v for v in re.findall(r'"((?:[^"\\]|\\.)*)"', text)]
+    assert not [v for v in strings if v.startswith("/") or str(original.parent) in v]
+    r = runner.invoke(app, ["parity", str(moved), "--steps", "8"])
+    assert r.exit_code == 0, r.output
+    assert json.loads((moved / "parity.json").read_text())["executorch"]["passed"]
 
 
 def test_constant_methods(bundles):

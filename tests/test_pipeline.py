@@ -1,0 +1,42 @@
+"""export/pipeline.py: arguments reach the targets (every option, every target), checked before any weight is read."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pocketllm.export.errors import PocketllmError
+from pocketllm.export.pipeline import ExportRequest, plan
+
+
+def test_group_size_reaches_8da4w(tiny_dirs, tmp_path):
+    """`--quant 8da4w --group-size N` quantizes with groups of N (it used to be dropped on the way)."""
+    from pocketllm.export.nn import load_model
+    from pocketllm.export.targets.executorch.swaps import quantize_torchao
+
+    p = plan(ExportRequest(checkpoint=tiny_dirs["minicpm4_dense"], out=tmp_path / "b", quant="8da4w", group_size=32))
+    (target, options), = p.targets
+    assert target.name == "executorch" and options.group_size == 32
+    model, _ = load_model(p.ckpt, max_context=64, dtype="fp32")
+    report = quantize_torchao(model, options.group_size)
+    assert report["group_size"] == 32
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.tensor([[1, 2, 3]]), 0)).all()
+
+
+def test_8da4w_is_executorch_only(tiny_dirs, tmp_path, monkeypatch):
+    import pocketllm.export.targets as registry
+    from pocketllm.export.targets.base import Target
+
+    other = type("Other", (Target,), {"name": "other", "quant_schemes": ("none", "8da4w")})()
+    real = registry.get_target
+    monkeypatch.setattr(registry, "get_target", lambda name: other if name == "other" else real(name))
+    with pytest.raises(PocketllmError, match="8da4w is ExecuTorch's in-graph scheme"):
+        plan(ExportRequest(checkpoint=tiny_dirs["minicpm4_dense"], out=tmp_path / "b", quant="8da4w",
+                           targets="executorch,other"))
+
+
+def test_a_target_named_twice_is_refused(tiny_dirs, tmp_path):
+    with pytest.raises(PocketllmError, match="names a target twice"):
+        plan(ExportRequest(checkpoint=tiny_dirs["minicpm4_dense"], out=tmp_path / "b",
+                           targets="executorch,executorch"))

@@ -20,10 +20,11 @@ from pathlib import Path
 from typing import Any, Callable
 
 from pocketllm.export.atomic import atomic_directory
+from pocketllm.export.defaults import DEFAULT_PREFILL_CHUNK, resolve_max_context
 from pocketllm.export.errors import PocketllmError
+from pocketllm.export.quant.format import SCHEMES
 
-PROJECT_SCHEMES = ("any4", "int4", "int8")  # written as quantized checkpoints by export/quant
-DEFAULT_PREFILL_CHUNK = 256
+PROJECT_SCHEMES = SCHEMES  # written as quantized checkpoints by export/quant
 
 
 @dataclass(frozen=True)
@@ -56,7 +57,6 @@ def peak_rss_mib() -> float:
 def plan(request: ExportRequest) -> ExportPlan:
     """Check every argument against the targets and the checkpoint's config (no weight data is read)."""
     from pocketllm.export.checkpoint import open_checkpoint
-    from pocketllm.export.nn.load import resolve_max_context
     from pocketllm.export.targets import parse_targets
 
     targets = parse_targets(request.targets)

@@ -25,8 +25,6 @@ from pocketllm.runtime_py.errors import PocketllmError
 from pocketllm.runtime_py.ops.infllm_attention import infllm_attention
 from pocketllm.runtime_py.rope import apply_rope, rope_tables
 
-DEFAULT_MAX_CONTEXT = 4096
-
 
 def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
     """x / sqrt(mean(x^2) + eps) * weight over the last axis. x: [T, H], weight: [H]."""
@@ -45,8 +43,6 @@ def take(weights: dict[str, np.ndarray], name: str, shape: tuple[int, ...]) -> n
 
 
 def check_max_context(spec, max_context) -> int:
-    if max_context is None:
-        max_context = min(spec.max_position_embeddings, DEFAULT_MAX_CONTEXT)
     if isinstance(max_context, bool) or not isinstance(max_context, (int, np.integer)) or max_context <= 0:
         raise PocketllmError(f"reference model: max_context must be a positive integer (got {max_context!r})")
     if max_context > spec.max_position_embeddings:

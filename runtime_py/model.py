@@ -18,6 +18,11 @@ class ReferenceModel:
     (engine protocol: forward(tokens int [T], start_pos) -> logits float32 [T, vocab]; reset())."""
 
     def __new__(cls, spec, weights, max_context: int | None = None):
+        """max_context None: export's default cache size for this model (export/defaults.py)."""
+        if max_context is None:
+            from pocketllm.export.defaults import resolve_max_context
+
+            max_context = resolve_max_context(spec, None)
         return model_class(spec.family)(spec, weights, max_context=max_context)
 
     @classmethod

@@ -9,8 +9,9 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
+from pocketllm.export.defaults import DEFAULT_GROUP_SIZE, DEFAULT_MAX_CONTEXT, DEFAULT_PREFILL_CHUNK
 from pocketllm.export.cli.common import console, set_threads, user_errors
-from pocketllm.export.pipeline import DEFAULT_PREFILL_CHUNK, ExportRequest, run_export
+from pocketllm.export.pipeline import ExportRequest, run_export
 from pocketllm.export.targets import targets
 
 
@@ -18,12 +19,13 @@ def export(
     checkpoint: Path = typer.Option(..., "--checkpoint", help="Hugging Face style checkpoint directory."),
     target: str = typer.Option("executorch", "--target",
                                help=f"One or more of: {', '.join(targets())} (comma-separated: one bundle)."),
-    quant: str = typer.Option("none", "--quant", help="Weights: none (fp32), int8, int4, any4, 8da4w (ExecuTorch)."),
-    max_context: int = typer.Option(None, "--max-context", help="KV cache length (default min(max pos, 4096))."),
+    quant: str = typer.Option("none", "--quant", help="Weights: " + ", ".join(dict.fromkeys(
+                              s for t in targets().values() for s in t.quant_schemes)) + " (each target lists its own)."),
+    max_context: int = typer.Option(None, "--max-context", help=f"KV cache length (default min(max pos, {DEFAULT_MAX_CONTEXT}))."),
     out: Path = typer.Option(..., "--out", help="Bundle directory to create."),
     force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
     calibration: Path = typer.Option(None, "--calibration", help="Text file calibrating any4 (default: built in)."),
-    group_size: int = typer.Option(None, "--group-size", help="any4/int4/8da4w group along K (default 128)."),
+    group_size: int = typer.Option(None, "--group-size", help=f"any4/int4/nf4/8da4w group along K (default {DEFAULT_GROUP_SIZE})."),
     prefill_chunk: int = typer.Option(DEFAULT_PREFILL_CHUNK, "--prefill-chunk",
                                       help="Most tokens per forward call (get_max_seq_len); longer prompts are "
                                            "prefilled in chunks."),

@@ -8,6 +8,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
+from pocketllm.export.defaults import DEFAULT_MAX_CONTEXT
 from pocketllm.export.cli.common import console, set_threads, user_errors
 from pocketllm.export.cli.engines import make_engine, open_source
 from pocketllm.export.cli.run_options import DType, Engine
@@ -24,7 +25,7 @@ def generate(
     top_p: float = typer.Option(0.95, "--top-p", min=0.0, max=1.0),
     seed: int = typer.Option(0, "--seed"),
     engine: Engine = typer.Option("torch", "--engine"),
-    max_context: int = typer.Option(None, "--max-context", help="KV cache length (default min(max pos, 4096))."),
+    max_context: int = typer.Option(None, "--max-context", help=f"KV cache length (default min(max pos, {DEFAULT_MAX_CONTEXT}))."),
     dtype: DType = typer.Option(DType.fp32, "--dtype"),
     threads: int = typer.Option(None, "--threads"),
     bundle: Path = typer.Option(None, "--bundle", help="Bundle directory, for a target's engine."),

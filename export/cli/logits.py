@@ -9,6 +9,7 @@ import numpy as np
 import typer
 
 from pocketllm.export.atomic import atomic_write
+from pocketllm.export.defaults import DEFAULT_MAX_CONTEXT
 from pocketllm.export.cli.common import console, set_threads, user_errors
 from pocketllm.export.cli.engines import make_engine, open_source
 from pocketllm.export.cli.run_options import DType, Engine, parse_tokens
@@ -28,7 +29,7 @@ def logits(
     engine: Engine = typer.Option("torch", "--engine", help="torch (our model), reference (numpy) or a target's "
                                   "runtime on --bundle."),
     out: Path = typer.Option(..., "--out", help="Where to write float32 logits [T, vocab] (.npy)."),
-    max_context: int = typer.Option(None, "--max-context", help="KV cache length (default min(max pos, 4096))."),
+    max_context: int = typer.Option(None, "--max-context", help=f"KV cache length (default min(max pos, {DEFAULT_MAX_CONTEXT}))."),
     dtype: DType = typer.Option(DType.fp32, "--dtype", help="torch engine compute dtype (auto = checkpoint's)."),
     threads: int = typer.Option(None, "--threads", help="CPU threads for torch."),
     bundle: Path = typer.Option(None, "--bundle", help="Bundle directory, for a target's engine."),

@@ -9,22 +9,13 @@ from __future__ import annotations
 import torch
 
 from pocketllm.export.checkpoint import Checkpoint, open_checkpoint
+from pocketllm.export.defaults import resolve_max_context
 from pocketllm.export.errors import PocketllmError
 from pocketllm.export.nn.decoder import CausalLM
 from pocketllm.export.nn.kv_cache import KVCache
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
-DEFAULT_MAX_CONTEXT = 4096
-
-
-def resolve_max_context(spec, max_context: int | None) -> int:
-    if max_context is None:
-        return min(spec.max_position_embeddings, DEFAULT_MAX_CONTEXT)
-    if max_context <= 0 or max_context > spec.max_position_embeddings:
-        raise PocketllmError(f"max_context {max_context} must be between 1 and the model's "
-                             f"max_position_embeddings ({spec.max_position_embeddings})")
-    return max_context
 
 
 def load_model(checkpoint, max_context: int | None = None, dtype: str | torch.dtype | None = None) -> tuple[CausalLM, Checkpoint]:

@@ -11,10 +11,10 @@ from __future__ import annotations
 import fnmatch
 from dataclasses import dataclass
 
+from pocketllm.export.defaults import DEFAULT_GROUP_SIZE
 from pocketllm.export.errors import PocketllmError
 from pocketllm.export.quant.format import SCHEMES, TensorQuant, check_tensor_quant
 
-DEFAULT_GROUP_SIZE = 128
 
 
 @dataclass(frozen=True)

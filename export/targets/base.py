@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from pocketllm.export.defaults import DEFAULT_PREFILL_CHUNK
 from pocketllm.export.errors import PocketllmError
 
 LOWERING_KINDS = ("kernel", "converter", "decomposition", "unsupported")
@@ -41,7 +42,7 @@ class CommonOptions:
 
     max_context: int
     quant: str = "none"
-    prefill_chunk: int = 256
+    prefill_chunk: int = DEFAULT_PREFILL_CHUNK
     group_size: int | None = None
 
 

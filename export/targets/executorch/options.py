@@ -5,9 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from pocketllm.export.errors import PocketllmError
+from pocketllm.export.quant.format import SCHEMES
 from pocketllm.export.targets.base import CommonOptions
 
-QUANT_SCHEMES = ("none", "int8", "int4", "any4", "8da4w")
+# packed checkpoints (export/quant: any4 on our kernel, the others dequantized in the graph) and torchao's 8da4w
+QUANT_SCHEMES = ("none", *SCHEMES, "8da4w")
 
 
 @dataclass(frozen=True)

@@ -49,9 +49,9 @@ final class AppModel {
     let kernels = KernelCheck(
         infoPlistValue: Bundle.main.object(forInfoDictionaryKey: KernelCheck.infoPlistKey) as? String)
 
-    private var loadTask: Task<Void, Never>?
-    private var generationTask: Task<Void, Never>?
-    private var compiledModels: CompiledModelCache?
+    @ObservationIgnored private var loadTask: Task<Void, Never>?
+    @ObservationIgnored private var generationTask: Task<Void, Never>?
+    @ObservationIgnored private var compiledModels: CompiledModelCache?
 
     private static let settingsKey = "generationSettings"
     private static let computeUnitsKey = "computeUnits"

@@ -67,7 +67,7 @@ enum BundleLibrary {
         var copyError: Error?
         NSFileCoordinator().coordinate(readingItemAt: picked, options: [], error: &coordinationError) { readable in
             do {
-                try FileManager.default.copyItem(at: readable, to: copy)
+                try copyBundle(from: readable, to: copy)
             } catch {
                 copyError = error
             }
@@ -80,6 +80,15 @@ enum BundleLibrary {
         }
         try FileManager.default.moveItem(at: copy, to: destination)
         return destination
+    }
+
+    /// Everything but reference/ (the weights parity reads on the laptop; apps never do, and it can be gigabytes).
+    private static func copyBundle(from source: URL, to destination: URL) throws {
+        try FileManager.default.createDirectory(at: destination, withIntermediateDirectories: true)
+        for name in try FileManager.default.contentsOfDirectory(atPath: source.path) where name != "reference" {
+            try FileManager.default.copyItem(at: source.appendingPathComponent(name),
+                                             to: destination.appendingPathComponent(name))
+        }
     }
 
     static func delete(_ entry: BundleEntry) throws {

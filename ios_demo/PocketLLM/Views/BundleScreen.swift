@@ -7,7 +7,9 @@ struct BundleScreen: View {
     @Environment(AppModel.self) private var model
 
     var body: some View {
-        Group {
+        // A ZStack, not a Group: modifiers on a Group apply to each child, so onDisappear would fire on every
+        // phase change.
+        ZStack {
             switch model.phase {
             case .ready:
                 ChatView()

@@ -126,8 +126,8 @@ public struct BundleVerifier: Sendable {
         var hasher = StreamingSHA256()
         while true {
             try Task.checkCancellation()
-            let chunk: Data? = try withAutoreleasePool { try handle.read(upToCount: chunkSize) }
-            guard let chunk, !chunk.isEmpty else { break }
+            let read: Data? = try withAutoreleasePool { try handle.read(upToCount: chunkSize) }
+            guard let chunk = read, !chunk.isEmpty else { break }
             hasher.update(chunk)
             onChunk(Int64(chunk.count))
         }

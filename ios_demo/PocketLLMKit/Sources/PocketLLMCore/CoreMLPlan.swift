@@ -82,25 +82,28 @@ public struct CoreMLPlan: Equatable, Sendable {
     }
 
     private static func function(_ f: Manifest.CoreMLTarget.Function, key: String, vocab: Int) throws -> Function {
-        var tokens: Input?
-        var position: Input?
+        var tokensInput: Input?
+        var positionInput: Input?
         for (i, input) in f.inputs.enumerated() {
             let inputKey = "\(key).inputs[\(i)]"
             let resolved = try Self.input(input, key: inputKey)
             switch input.role {
             case "tokens":
-                if tokens != nil { throw invalid(inputKey, "a second input with role tokens") }
-                tokens = resolved
+                if tokensInput != nil { throw invalid(inputKey, "a second input with role tokens") }
+                tokensInput = resolved
             case "position":
-                if position != nil { throw invalid(inputKey, "a second input with role position") }
-                position = resolved
+                if positionInput != nil { throw invalid(inputKey, "a second input with role position") }
+                positionInput = resolved
             default:
                 let role = input.role ?? "null"
                 throw invalid(inputKey, "role \(role) is not one this app fills (tokens, position)")
             }
         }
-        guard let tokens else { throw invalid("\(key).inputs", "no input with role tokens") }
-        guard let position else { throw invalid("\(key).inputs", "no input with role position") }
+        guard let tokens = tokensInput else { throw invalid("\(key).inputs", "no input with role tokens") }
+        guard let position = positionInput else { throw invalid("\(key).inputs", "no input with role position") }
+        if position.name == tokens.name {
+            throw invalid("\(key).inputs", "the tokens and position inputs are both named \(tokens.name)")
+        }
         if position.count != 1 && position.count != tokens.count {
             throw invalid("\(key).inputs", "position input \(position.name) has \(position.count) elements, expected 1 "
                               + "or \(tokens.count)")
@@ -130,7 +133,7 @@ public struct CoreMLPlan: Equatable, Sendable {
         return Input(name: spec.name, dtype: spec.dtype, shape: try fixedShape(spec.shape, key: "\(key).shape"))
     }
 
-    private static func fixedShape(_ dims: [Dimension], key: String) throws -> [Int] {
+    private static func fixedShape(_ dims: [ShapeDimension], key: String) throws -> [Int] {
         var shape: [Int] = []
         for dim in dims {
             guard let n = dim.value, n > 0 else {

@@ -185,7 +185,7 @@ public struct Manifest: Decodable, Equatable, Sendable {
         /// "tokens" | "position" for inputs, "logits" for outputs; nil for states.
         public let role: String?
         public let dtype: String
-        public let shape: [Dimension]
+        public let shape: [ShapeDimension]
     }
 
     public struct FileEntry: Decodable, Equatable, Sendable {
@@ -195,7 +195,7 @@ public struct Manifest: Decodable, Equatable, Sendable {
 }
 
 /// One dimension of a shape: a number, or a symbol such as "T" (a dynamic token count).
-public enum Dimension: Decodable, Equatable, Sendable, CustomStringConvertible {
+public enum ShapeDimension: Decodable, Equatable, Sendable, CustomStringConvertible {
     case fixed(Int)
     case symbolic(String)
 

@@ -28,15 +28,15 @@ public actor CompiledModelCache {
         return CompiledModelCache(root: base.appendingPathComponent("CompiledModels", isDirectory: true))
     }
 
-    public func compiledModel(package: URL, key: String) async throws -> URL {
+    public func compiledModel(packageURL: URL, key: String) async throws -> URL {
         let destination = root.appendingPathComponent("\(key).mlmodelc", isDirectory: true)
         if FileManager.default.fileExists(atPath: destination.path) { return destination }
         let compiled: URL
         do {
-            compiled = try await MLModel.compileModel(at: package)
+            compiled = try await MLModel.compileModel(at: packageURL)
         } catch {
             throw PocketLLMError.modelLoadFailed(target: "Core ML",
-                                                 reason: "compiling \(package.lastPathComponent): \(error.localizedDescription)")
+                                                 reason: "compiling \(packageURL.lastPathComponent): \(error.localizedDescription)")
         }
         try FileManager.default.createDirectory(at: root, withIntermediateDirectories: true)
         // Compiled into a temporary directory: move it into place (replacing a half-written leftover).
@@ -69,9 +69,9 @@ public actor CoreMLLanguageModel: LogitsModel {
 
     public init(bundle: URL, manifest: Manifest, computeUnits: ComputeUnits, cache: CompiledModelCache) async throws {
         let plan = try CoreMLPlan(manifest: manifest)
-        let package = bundle.appendingPathComponent(plan.packagePath, isDirectory: true)
+        let packageURL = bundle.appendingPathComponent(plan.packagePath, isDirectory: true)
         let compiled = try await cache.compiledModel(
-            package: package, key: CoreMLPlan.cacheKey(manifest: manifest, packagePath: plan.packagePath))
+            packageURL: packageURL, key: CoreMLPlan.cacheKey(manifest: manifest, packagePath: plan.packagePath))
         let prefillModel = try await Self.load(compiled, function: plan.prefill.name, computeUnits: computeUnits)
         let decodeModel = try await Self.load(compiled, function: plan.decode.name, computeUnits: computeUnits)
         try Self.check(prefillModel, plan.prefill, states: plan.stateNames)

@@ -9,7 +9,7 @@ import XCTest
 struct Fixtures: Decodable {
     static let environmentKey = "POCKETLLM_IOS_FIXTURES"
 
-    struct Bundle: Decodable {
+    struct BundleFixture: Decodable {
         let path: String
         let target: String
         let name: String
@@ -36,7 +36,7 @@ struct Fixtures: Decodable {
         let expected: String
     }
 
-    let bundles: [Bundle]
+    let bundles: [BundleFixture]
     let chatCases: [ChatCase]
 
     enum CodingKeys: String, CodingKey {
@@ -48,12 +48,12 @@ struct Fixtures: Decodable {
 
     init(from decoder: Decoder) throws {
         let c = try decoder.container(keyedBy: CodingKeys.self)
-        bundles = try c.decode([Bundle].self, forKey: .bundles)
+        bundles = try c.decode([BundleFixture].self, forKey: .bundles)
         chatCases = try c.decode([ChatCase].self, forKey: .chatCases)
         root = URL(fileURLWithPath: "/")
     }
 
-    private init(bundles: [Bundle], chatCases: [ChatCase], root: URL) {
+    private init(bundles: [BundleFixture], chatCases: [ChatCase], root: URL) {
         self.bundles = bundles
         self.chatCases = chatCases
         self.root = root
@@ -75,7 +75,7 @@ struct Fixtures: Decodable {
         root.appendingPathComponent(relative, isDirectory: true)
     }
 
-    func bundles(target: String) throws -> [Bundle] {
+    func bundles(target: String) throws -> [BundleFixture] {
         let found = bundles.filter { $0.target == target }
         if found.isEmpty { throw XCTSkip("no \(target) fixture bundle (the exporter has no \(target) target here)") }
         return found

@@ -54,7 +54,11 @@ actor AlphabetModel: LogitsModel {
     func decode(_ token: Int, at position: Int) async throws -> [Float] {
         calls.append(.decode(Self.text([token]), at: position))
         decodes += 1
-        if decodes == cancelOnDecode { withUnsafeCurrentTask { $0?.cancel() } }
+        if decodes == cancelOnDecode {
+            withUnsafeCurrentTask { task in
+                if let task { task.cancel() }
+            }
+        }
         return logits(after: token)
     }
 

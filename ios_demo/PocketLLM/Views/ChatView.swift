@@ -97,13 +97,20 @@ struct TurnView: View {
                 .background(isUser ? Color.accentColor.opacity(0.15) : Color.secondary.opacity(0.1),
                             in: RoundedRectangle(cornerRadius: 12))
             if let stats = turn.stats {
-                Text(stats.summary + (stats.stopReason == .cancelled ? " · stopped" : "")
-                    + (stats.stopReason == .contextFull ? " · context full" : ""))
+                Text(Self.statsLine(stats))
                     .font(.caption2.monospacedDigit())
                     .foregroundStyle(.secondary)
             }
         }
         .frame(maxWidth: .infinity, alignment: isUser ? .trailing : .leading)
+    }
+
+    static func statsLine(_ stats: GenerationStats) -> String {
+        switch stats.stopReason {
+        case .cancelled: return stats.summary + " · stopped"
+        case .contextFull: return stats.summary + " · context full"
+        case .stopToken, .maxTokens: return stats.summary
+        }
     }
 }
 

@@ -107,9 +107,12 @@ public struct PortableSHA256 {
     private mutating func compress(_ block: UnsafeRawBufferPointer) {
         @inline(__always) func rotr(_ x: UInt32, _ n: UInt32) -> UInt32 { (x >> n) | (x << (32 - n)) }
         var w = [UInt32](repeating: 0, count: 64)
-        for t in 0..<16 {
-            w[t] = UInt32(block[4 * t]) << 24 | UInt32(block[4 * t + 1]) << 16
-                | UInt32(block[4 * t + 2]) << 8 | UInt32(block[4 * t + 3])
+        for t in 0..<16 {  // big-endian words
+            let b0 = UInt32(block[4 * t]) << 24
+            let b1 = UInt32(block[4 * t + 1]) << 16
+            let b2 = UInt32(block[4 * t + 2]) << 8
+            let b3 = UInt32(block[4 * t + 3])
+            w[t] = b0 | b1 | b2 | b3
         }
         for t in 16..<64 {
             let s0 = rotr(w[t - 15], 7) ^ rotr(w[t - 15], 18) ^ (w[t - 15] >> 3)

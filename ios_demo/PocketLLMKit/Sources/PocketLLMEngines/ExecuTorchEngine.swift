@@ -31,7 +31,7 @@ public final class ExecuTorchEngine: ChatEngine, @unchecked Sendable {
         let engine = ExecuTorchEngine(
             runner: TextRunner(modelPath: modelPath, tokenizerPath: tokenizerPath), manifest: manifest,
             tokenizer: tokenizer)
-        try await engine.onQueue { runner in
+        try await engine.onQueue { (runner: TextRunner) throws in
             do {
                 try runner.load()
             } catch {
@@ -70,7 +70,7 @@ public final class ExecuTorchEngine: ChatEngine, @unchecked Sendable {
         stopFlag.reset()
 
         return try await withTaskCancellationHandler {
-            try await onQueue { runner in
+            try await onQueue { (runner: TextRunner) throws -> GenerationStats in
                 runner.reset()
                 let clock = ContinuousClock()
                 let start = clock.now
@@ -127,10 +127,10 @@ public final class ExecuTorchEngine: ChatEngine, @unchecked Sendable {
 
     /// Runs `body` on the runner queue and resumes with its result.
     private func onQueue<T: Sendable>(_ body: @escaping @Sendable (TextRunner) throws -> T) async throws -> T {
-        let runner = UncheckedBox(runner)
+        let box = UncheckedBox(self.runner)
         return try await withCheckedThrowingContinuation { continuation in
             queue.async {
-                continuation.resume(with: Result { try body(runner.value) })
+                continuation.resume(with: Result { try body(box.value) })
             }
         }
     }

@@ -164,7 +164,7 @@ def swift_toolchain() -> tuple[str | None, str]:
 def export_bundle(checkpoint: Path, target: str, out: Path, *extra: str) -> dict:
     from typer.testing import CliRunner
 
-    from export.cli.main import app
+    from pocketllm.export.cli.main import app
 
     r = CliRunner().invoke(app, ["export", "--checkpoint", str(checkpoint), "--target", target, "--out", str(out),
                                  "--max-context", "128", "--threads", "1", *extra])
@@ -197,7 +197,9 @@ def test_swift_core_builds_and_passes_its_tests_on_exported_bundles(tmp_path_fac
     swift, why = swift_toolchain()
     if swift is None:
         pytest.skip(why)
-    from export.targets import TARGETS
+    from pocketllm.export.targets import targets
+
+    TARGETS = targets()
 
     tiny_dirs = request.getfixturevalue("tiny_dirs")  # only when the test runs: writing them takes a while
 
@@ -243,7 +245,9 @@ def test_swift_core_builds_and_passes_its_tests_on_exported_bundles(tmp_path_fac
 def test_coreml_manifest_names_are_the_package_names(tmp_path, request):
     """CoreMLEngine takes function, input, output and state names from targets.coreml; they must be exactly the
     names model.mlpackage defines (read from its spec with coremltools, on any OS)."""
-    from export.targets import TARGETS
+    from pocketllm.export.targets import targets
+
+    TARGETS = targets()
 
     if "coreml" not in TARGETS:
         pytest.skip("this checkout has no Core ML target (export/targets has no 'coreml')")

@@ -48,29 +48,29 @@ class RopeSpec:
     original_max_position_embeddings: int | None = None
     max_position_embeddings: int = 0
 
-    def factors(self, max_context: int) -> tuple[float, ...] | None:
-        """LongRoPE divisors for a cache of `max_context` tokens: the long list once it exceeds the original length.
-
-        Upstream switches per call on the current sequence length; with a static cache we decide once, from the
-        cache size, so that keys already in the cache never change rotation.
-        """
+    @property
+    def factors(self) -> tuple[float, ...] | None:
+        """LongRoPE divisors, chosen from the config alone as upstream's remote code does: the long list whenever
+        max_position_embeddings > original_max_position_embeddings, else the short one (never from the current
+        length or a cache size)."""
         if self.short_factor is None:
             return None
-        long = self.original_max_position_embeddings is not None and max_context > self.original_max_position_embeddings
-        return self.long_factor if long else self.short_factor
+        return self.long_factor if self.max_position_embeddings > self.original_max_position_embeddings else \
+            self.short_factor
 
     @property
     def attention_scaling(self) -> float:
-        n = self.original_max_position_embeddings
-        if self.short_factor is None or not n or self.max_position_embeddings <= n:
+        """cos/sin magnitude: sqrt(1 + ln(max_pos / original) / ln(original)) with LongRoPE, unclamped (below 1 when
+        max_pos < original, 1 when equal); 1 without."""
+        if self.short_factor is None:
             return 1.0
+        n = self.original_max_position_embeddings
         return math.sqrt(1.0 + math.log(self.max_position_embeddings / n) / math.log(n))
 
-    def inv_freq(self, max_context: int) -> list[float]:
+    def inv_freq(self) -> list[float]:
         base = [1.0 / (self.theta ** (2 * i / self.dim)) for i in range(self.dim // 2)]
-        factors = self.factors(max_context)
-        if factors is not None:
-            base = [f / s for f, s in zip(base, factors)]
+        if self.factors is not None:
+            base = [f / s for f, s in zip(base, self.factors)]
         return base
 
 

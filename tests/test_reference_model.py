@@ -165,10 +165,9 @@ def naive_logits(cfg: dict, w: dict[str, np.ndarray], tokens: np.ndarray, max_co
     rs = cfg.get("rope_scaling")
     if rs:
         orig = rs["original_max_position_embeddings"]
-        factors = rs["long_factor"] if max_context > orig else rs["short_factor"]
+        factors = rs["long_factor"] if cfg["max_position_embeddings"] > orig else rs["short_factor"]
         inv = [f / s for f, s in zip(inv, factors)]
-        if cfg["max_position_embeddings"] > orig:
-            mag = math.sqrt(1 + math.log(cfg["max_position_embeddings"] / orig) / math.log(orig))
+        mag = math.sqrt(1 + math.log(cfg["max_position_embeddings"] / orig) / math.log(orig))
 
     def rope(vec, pos):
         z = (vec[: D // 2] + 1j * vec[D // 2:]) * mag * np.exp(1j * pos * np.array(inv))
@@ -236,13 +235,13 @@ LONGROPE = {"rope_type": "longrope", "original_max_position_embeddings": 64,
 
 @pytest.mark.parametrize("variant", ["plain", "longrope_short", "longrope_long"])
 def test_minicpm4_matches_token_by_token_float64_math(tmp_path, variant):
-    """muP scalings, SwiGLU, GQA, rotate-half RoPE and LongRoPE (short list while the cache fits the original
-    length, long list and the sqrt(1 + ln(max/orig)/ln(orig)) magnitude beyond it)."""
+    """muP scalings, SwiGLU, GQA, rotate-half RoPE and LongRoPE (upstream: the short list when max_pos <= original,
+    the long list when max_pos > original, magnitude sqrt(1 + ln(max_pos/orig)/ln(orig)) unclamped)."""
     cfg = minicpm4_config(head_dim=16)
     max_context = 128
     if variant != "plain":
-        cfg.update(max_position_embeddings=256, rope_scaling=LONGROPE)
-        max_context = 64 if variant == "longrope_short" else 128
+        cfg.update(max_position_embeddings=256 if variant == "longrope_long" else 48, rope_scaling=LONGROPE)
+        max_context = 48
     model = build(tmp_path, cfg, max_context=max_context)
     tokens = tokens_for(cfg, 12)
     expected = naive_logits(cfg, random_weights(cfg), tokens, max_context)
@@ -398,18 +397,30 @@ def test_f16_tensors_and_non_finite_weights(tmp_path):
         load_file(tmp_path / "w.safetensors")
 
 
-def test_longrope_tables_switch_factor_lists_on_cache_size():
-    cfg = minicpm4_config(head_dim=16, max_position_embeddings=256, rope_scaling=LONGROPE)
+@pytest.mark.parametrize("max_pos,long", [(256, True), (64, False), (48, False)])
+def test_longrope_factor_list_and_magnitude_depend_on_the_config_only(max_pos, long):
+    """Upstream's rule: factors = long_factor if max_position_embeddings > original else short_factor, and
+    cos/sin *= sqrt(1 + ln(max_pos / original) / ln(original)) with no clamp (< 1 below the original) — whatever the
+    cache size. The torch table and the numpy table agree."""
+    import torch
+
+    from pocketllm.export.nn.rope import RotaryTable
+
+    cfg = minicpm4_config(head_dim=16, max_position_embeddings=max_pos, rope_scaling=LONGROPE)
     rope = spec_from_config(cfg).rope
-    magnitude = math.sqrt(1 + math.log(256 / 64) / math.log(64))
-    for max_context, factors in [(64, LONGROPE["short_factor"]), (65, LONGROPE["long_factor"])]:
+    magnitude = math.sqrt(1 + math.log(max_pos / 64) / math.log(64))
+    factors = LONGROPE["long_factor"] if long else LONGROPE["short_factor"]
+    for max_context in (16, 48):  # the cache size changes nothing
         cos, sin = rope_tables(rope, max_context)
+        table = RotaryTable(rope, max_context)
         assert cos.shape == sin.shape == (max_context, 16)
-        pos, i = 50, 3
+        pos, i = 13, 3
         angle = pos * (1 / 10000 ** (2 * i / 16)) / factors[i]
         for col in (i, i + 8):  # both halves share frequency i
             assert cos[pos, col] == pytest.approx(math.cos(angle) * magnitude, abs=1e-5)
             assert sin[pos, col] == pytest.approx(math.sin(angle) * magnitude, abs=1e-5)
+            assert float(table.cos[pos, col]) == pytest.approx(cos[pos, col], abs=1e-6)
+    assert (magnitude < 1) == (max_pos < 64)
 
 
 def test_generate_with_the_reference_model_is_deterministic_and_stops_at_eos(tmp_path):

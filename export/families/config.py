@@ -76,6 +76,13 @@ class ConfigReader:
         return [int(v) for v in value]
 
 
+def bos_id(cfg: ConfigReader, default: int | None) -> int | None:
+    """`bos_token_id`: the config class default when the key is absent; an explicit null means no BOS."""
+    if "bos_token_id" not in cfg.raw:
+        return default
+    return cfg.get("bos_token_id", "int", None, required=False)
+
+
 def eos_ids(cfg: ConfigReader, default: list[int]) -> tuple[int, ...]:
     eos = cfg.raw.get("eos_token_id", default)
     if eos is None:
@@ -86,8 +93,9 @@ def eos_ids(cfg: ConfigReader, default: list[int]) -> tuple[int, ...]:
     return tuple(eos)
 
 
-def common_keys(cfg: ConfigReader) -> dict[str, Any]:
-    """The keys every family shares, as ModelSpec keyword arguments."""
+def common_keys(cfg: ConfigReader, max_position_default: int | None = None) -> dict[str, Any]:
+    """The keys every family shares, as ModelSpec keyword arguments. max_position_default: the family's config class
+    default for max_position_embeddings (None: required)."""
     hidden = cfg.get("hidden_size", "posint")
     heads = cfg.get("num_attention_heads", "posint")
     kv_heads = cfg.get("num_key_value_heads", "posint", heads, required=False)
@@ -100,7 +108,8 @@ def common_keys(cfg: ConfigReader) -> dict[str, Any]:
         num_heads=heads,
         num_kv_heads=kv_heads,
         rms_norm_eps=cfg.get("rms_norm_eps", "posfloat", 1e-6, required=False),
-        max_position_embeddings=cfg.get("max_position_embeddings", "posint"),
+        max_position_embeddings=cfg.get("max_position_embeddings", "posint", max_position_default,
+                                        required=max_position_default is None),
         torch_dtype=str(cfg.raw.get("torch_dtype") or cfg.raw.get("dtype") or "float32"),
     )
 

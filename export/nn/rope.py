@@ -17,7 +17,7 @@ class RotaryTable(nn.Module):
         self.reset_tables()
 
     def reset_tables(self) -> None:
-        inv_freq = torch.tensor(self.rope.inv_freq(self.max_context), dtype=torch.float64).float()
+        inv_freq = torch.tensor(self.rope.inv_freq(), dtype=torch.float64).float()
         freqs = torch.outer(torch.arange(self.max_context, dtype=torch.float32), inv_freq)
         emb = torch.cat([freqs, freqs], dim=-1)
         scale = self.rope.attention_scaling

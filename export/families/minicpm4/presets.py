@@ -10,6 +10,7 @@ SPARSE_UPSTREAM = {"kernel_size": 32, "kernel_stride": 16, "init_blocks": 1, "bl
 def minicpm4_config(*, vocab_size, hidden_size, num_hidden_layers, num_attention_heads, num_key_value_heads,
                     intermediate_size, max_position_embeddings, tie_word_embeddings, head_dim=None,
                     sparse_config=None, rope_scaling=None, bos_token_id=1, eos_token_id=(2,)) -> dict:
+    """Every key upstream's MiniCPMConfig reads, as MiniCPM4's configs spell them."""
     cfg = {
         "architectures": ["MiniCPMForCausalLM"],
         "model_type": "minicpm",
@@ -28,9 +29,14 @@ def minicpm4_config(*, vocab_size, hidden_size, num_hidden_layers, num_attention
         "dim_model_base": 256,
         "tie_word_embeddings": tie_word_embeddings,
         "initializer_range": 0.1,
+        "pad_token_id": None,
         "bos_token_id": bos_token_id,
         "eos_token_id": list(eos_token_id),
         "rope_scaling": rope_scaling,
+        "use_cache": True,
+        "pretraining_tp": 1,
+        "attention_bias": False,
+        "attention_dropout": 0.0,
         "torch_dtype": "bfloat16",
     }
     if head_dim is not None:
@@ -48,6 +54,41 @@ def longrope(head_dim: int, orig: int) -> dict:
             "original_max_position_embeddings": orig}
 
 
+def released_like(**shape) -> dict:
+    """A config.json with exactly the keys and conventions of the released MiniCPM4-0.5B (MODELS.md section 1): no
+    model_type (the family comes from `architectures`), no rope_theta, no tie_word_embeddings, no head_dim,
+    rms_norm_eps 1e-5, LongRoPE with original = max_position_embeddings and identical short/long lists."""
+    max_pos = shape.pop("max_position_embeddings", 32768)
+    head_dim = shape["hidden_size"] // shape["num_attention_heads"]
+    factors = longrope(head_dim, max_pos)
+    factors["long_factor"] = list(factors["short_factor"])
+    return {
+        "architectures": ["MiniCPMForCausalLM"],
+        "auto_map": {"AutoConfig": "configuration_minicpm.MiniCPMConfig",
+                     "AutoModel": "modeling_minicpm.MiniCPMModel",
+                     "AutoModelForCausalLM": "modeling_minicpm.MiniCPMForCausalLM"},
+        "bos_token_id": 1,
+        "eos_token_id": [2, 73440],
+        "hidden_act": "silu",
+        "initializer_range": 0.1,
+        "max_position_embeddings": max_pos,
+        "rms_norm_eps": 1e-05,
+        "rope_scaling": factors,
+        "scale_emb": 12,
+        "dim_model_base": 256,
+        "scale_depth": 1.4,
+        "sparse_config": dict(SPARSE_UPSTREAM),
+        "torch_dtype": "bfloat16",
+        "use_cache": True,
+        **shape,
+    }
+
+
+def released_0_5b() -> dict:
+    return released_like(vocab_size=73448, hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                         num_attention_heads=16, num_key_value_heads=2)
+
+
 PRESETS = {
     "tiny": lambda: minicpm4_config(
         vocab_size=512, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -55,10 +96,7 @@ PRESETS = {
         sparse_config={"kernel_size": 32, "kernel_stride": 16, "init_blocks": 1, "block_size": 64,
                        "window_size": 128, "topk": 4, "use_nope": False, "dense_len": 512},
         rope_scaling=longrope(16, 1024)),
-    "0.5b": lambda: minicpm4_config(
-        vocab_size=73448, hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
-        num_key_value_heads=2, intermediate_size=4096, max_position_embeddings=32768,
-        tie_word_embeddings=True, head_dim=64, sparse_config=SPARSE_UPSTREAM, eos_token_id=(2, 73440)),
+    "0.5b": lambda: released_0_5b(),
     "8b": lambda: minicpm4_config(
         vocab_size=73448, hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
         num_key_value_heads=2, intermediate_size=16384, max_position_embeddings=32768,

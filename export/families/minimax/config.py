@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pocketllm.export.families.config import ConfigReader, common_keys, eos_ids, head_dim_of
+from pocketllm.export.families.config import ConfigReader, bos_id, common_keys, eos_ids, head_dim_of
 from pocketllm.export.spec import LayerSpec, LightningSpec, ModelSpec, MoESpec, RopeSpec
 
 LAYER_TYPES = {"linear_attention": "lightning", "full_attention": "softmax"}
@@ -108,7 +108,7 @@ def parse(cfg: ConfigReader) -> ModelSpec:
         tie_word_embeddings=cfg.get("tie_word_embeddings", "bool", False, required=False),
         rope=_rope(cfg, head_dim, c["max_position_embeddings"]),
         layers=tuple(layers), moe=moe, lightning=lightning, lm_head_fp32=True,
-        bos_token_id=cfg.get("bos_token_id", "int", 1, required=False),
+        bos_token_id=bos_id(cfg, 1),
         eos_token_ids=eos_ids(cfg, [2]),
         **c,
     )

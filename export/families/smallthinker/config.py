@@ -1,8 +1,9 @@
-"""SmallThinker config.json -> ModelSpec (keys as upstream's SmallThinkerConfig; MODELS.md section 3)."""
+"""SmallThinker config.json -> ModelSpec (keys as upstream's SmallThinkerConfig; MODELS.md section 3). Absent
+optional keys take upstream's defaults (rope_theta 1e6; MiniCPM's muP defaults do not apply: no muP here)."""
 
 from __future__ import annotations
 
-from pocketllm.export.families.config import ConfigReader, common_keys, eos_ids, longrope_or_plain
+from pocketllm.export.families.config import ConfigReader, bos_id, common_keys, eos_ids, longrope_or_plain
 from pocketllm.export.spec import LayerSpec, ModelSpec, MoESpec
 
 
@@ -12,7 +13,7 @@ def parse(cfg: ConfigReader) -> ModelSpec:
     head_dim = cfg.get("head_dim", "posint")
     if head_dim % 2:
         raise cfg.fail("head_dim", "even (rotate-half RoPE)", head_dim)
-    rope_layout = cfg.layout("rope_layout", n_layers, default=1)
+    rope_layout = cfg.layout("rope_layout", n_layers, default=1)  # SmallThinkerConfig: RoPE, no window by default
     swa_layout = cfg.layout("sliding_window_layout", n_layers, default=0)
     window = cfg.get("sliding_window_size", "posint", None, required=any(swa_layout))
     experts = cfg.get("moe_num_primary_experts", "posint")
@@ -34,9 +35,9 @@ def parse(cfg: ConfigReader) -> ModelSpec:
         family="smallthinker", model_type="smallthinker", head_dim=head_dim,
         intermediate_size=moe.ffn_hidden_size,
         tie_word_embeddings=cfg.get("tie_word_embeddings", "bool", True, required=False),
-        rope=longrope_or_plain(cfg, head_dim, c["max_position_embeddings"], 1.5e6),
+        rope=longrope_or_plain(cfg, head_dim, c["max_position_embeddings"], 1e6),  # SmallThinkerConfig's default
         layers=layers, moe=moe,
-        bos_token_id=cfg.get("bos_token_id", "int", None, required=False),
-        eos_token_ids=eos_ids(cfg, []),
+        bos_token_id=bos_id(cfg, 151643),  # SmallThinkerConfig's defaults
+        eos_token_ids=eos_ids(cfg, [151643, 151645]),
         **c,
     )

@@ -107,7 +107,7 @@ def main() -> None:
     base = open_checkpoint(args.checkpoint)
     spec = base.spec
     tok = load_tokenizer(base.dir, spec.bos_token_id)
-    ids = tok.tokenizer.encode(args.text.read_text(encoding="utf-8"), add_special_tokens=False).ids
+    ids = tok.encode_plain(args.text.read_text(encoding="utf-8"))
     if args.max_tokens:
         ids = ids[:args.max_tokens]
     wanted = set(args.only.split(",")) if args.only else None

@@ -27,8 +27,8 @@ from pocketllm.export.spec import ModelSpec
 CONFIG = "config.json"
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                   "generation_config.json", "vocab.json", "merges.txt")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "added_tokens.json", "tokenizer_config.json",
+                   "special_tokens_map.json", "generation_config.json", "vocab.json", "merges.txt")
 # Tensors some exporters save that carry no weights of their own.
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 

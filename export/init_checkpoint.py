@@ -13,7 +13,7 @@ from pocketllm.export.checkpoint import expected_tensors
 from pocketllm.export.checkpoint_writer import DEFAULT_SHARD_BYTES, write_config, write_weights
 from pocketllm.export.errors import PocketllmError
 from pocketllm.export.families import get_family, preset_config, spec_from_config
-from pocketllm.export.tokenizer import write_tokenizer
+from pocketllm.export.tokenizer import write_sentencepiece_tokenizer, write_tokenizer
 
 # A short mixed-domain text: trains the throwaway tokenizers of random checkpoints (and calibrates quantizers).
 BUILTIN_TEXT = """\
@@ -33,17 +33,51 @@ DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 TORCH_DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float32: "float32"}
 
 
-def build_tokenizer(vocab_size: int, special_tokens: list[str], texts: Iterable[str]):
-    """Byte-level BPE (GPT-2 style pre-tokenizer and decoder) trained with `tokenizers`; specials get ids 0.."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+def build_tokenizer(vocab_size: int, special_tokens: list[str], texts: Iterable[str], special_base: int = 0):
+    """Byte-level BPE (GPT-2 style pre-tokenizer and decoder) trained with `tokenizers`. The specials get ids
+    special_base.. (0..: before the learned tokens; past them: filler tokens pad the learned ones up to the base)."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special_tokens, show_progress=False,
+    first = special_tokens if special_base == 0 else []
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size if special_base == 0 else min(vocab_size, special_base),
+                                  special_tokens=first, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(texts, trainer=trainer)
+    if special_base:
+        tok.add_tokens([f"<|filler_{i}|>" for i in range(tok.get_vocab_size(), special_base)])
+        tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in special_tokens])
     return tok
+
+
+def special_base(spec, tokenizer) -> int:
+    """Where a BPE family's consecutive specials start so that the config's bos/eos ids name the family's bos/eos
+    tokens (tiny presets: 0; Qwen2-style: 151643)."""
+    n, names = len(tokenizer.specials), tokenizer.specials
+    wanted = [(spec.bos_token_id, tokenizer.bos)] if spec.bos_token_id is not None and tokenizer.bos else []
+    wanted += [(e, tokenizer.eos) for e in spec.eos_token_ids]
+    for ident, name in wanted:
+        base = ident - names.index(name)
+        ids = [spec.bos_token_id] if spec.bos_token_id is not None else []
+        if base >= 0 and all(base <= i < base + n for i in ids + list(spec.eos_token_ids)):
+            return base
+    return 0
+
+
+def write_random_tokenizer(out: Path, spec) -> None:
+    """The family's tokenizer files, trained on BUILTIN_TEXT, with special ids that agree with the config."""
+    tokenizer = get_family(spec.family).tokenizer
+    if tokenizer.kind == "sentencepiece":
+        first_added = spec.vocab_size - len(tokenizer.added)
+        write_sentencepiece_tokenizer(out, spec.family, [BUILTIN_TEXT] * 4, pieces=first_added,
+                                      added={t: first_added + i for i, t in enumerate(tokenizer.added)})
+        return
+    base = special_base(spec, tokenizer)
+    tok = build_tokenizer(min(spec.vocab_size, 4096), list(tokenizer.specials), [BUILTIN_TEXT] * 4, base)
+    write_tokenizer(out, spec.family, tok)
+    tok.model.save(str(out))  # vocab.json + merges.txt, as Qwen2-style checkpoints ship them
 
 
 def random_tensors(config: dict, dtype: torch.dtype, seed: int) -> tuple[Iterator[tuple[str, torch.Tensor]], int]:
@@ -88,11 +122,9 @@ def init_checkpoint(arch: str, preset: str, out: Path, seed: int = 0, dtype: str
     if shard_bytes is None:
         # Shard real-size checkpoints like upstream does, so the sharded path is exercised by every large preset.
         shard_bytes = DEFAULT_SHARD_BYTES if total > 4 * 1024**3 else max(total // 2 + 1, 64 * 1024**2)
-    names = list(get_family(spec.family).tokenizer.specials)
     with atomic_directory(Path(out), force=force) as tmp:
         write_config(tmp, config)
-        tok = build_tokenizer(min(spec.vocab_size, 4096), names, [BUILTIN_TEXT] * 4)
-        write_tokenizer(tmp, spec.family, tok)
+        write_random_tokenizer(tmp, spec)
         progress = progress_factory(total) if progress_factory else None
         write_weights(tmp, tensors, shard_bytes=shard_bytes, total_bytes=total, progress=progress)
     return Path(out)

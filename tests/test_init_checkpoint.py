@@ -23,8 +23,11 @@ def test_tiny_preset_layout(tmp_path, arch):
     result = runner.invoke(app, ["init-checkpoint", "--arch", arch, "--preset", "tiny", "--out", str(out),
                                  "--seed", "3", "--dtype", "fp32"])
     assert result.exit_code == 0, result.output
-    assert sorted(p.name for p in out.iterdir()) == [
-        "config.json", "model.safetensors", "special_tokens_map.json", "tokenizer.json", "tokenizer_config.json"]
+    tokenizer_files = {  # what upstream ships: MiniCPM4 a SentencePiece model (+ tokenizer.json), Qwen2-style BPE files
+        "minicpm4": ["added_tokens.json", "tokenizer.json", "tokenizer.model"],
+        "smallthinker": ["merges.txt", "tokenizer.json", "vocab.json"]}[arch]
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["config.json", "model.safetensors", "special_tokens_map.json", "tokenizer_config.json", *tokenizer_files])
     config = json.loads((out / "config.json").read_text())
     assert config["architectures"] == [{"minicpm4": "MiniCPMForCausalLM", "smallthinker": "SmallThinkerForCausalLM"}[arch]]
     ckpt = open_checkpoint(out)

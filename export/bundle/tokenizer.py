@@ -49,9 +49,19 @@ def _add_bos_post_processor(out_dir: Path, bos_id: int) -> bool:
 
 
 def adds_bos(out_dir: Path) -> bool:
-    """Whether the bundle's tokenizer.json prepends BOS itself (ExecuTorch's runner then uses num_bos=1)."""
+    """Whether prompts start with BOS for ExecuTorch's runner (`num_bos=1`): a tokenizer.json that prepends it
+    itself (post-processor), or a SentencePiece tokenizer.model alone, which the runner asks for BOS when the
+    checkpoint's tokenizer_config.json adds one (add_bos_token, default true)."""
     path = Path(out_dir) / "tokenizer.json"
-    return path.is_file() and json.loads(path.read_text()).get("post_processor") is not None
+    if path.is_file():
+        return json.loads(path.read_text()).get("post_processor") is not None
+    if not (Path(out_dir) / "tokenizer.model").is_file():
+        return False
+    cfg = Path(out_dir) / "tokenizer_config.json"
+    try:
+        return not cfg.is_file() or bool(json.loads(cfg.read_text()).get("add_bos_token", True))
+    except json.JSONDecodeError:
+        return True
 
 
 def chat_template(out_dir: Path) -> str | None:

@@ -43,7 +43,7 @@ def _perplexity(checkpoint, text, context, max_tokens, engine_name, dtype, json_
         raise PocketllmError(f"{text}: text file not found")
     content = Path(text).read_text(encoding="utf-8")
     tok = load_tokenizer(ckpt.dir, ckpt.spec.bos_token_id)
-    ids = tok.tokenizer.encode(content, add_special_tokens=False).ids
+    ids = tok.encode_plain(content)
     if max_tokens:
         ids = ids[:max_tokens]
     if context > ckpt.spec.max_position_embeddings:

@@ -20,14 +20,21 @@ TensorTable = dict[str, tuple[int, ...]]
 
 @dataclass(frozen=True)
 class TokenizerSpec:
-    """Special tokens of the family's tokenizer, in id order from 0 as upstream's tokenizers number them, and the
-    roles some of them play. init-checkpoint writes tokenizers with exactly these."""
+    """The family's tokenizer as upstream ships it; init-checkpoint writes random checkpoints' tokenizers like it.
+
+    kind "bpe": byte-level BPE files (tokenizer.json, vocab.json, merges.txt); `specials` occupy consecutive ids
+      (at 0 for small test vocabularies, or where the config's bos/eos ids put them, e.g. Qwen2's 151643..).
+    kind "sentencepiece": a SentencePiece tokenizer.model whose first pieces are `specials` (<unk>, <s>, </s>) and
+      `added` tokens appended after the model's pieces at the end of the vocabulary (added_tokens.json).
+    """
 
     specials: tuple[str, ...]
     bos: str | None
     eos: str
     unk: str | None
     chat_template: str | None = None
+    kind: str = "bpe"
+    added: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

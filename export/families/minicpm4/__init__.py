@@ -26,6 +26,10 @@ FAMILY = Family(
     parse=parse,
     layer_tensors=layer_tensors,
     presets=PRESETS,
-    tokenizer=TokenizerSpec(specials=("<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"), bos="<s>", eos="</s>",
-                            unk="<unk>", chat_template=CHATML),
+    # A SentencePiece model plus added tokens from id 73440 on (released 0.5B: <|im_end|> 73440, <|im_start|> 73441,
+    # <|tool_call|> 73442, ...; the names after the third are MiniCPM3's, for shape only).
+    tokenizer=TokenizerSpec(specials=("<unk>", "<s>", "</s>"), bos="<s>", eos="</s>", unk="<unk>",
+                            chat_template=CHATML, kind="sentencepiece",
+                            added=("<|im_end|>", "<|im_start|>", "<|tool_call|>", "<|execute_start|>",
+                                   "<|execute_end|>", "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>")),
 )

@@ -2,7 +2,7 @@
 
 import typer
 
-from export.cli import checkpoint, export_cmd, parity, quantize, run
+from export.cli import checkpoint, export_cmd, parity, push, quantize, run
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Put MiniCPM4, SmallThinker and lightning-attention LLMs on phones.")
@@ -13,6 +13,7 @@ app.command("perplexity")(run.perplexity)
 app.command("quantize")(quantize.quantize)
 app.command("export")(export_cmd.export)  # ExecuTorch target
 app.command("parity")(parity.parity)
+app.add_typer(push.app, name="push")  # push android BUNDLE
 
 if __name__ == "__main__":
     app()

@@ -24,6 +24,7 @@ import functools
 import json
 from dataclasses import dataclass, field
 from datetime import datetime
+from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 from export.errors import PocketllmError
@@ -238,7 +239,8 @@ VERIFY_CONVERSATIONS: list[list[dict[str, str]]] = [
     [{"role": "user", "content": "What is 2 + 2?"}, {"role": "assistant", "content": "4."},
      {"role": "user", "content": "And 3 + 3?\nAnswer in one word."}],
     [{"role": "user", "content": "Write a haiku about the sea."},
-     {"role": "assistant", "content": "Grey waves fold on stone,\nsalt wind carries gull voices;\nthe tide keeps its time."},
+     {"role": "assistant",
+      "content": "Grey waves fold on stone,\nsalt wind carries gull voices;\nthe tide keeps its time."},
      {"role": "user", "content": "Now one about mountains, please."},
      {"role": "assistant", "content": "Snow holds the high pass;\n{{ not a variable }} {% raw %} <b>bold</b>"},
      {"role": "user", "content": "Grüße aus Köln — 你好，世界 🙂"}],
@@ -268,3 +270,47 @@ def verify_chat(template: str, chat: ChatFormat | Mapping[str, Any], *, bos_toke
                 f"chat template is not prefix/suffix-decomposable: conversation {k} ({len(conv)} messages) renders "
                 f"{expected[max(0, i - 20):i + 40]!r} at offset {i} but the prefix/suffix form gives "
                 f"{derived[max(0, i - 20):i + 40]!r}")
+
+
+def special_tokens_of(tokenizer_dir: Path) -> dict[int, str]:
+    """id -> text of the added/special tokens a checkpoint declares: tokenizer.json `added_tokens`, else
+    tokenizer_config.json `added_tokens_decoder` (SentencePiece checkpoints), else added_tokens.json."""
+    d = Path(tokenizer_dir)
+    out: dict[int, str] = {}
+    try:
+        if (d / "tokenizer.json").is_file():
+            for t in json.loads((d / "tokenizer.json").read_text()).get("added_tokens", []):
+                out[int(t["id"])] = t["content"]
+        if (d / "tokenizer_config.json").is_file():
+            for i, t in json.loads((d / "tokenizer_config.json").read_text()).get("added_tokens_decoder", {}).items():
+                out.setdefault(int(i), token_text(t))
+        if (d / "added_tokens.json").is_file():
+            for text, i in json.loads((d / "added_tokens.json").read_text()).items():
+                out.setdefault(int(i), text)
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise PocketllmError(f"{d}: unreadable tokenizer files ({e.__class__.__name__}: {e})") from None
+    return out
+
+
+def chat_for_manifest(tokenizer_dir: Path, eos_ids: Sequence[int]) -> tuple[str | None, dict[str, Any] | None]:
+    """(tokenizer.chat_template, chat) for a bundle's manifest from the checkpoint's tokenizer files: the Jinja
+    template as shipped and its verified prefix/suffix form; (None, None) when the checkpoint has no template.
+    Raises a PocketllmError when the template is not prefix/suffix-decomposable. (The leading BOS text some templates
+    start with is dropped: check `derive_chat(...).leading_text` against the manifest's num_bos if it matters.)"""
+    path = Path(tokenizer_dir) / "tokenizer_config.json"
+    if not path.is_file():
+        return None, None
+    try:
+        cfg = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise PocketllmError(f"{path}: not valid JSON ({e})") from None
+    template = template_from_config(cfg)
+    if template is None:
+        return None, None
+    try:
+        chat = derive_chat(template, bos_token=token_text(cfg.get("bos_token")),
+                           eos_token=token_text(cfg.get("eos_token")), eos_ids=eos_ids,
+                           special_tokens=special_tokens_of(tokenizer_dir))
+    except PocketllmError as e:
+        raise PocketllmError(f"{path}: {e}") from None
+    return template, chat.to_manifest()

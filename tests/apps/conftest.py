@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from export.bundle.chat import VERIFY_CONVERSATIONS, VERIFY_SYSTEM, derive_chat, render_template, template_from_config, token_text
+from export.bundle.chat import (VERIFY_CONVERSATIONS, VERIFY_SYSTEM, derive_chat, render_template, template_from_config,
+                                token_text)
 from export.bundle.schema import SCHEMA_PATH
 from export.cli.main import app
 from tests.bundle.chat_templates import DECOMPOSABLE

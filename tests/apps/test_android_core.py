@@ -21,7 +21,8 @@ def junit_summary(output: str) -> str:
 
 def assert_junit_passes(core_classes, fixtures):
     r = run_junit(core_classes, fixtures)
-    assert r.returncode == 0 and "OK (" in r.stdout, f"{junit_summary(r.stdout)}\n{r.stdout[-6000:]}\n{r.stderr[-2000:]}"
+    assert r.returncode == 0 and "OK (" in r.stdout, \
+        f"{junit_summary(r.stdout)}\n{r.stdout[-6000:]}\n{r.stderr[-2000:]}"
     return int(re.search(r"OK \((\d+) tests?\)", r.stdout).group(1))
 
 

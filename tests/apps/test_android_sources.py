@@ -21,7 +21,8 @@ HOST_KERNELS = REPO / "kernels" / "build" / "libpocketllm_kernels.so"
 
 
 def kotlin_sources() -> list[Path]:
-    return sorted(p for p in DEMO.rglob("*") if p.suffix in (".kt", ".kts") and "build" not in p.relative_to(DEMO).parts)
+    return sorted(p for p in DEMO.rglob("*")
+                  if p.suffix in (".kt", ".kts") and "build" not in p.relative_to(DEMO).parts)
 
 
 @pytest.fixture(scope="module")

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import pytest
 
-from export.bundle.chat import (VERIFY_CONVERSATIONS, VERIFY_SYSTEM, ChatFormat, derive_chat, render_chat,
-                                render_template, template_from_config, verify_chat)
+from export.bundle.chat import (VERIFY_CONVERSATIONS, VERIFY_SYSTEM, ChatFormat, chat_for_manifest, derive_chat,
+                                render_chat, render_template, special_tokens_of, template_from_config, verify_chat)
 from export.errors import PocketllmError
 from tests.bundle.chat_templates import CHATML_DEFAULT_SYSTEM, DECOMPOSABLE, LLAMA3
 
@@ -139,3 +139,26 @@ def test_template_from_config():
                                                    {"name": "default", "template": "D"}]}) == "D"
     assert template_from_config({}) is None
     assert template_from_config({"chat_template": ""}) is None
+
+
+def test_chat_for_a_checkpoints_tokenizer_files(tmp_path):
+    """What the exporter records: tiny-austen (MiniCPM4 ChatML; EOS ids </s> and <|im_end|>)."""
+    import json
+    import shutil
+
+    from tests.conftest import TINY_AUSTEN
+
+    eos = json.loads((TINY_AUSTEN / "config.json").read_text())["eos_token_id"]
+    assert [special_tokens_of(TINY_AUSTEN)[i] for i in eos] == ["</s>", "<|im_end|>"]
+    template, chat = chat_for_manifest(TINY_AUSTEN, eos)
+    assert template == json.loads((TINY_AUSTEN / "tokenizer_config.json").read_text())["chat_template"]
+    assert chat["roles"]["assistant"] == {"prefix": "<|im_start|>assistant\n", "suffix": "<|im_end|>\n"}
+    assert chat["stop_ids"] == [eos[1]]  # <|im_end|> ends a turn; </s> ends a document
+    assert chat_for_manifest(tmp_path, eos) == (None, None)  # no tokenizer_config.json: no chat format
+
+    broken = tmp_path / "ckpt"
+    shutil.copytree(TINY_AUSTEN, broken, ignore=shutil.ignore_patterns("*.safetensors"))
+    cfg = json.loads((broken / "tokenizer_config.json").read_text())
+    (broken / "tokenizer_config.json").write_text(json.dumps(dict(cfg, chat_template=CHATML_DEFAULT_SYSTEM)))
+    with pytest.raises(PocketllmError, match="tokenizer_config.json: chat template is not prefix/suffix"):
+        chat_for_manifest(broken, eos)

@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PROMPT ?= It is a truth universally acknowledged
 
-.PHONY: setup demo demo-executorch test test-all clean kernels cross-tools
+.PHONY: setup demo demo-executorch test test-all clean kernels cross-tools app-tools
 
 setup: $(STAMP) kernels
 
@@ -27,6 +27,13 @@ $(KERNEL_LIB): $(STAMP) kernels/CMakeLists.txt $(wildcard kernels/*.cpp kernels/
 cross-tools:
 	@command -v aarch64-linux-gnu-g++ >/dev/null && command -v qemu-aarch64 >/dev/null || \
 	  { SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); $$SUDO apt-get install -y -q g++-aarch64-linux-gnu qemu-user >/dev/null; }
+
+# Kotlin/JVM toolchain for android_demo/core's tests (Debian: kotlin 1.3, JUnit 4, Android's org.json) and adb for
+# `pocketllm push android`. Without them tests/apps skips the Kotlin tests with a reason.
+app-tools:
+	@command -v kotlinc >/dev/null && command -v adb >/dev/null && [ -f /usr/share/java/junit4.jar ] && \
+	  [ -f /usr/share/java/com.android.json.jar ] || \
+	  { SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); $$SUDO apt-get install -y -q kotlin junit4 libandroid-json-java adb >/dev/null; }
 
 demo: setup
 	$(BIN)/pocketllm generate --checkpoint models/tiny-austen --prompt "$(PROMPT)" --greedy --max-new-tokens 80

@@ -100,6 +100,7 @@ def no_stages(name: str):
 def run_export(request: ExportRequest, stage: Callable[[str], Any] = no_stages) -> dict:
     """Write the bundle `request.out` atomically; returns its manifest. stage(name) is a context-manager factory
     for progress display ("quantize", "load", "export", "lower", ...)."""
+    from pocketllm.export.bundle.chat import chat_for_manifest
     from pocketllm.export.bundle.manifest import write_manifest
     from pocketllm.export.bundle.reference import REFERENCE_DIR, copy_reference
     from pocketllm.export.bundle.tokenizer import copy_tokenizer
@@ -139,7 +140,7 @@ def run_export(request: ExportRequest, stage: Callable[[str], Any] = no_stages) 
         timings["total_s"] = time.perf_counter() - t_start
         manifest = write_manifest(
             tmp, name=out.name, spec=spec, max_context=p.max_context, tokenizer_files=tok_files, quant=quant,
-            targets=entries, chat=chat_format(tmp),
+            targets=entries, chat=chat_for_manifest(tmp, spec.eos_token_ids)[1],
             source={"checkpoint": Path(request.checkpoint).resolve().name, "weight_dtype": ckpt.weight_dtype,
                     "config_sha256": config_sha,
                     "calibration": Path(request.calibration).name if request.calibration else None},
@@ -148,10 +149,3 @@ def run_export(request: ExportRequest, stage: Callable[[str], Any] = no_stages) 
     return manifest
 
 
-def chat_format(bundle_dir: Path) -> dict | None:
-    """Per-role prefix/suffix strings rendered from the checkpoint's chat template (apps need no Jinja)."""
-    try:
-        from pocketllm.export.bundle.chat import chat_from_tokenizer_dir
-    except ImportError:  # export/bundle/chat.py lands with the app work
-        return None
-    return chat_from_tokenizer_dir(bundle_dir)

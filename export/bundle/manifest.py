@@ -17,11 +17,11 @@ from typing import Any
 
 from pocketllm.export.atomic import write_json
 from pocketllm.export.bundle.reference import REFERENCE_DIR
+from pocketllm.export.bundle.schema import SCHEMA_VERSION, validate_manifest
 from pocketllm.export.bundle.tokenizer import adds_bos, chat_template
 from pocketllm.export.errors import PocketllmError
 from pocketllm.export.spec import ModelSpec
 
-SCHEMA_VERSION = 2
 MANIFEST = "manifest.json"
 PARITY_FILE = "parity.json"
 GENERATOR = {"name": "pocketllm", "version": "0.2.0"}
@@ -108,6 +108,7 @@ def write_manifest(out_dir: Path, *, name: str, spec: ModelSpec, source: dict[st
     }
     if extra:
         manifest.update(extra)
+    validate_manifest(manifest, str(out_dir / MANIFEST))  # the contract apps rely on, checked before it is written
     write_json(out_dir / MANIFEST, manifest)
     return manifest
 

@@ -81,11 +81,10 @@ def run_junit(classes: Path, fixtures: Path) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="session")
 def exported_bundles(tmp_path_factory) -> dict[str, Path]:
     """Two small bundles written by `pocketllm export` (one layer each, 128-token context)."""
-    import pocketllm.export.bundle
-
+    from pocketllm.export.bundle.manifest import SCHEMA_VERSION
     from tests.test_executorch_export import configs, make_checkpoint
 
-    if getattr(export.bundle, "SCHEMA_VERSION", 2) != 2:  # skip before paying for the exports
+    if SCHEMA_VERSION != 2:  # skip before paying for the exports
         require_v2({"exporter": None})
 
     root = tmp_path_factory.mktemp("android-bundles")
@@ -106,9 +105,9 @@ def manifest_of(bundle: Path) -> dict:
 
 
 def require_v2(bundles: dict[str, Path | None]) -> None:
-    import pocketllm.export.bundle
+    from pocketllm.export.bundle.manifest import SCHEMA_VERSION
 
-    versions = {manifest_of(b)["schema_version"] if b else export.bundle.SCHEMA_VERSION for b in bundles.values()}
+    versions = {manifest_of(b)["schema_version"] if b else SCHEMA_VERSION for b in bundles.values()}
     if versions != {2}:
         pytest.skip(f"`pocketllm export` writes manifest schema_version {sorted(versions)}; android_demo/core and "
                     "the JSON Schema read 2 (CONTRACTS.md): these checks run once the exporter writes v2")

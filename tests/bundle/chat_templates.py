@@ -2,7 +2,7 @@
 trim_blocks/lstrip_blocks whitespace rules, `| trim`, bos_token and raise_exception are what they exercise), with
 the special tokens the templates read. Name -> (template, bos_token, eos_token)."""
 
-from pocketllm.export.init_checkpoint import CHATML
+from pocketllm.export.families.minicpm4 import CHATML
 
 LLAMA3 = (
     "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = '<|start_header_id|>' + "

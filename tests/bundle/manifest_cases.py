@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 from typing import Any, Callable
 
-from pocketllm.export.init_checkpoint import CHATML
+from pocketllm.export.families.minicpm4 import CHATML
 
 
 def _entry(path: Path) -> dict[str, Any]:

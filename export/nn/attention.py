@@ -14,6 +14,7 @@ from torch import nn
 
 import export.ops  # noqa: F401  (registers pocketllm custom ops)
 from export.nn.rope import RotaryTable
+from export.ops.infllm_attention import infllm_op_args
 from export.spec import LayerSpec, ModelSpec
 
 
@@ -46,10 +47,8 @@ class Attention(nn.Module):
             self.k_cache[:, start_pos:start_pos + T] = k
             self.v_cache[:, start_pos:start_pos + T] = v
             if self.sparse is not None:
-                s = self.sparse
-                out = torch.ops.pocketllm.infllm_attention(
-                    q, self.k_cache, self.v_cache, start_pos, s.kernel_size, s.kernel_stride, s.block_size,
-                    s.init_blocks, s.window_size, s.topk, s.dense_len)
+                out = torch.ops.pocketllm.infllm_attention(q, self.k_cache, self.v_cache, start_pos,
+                                                           *infllm_op_args(self.sparse))
                 return self.o_proj(out.reshape(1, T, -1))
             keys, values = self.k_cache[:, :start_pos + T], self.v_cache[:, :start_pos + T]
             key_pos = torch.arange(start_pos + T)

@@ -30,6 +30,7 @@ from torch import nn
 
 from export.errors import PocketllmError
 from export.nn.attention import Attention
+from export.ops.infllm_attention import infllm_op_args
 from export.spec import ModelSpec
 
 PTE_FILE = "model.pte"
@@ -85,10 +86,8 @@ class LlamaOpsAttention(Attention):
         torch.ops.llama.update_cache(k, self.k_cache, start_pos)
         torch.ops.llama.update_cache(v, self.v_cache, start_pos)
         if self.sparse is not None:
-            s = self.sparse
-            out = torch.ops.pocketllm.infllm_attention(
-                q, self.k_cache, self.v_cache, start_pos, s.kernel_size, s.kernel_stride, s.block_size,
-                s.init_blocks, s.window_size, s.topk, s.dense_len)
+            out = torch.ops.pocketllm.infllm_attention(q, self.k_cache, self.v_cache, start_pos,
+                                                       *infllm_op_args(self.sparse))
         elif self.layer.sliding_window is not None:
             keys, values = self.k_cache[:, :start_pos + T], self.v_cache[:, :start_pos + T]
             key_pos = torch.arange(start_pos + T)

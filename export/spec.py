@@ -14,9 +14,19 @@ from typing import Any
 from pocketllm.export.errors import PocketllmError
 
 
+# How InfLLM v2 scores a compressed key (docs/infllm_v2.md step 3):
+#   "upstream": exp(q.Kc1/sqrt(d) - LSE(q.Kc2/sqrt(d))) with the coarse keys Kc2 (4x kernel and stride), the rule
+#               MiniCPM4 was trained and is served with;
+#   "exact":    softmax of q.Kc1/sqrt(d) over the visible Kc1 (the paper's ablation).
+SCORE_RULES = ("upstream", "exact")
+
+
 @dataclass(frozen=True)
 class SparseSpec:
-    """InfLLM v2 parameters (`sparse_config`). Selection math: docs/infllm_v2.md."""
+    """InfLLM v2 parameters (`sparse_config`). Selection math: docs/infllm_v2.md.
+
+    `score_rule` is not an upstream config key: it is ours (an export option), and defaults to upstream's rule.
+    """
 
     kernel_size: int = 32
     kernel_stride: int = 16
@@ -26,6 +36,21 @@ class SparseSpec:
     topk: int = 64
     use_nope: bool = False
     dense_len: int = 8192  # total length below which attention is dense; -1 = always sparse
+    score_rule: str = "upstream"
+
+    def __post_init__(self):
+        if self.score_rule not in SCORE_RULES:
+            raise PocketllmError(f"InfLLM v2 score_rule must be one of {', '.join(SCORE_RULES)} "
+                                 f"(got {self.score_rule!r})")
+
+    @property
+    def coarse_kernel_size(self) -> int:
+        """Kernel of the coarse compressed keys Kc2 whose log-sum-exp normalises the upstream scores (4x)."""
+        return 4 * self.kernel_size
+
+    @property
+    def coarse_kernel_stride(self) -> int:
+        return 4 * self.kernel_stride
 
     @property
     def local_blocks(self) -> int:

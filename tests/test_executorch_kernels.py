@@ -1,7 +1,7 @@
 """kernels/: the C++ ExecuTorch kernels against the torch reference ops, through their C entry points (ctypes).
 
-InfLLM v2 block selection must match bit for bit; outputs to fp32 rounding. The same kernels run inside the .pte
-files of test_executorch_export.py.
+InfLLM v2 block scores and selection must match bit for bit (both score rules); outputs to fp32 rounding. The same
+kernels run inside the .pte files of test_executorch_export.py.
 """
 
 from __future__ import annotations
@@ -9,12 +9,16 @@ from __future__ import annotations
 import ctypes
 import subprocess
 
+import numpy as np
 import pytest
 import torch
 
 from pocketllm.export.ops.any4_linear import any4_linear_reference
-from pocketllm.export.ops.infllm_attention import infllm_attention_reference, infllm_block_mask
+from pocketllm.export.ops.infllm_attention import (SCORE_RULE_CODES, infllm_attention_reference, infllm_block_mask,
+                                         infllm_block_scores)
 from pocketllm.export.ops.lightning_attention import lightning_attention_reference, lightning_decay_rates
+from pocketllm.export.spec import SparseSpec
+from pocketllm.runtime_py.ops import infllm_attention as reference
 from pocketllm.runtime_py.runners.executorch import DEFAULT_KERNEL_LIBRARY, REPO
 
 I = ctypes.c_int64
@@ -51,8 +55,9 @@ INFLLM_CASES = [
 ]
 
 
+@pytest.mark.parametrize("score_rule", [0, 1], ids=["upstream", "exact"])
 @pytest.mark.parametrize("case", INFLLM_CASES, ids=lambda c: f"T{c[0]}-pos{c[1]}")
-def test_infllm_selection_and_output_match_reference(kernels, case):
+def test_infllm_selection_and_output_match_reference(kernels, case, score_rule):
     T, start, Hq, Hkv, D, ks, st, B, init, W, topk, dense_len = case
     g = torch.Generator().manual_seed(T * 1000 + start)
     L = start + T
@@ -61,17 +66,68 @@ def test_infllm_selection_and_output_match_reference(kernels, case):
     v = torch.randn(1, L + 7, Hkv, D, generator=g)
     n_blocks = (L + B - 1) // B
 
-    expected = infllm_block_mask(q[0], k[0, :L], start, ks, st, B, init, W, topk).to(torch.uint8)
+    expected = infllm_block_mask(q[0], k[0, :L], start, ks, st, B, init, W, topk, score_rule).to(torch.uint8)
     mask = torch.zeros(Hkv, T, n_blocks, dtype=torch.uint8)
     kernels.pocketllm_infllm_block_mask(ptr(q), ptr(k), I(T), I(Hq), I(Hkv), I(D), I(start), I(ks), I(st), I(B),
-                                        I(init), I(W), I(topk), ptr(mask))
+                                        I(init), I(W), I(topk), I(score_rule), ptr(mask))
     assert torch.equal(mask, expected), "block selection differs from the reference"
 
-    ref = infllm_attention_reference(q, k, v, start, ks, st, B, init, W, topk, dense_len)
+    ref = infllm_attention_reference(q, k, v, start, ks, st, B, init, W, topk, dense_len, score_rule)
     out = torch.zeros_like(q)
     kernels.pocketllm_infllm_attention(ptr(q), ptr(k), ptr(v), I(T), I(Hq), I(Hkv), I(D), I(start), I(ks), I(st),
-                                       I(B), I(init), I(W), I(topk), I(dense_len), ptr(out))
+                                       I(B), I(init), I(W), I(topk), I(dense_len), I(score_rule), ptr(out))
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+# Long random contexts (acceptance of issue #9 item 7): T, start_pos, Hq, Hkv, head_dim, sparse config. GQA groups
+# of 2, 8 and 16; decode steps, prefill chunks and a whole prompt; the released config where the context is long
+# enough for it to drop blocks (96 of 256 blocks at 16K), a smaller budget elsewhere.
+RELEASED = SparseSpec(dense_len=-1)
+SMALL = SparseSpec(window_size=256, topk=8, dense_len=-1)
+LONG_CASES = {
+    "decode-16K-gqa8": (1, 16383, 16, 2, 64, RELEASED),
+    "decode-16K-gqa16": (1, 16383, 32, 2, 128, RELEASED),
+    "decode-12K-gqa2": (1, 12000, 4, 2, 64, RELEASED),
+    "chunk-8K-gqa16": (64, 8192, 32, 2, 64, RELEASED),
+    "chunk-6K-gqa8": (128, 6000, 16, 2, 64, SMALL),
+    "chunk-4K-gqa2": (256, 4000, 4, 2, 64, SMALL),
+    "prompt-2K-gqa2": (2048, 0, 4, 2, 32, SMALL),
+}
+
+
+@pytest.mark.parametrize("score_rule", ["upstream", "exact"])
+@pytest.mark.parametrize("case", LONG_CASES)
+def test_infllm_block_scores_are_bit_identical_in_all_three_engines(kernels, case, score_rule):
+    """C++ kernel, torch op and numpy reference compute the same float64 block scores, bit for bit (docs/infllm_v2.md
+    step 3a: fixed order of IEEE operations), hence the same selection, including every tie."""
+    T, start, Hq, Hkv, D, sparse = LONG_CASES[case]
+    sparse = SparseSpec(**{**sparse.__dict__, "score_rule": score_rule})
+    rule = SCORE_RULE_CODES[score_rule]
+    L = start + T
+    g = torch.Generator().manual_seed(L * 7 + Hq)
+    q = torch.randn(1, T, Hq, D, generator=g) * 2
+    k = torch.randn(1, L, Hkv, D, generator=g)
+    n_blocks = (L + sparse.block_size - 1) // sparse.block_size
+    args = (I(T), I(Hq), I(Hkv), I(D), I(start), I(sparse.kernel_size), I(sparse.kernel_stride), I(sparse.block_size))
+
+    cpp = torch.zeros(Hkv, T, n_blocks, dtype=torch.float64)
+    kernels.pocketllm_infllm_block_scores(ptr(q), ptr(k), *args, I(rule), ptr(cpp))
+    ours = infllm_block_scores(q[0], k[0], start, sparse.kernel_size, sparse.kernel_stride, sparse.block_size, rule)
+    positions = np.arange(start, L)
+    group = reference.kernel_scores(q[0].numpy(), k[0].numpy(), positions, sparse)
+    theirs = reference.block_scores(group, n_blocks, sparse)
+    assert torch.equal(cpp, ours), "C++ block scores differ from the torch op's"
+    assert np.array_equal(ours.numpy(), theirs), "torch block scores differ from the numpy reference's"
+
+    mask = torch.zeros(Hkv, T, n_blocks, dtype=torch.uint8)
+    kernels.pocketllm_infllm_block_mask(ptr(q), ptr(k), *args, I(sparse.init_blocks), I(sparse.window_size),
+                                        I(sparse.topk), I(rule), ptr(mask))
+    expected = infllm_block_mask(q[0], k[0], start, sparse.kernel_size, sparse.kernel_stride, sparse.block_size,
+                                 sparse.init_blocks, sparse.window_size, sparse.topk, rule)
+    assert torch.equal(mask, expected.to(torch.uint8))
+    assert np.array_equal(expected.numpy(), reference.select_blocks(theirs, positions, sparse))
+    # The selection is sparse: the last query drops blocks it could read.
+    assert mask[:, -1].sum(dim=-1).max().item() == sparse.budget < L // sparse.block_size
 
 
 def test_infllm_selection_ties_prefer_lower_block(kernels):
@@ -80,11 +136,13 @@ def test_infllm_selection_ties_prefer_lower_block(kernels):
     q = torch.ones(1, T, Hq, D)
     k = torch.ones(1, 512, Hkv, D)
     args = (32, 16, 64, 1, 64, 4)  # kernel, stride, block, init, window, topk: budget 5 = 3 forced + 2
-    expected = infllm_block_mask(q[0], k[0, :512], start, *args).to(torch.uint8)
-    mask = torch.zeros(Hkv, T, 8, dtype=torch.uint8)
-    kernels.pocketllm_infllm_block_mask(ptr(q), ptr(k), I(T), I(Hq), I(Hkv), I(D), I(start), *map(I, args), ptr(mask))
-    assert torch.equal(mask, expected)
-    assert mask[0, 0].tolist() == [1, 1, 1, 0, 0, 0, 1, 1]  # init 0, top-2 of 1..5 = 1, 2, local 6, 7
+    for rule in (0, 1):
+        expected = infllm_block_mask(q[0], k[0, :512], start, *args, rule).to(torch.uint8)
+        mask = torch.zeros(Hkv, T, 8, dtype=torch.uint8)
+        kernels.pocketllm_infllm_block_mask(ptr(q), ptr(k), I(T), I(Hq), I(Hkv), I(D), I(start), *map(I, args),
+                                            I(rule), ptr(mask))
+        assert torch.equal(mask, expected)
+        assert mask[0, 0].tolist() == [1, 1, 1, 0, 0, 0, 1, 1]  # init 0, top-2 of 1..5 = 1, 2, local 6, 7
 
 
 @pytest.mark.parametrize("B,T,H,D,block", [(1, 1, 4, 16, 256), (1, 37, 4, 16, 8), (2, 300, 3, 8, 256)])

@@ -2,7 +2,8 @@
 
 Three kinds of evidence: tiny cases whose selected blocks are worked out by hand below, a per-query loop that
 reads the doc's steps literally (the vectorised code must pick exactly the same blocks), and equality with dense
-attention when the budget covers every block or the dense fallback applies.
+attention when the budget covers every block or the dense fallback applies. Both score rules: upstream's
+exp(q.Kc1/sqrt(d) - LSE(q.Kc2/sqrt(d))) (the default) and the exact softmax over Kc1.
 """
 
 from __future__ import annotations
@@ -12,9 +13,11 @@ import math
 import numpy as np
 import pytest
 
+from pocketllm.export.errors import PocketllmError
+from pocketllm.export.families import families, spec_from_config
 from pocketllm.export.spec import SparseSpec
 from pocketllm.runtime_py.attention import causal_attention
-from pocketllm.runtime_py.ops.infllm_attention import compressed_keys, infllm_attention, kernel_range
+from pocketllm.runtime_py.ops.infllm_attention import compressed_keys, exp_fixed, infllm_attention, kernel_range, kernel_scores
 
 # ------------------------------------------------------------------------------------------ hand-checked cases
 # Kernels of 4 tokens every 2 tokens, blocks of 4 tokens: kernel j = tokens [2j, 2j+4) touches blocks b with
@@ -77,43 +80,140 @@ def test_kernels_touching_a_block_are_upstreams_maxpool_window():
 
 
 def test_compressed_keys_are_means_of_complete_windows():
-    k = np.random.default_rng(0).standard_normal((100, 2, 8)).astype(np.float32)
-    kc = compressed_keys(k, SparseSpec())
-    assert kc.shape == (5, 2, 8)  # floor((100 - 32) / 16) + 1
+    k = np.random.default_rng(0).standard_normal((300, 2, 8)).astype(np.float32)
+    kc = compressed_keys(k, 32, 16)
+    assert kc.shape == (17, 2, 8)  # floor((300 - 32) / 16) + 1
     np.testing.assert_allclose(kc[3], k[48:80].mean(axis=0), rtol=1e-6, atol=1e-7)
-    assert compressed_keys(k[:31], SparseSpec()).shape == (0, 2, 8)
+    assert compressed_keys(k[:31], 32, 16).shape == (0, 2, 8)
+    # The coarse keys Kc2 that normalise upstream's scores: 4x the kernel and the stride of the config's.
+    sparse = SparseSpec()
+    assert (sparse.coarse_kernel_size, sparse.coarse_kernel_stride) == (128, 64)
+    kc2 = compressed_keys(k, 128, 64)
+    assert kc2.shape == (3, 2, 8)  # floor((300 - 128) / 64) + 1
+    np.testing.assert_allclose(kc2[2], k[128:256].mean(axis=0), rtol=1e-6, atol=1e-7)
+
+
+# ------------------------------------------------------------------------------- upstream's score rule by hand
+def upstream_case(score_rule: str) -> tuple[SparseSpec, np.ndarray, np.ndarray]:
+    """One KV head shared by two query heads, head_dim 1 (scale 1): head 0 has q = +1 (logit = key), head 1 has
+    q = -1 (logit = -key). Kernels of 4 tokens every 2 (Kc1[j] = tokens 2j..2j+3), coarse keys of 16 every 8
+    (Kc2[J] = tokens 8J..8J+15), blocks of 4 tokens; no window, 1 init block, topk 3: the last query (47) keeps
+    block 0 and its own block 11, plus ONE free slot. Keys: tokens 8-11 = 16 (block 2), 16-19 = 15 (block 4),
+    32-35 = -6 (block 8), all others 0."""
+    sparse = SparseSpec(kernel_size=4, kernel_stride=2, init_blocks=1, block_size=4, window_size=0, topk=3,
+                        dense_len=-1, score_rule=score_rule)
+    k = np.zeros((48, 1, 1), dtype=np.float32)
+    k[8:12], k[16:20], k[32:36] = 16.0, 15.0, -6.0
+    q = np.tile(np.array([[1.0], [-1.0]], dtype=np.float32), (48, 1, 1))  # [48, 2, 1]
+    return sparse, q, k
+
+
+def test_upstream_scores_are_exp_q_kc1_minus_lse_of_q_kc2_and_pick_other_blocks_than_the_exact_softmax():
+    """Kernel score = sum over the group's heads of exp(q.Kc1/sqrt(d) - LSE(q.Kc2/sqrt(d))).
+
+    Kc1: kernel 4 = 16 (block 2), kernel 8 = 15 (block 4), kernel 16 = -6 (block 8); kernels 3, 5 = 8, 7, 9 = 7.5,
+    15, 17 = -3; the other 14 are 0. Kc2 (5 coarse keys): 64/16 = 4, (64 + 60)/16 = 7.75, 60/16 = 3.75, -1.5, -1.5.
+    upstream: LSE_0 = log(e^4 + e^7.75 + e^3.75 + 2 e^-1.5) = log 2419.2, LSE_1 = log(e^-4 + e^-7.75 + e^-3.75 +
+      2 e^1.5) = log 9.005; block 2 scores e^16 / 2419.2 = 3673 (head 1 adds e^-16 / 9.005), block 8 scores
+      e^6 / 9.005 = 44.8, block 4 e^15 / 2419.2 = 1351: the free slot goes to block 2.
+    exact: head 0 splits its softmax mass between kernels 4 and 8 (e^16 / (e^16 + e^15 + ...) = 0.73), head 1
+      puts 0.88 on kernel 16 (e^6 / (e^6 + 2 e^3 + 14 + ...)): the free slot goes to block 8.
+    """
+    sparse, q, k = upstream_case("upstream")
+    v = np.zeros_like(k)
+    _, selected = infllm_attention(q, k, v, 0, sparse)
+    assert blocks(selected[0, 47]) == [0, 2, 11]
+    _, selected = infllm_attention(q, k, v, 0, SparseSpec(**{**sparse.__dict__, "score_rule": "exact"}))
+    assert blocks(selected[0, 47]) == [0, 8, 11]
+
+    # The kernel scores themselves, against the formula evaluated with math.exp / math.log.
+    lse0 = math.log(math.exp(4) + math.exp(7.75) + math.exp(3.75) + 2 * math.exp(-1.5))
+    lse1 = math.log(math.exp(-4) + math.exp(-7.75) + math.exp(-3.75) + 2 * math.exp(1.5))
+    group = kernel_scores(q[47:], k, np.array([47]), sparse)[0, 0]  # [23 kernels]
+    for j, kc in [(4, 16.0), (8, 15.0), (16, -6.0), (3, 8.0), (0, 0.0)]:
+        assert group[j] == pytest.approx(math.exp(kc - lse0) + math.exp(-kc - lse1), rel=1e-13)
+    assert group[4] > 1  # no clamp: a score may exceed 1 when q.Kc1 beats the coarse log-sum-exp
+
+
+def test_a_query_that_sees_no_coarse_key_scores_every_kernel_it_sees_inf():
+    """LSE over no coarse key is -inf, so exp(q.Kc1 - LSE) = +inf for every visible kernel: all blocks with a
+    visible kernel tie and the lower indices win (query 13 sees kernels 0-5, tokens 0-13, and no coarse key, whose
+    first window is tokens 0-15)."""
+    sparse = SparseSpec(kernel_size=4, kernel_stride=2, init_blocks=0, block_size=4, window_size=0, topk=2,
+                        dense_len=-1)
+    k = np.zeros((14, 1, 1), dtype=np.float32)
+    k[8:12] = 30.0  # block 2 would win under any finite score
+    q = np.ones((14, 1, 1), dtype=np.float32)
+    group = kernel_scores(q, k, np.arange(14), sparse)[0]
+    assert np.isposinf(group[13]).all()
+    _, selected = infllm_attention(q, k, np.zeros_like(k), 0, sparse)
+    assert blocks(selected[0, 13]) == [0, 3]  # own block 3 forced, then the tie among blocks 0-2 goes to block 0
+    _, selected = infllm_attention(q, k, np.zeros_like(k), 0, SparseSpec(**{**sparse.__dict__, "score_rule": "exact"}))
+    assert blocks(selected[0, 13]) == [2, 3]
+
+
+def test_the_score_rule_is_ours_not_a_config_key():
+    """Upstream's rule is the default; config.json cannot change it (upstream has no such key); a bad name is a
+    one-line error naming the value."""
+    config = families()["minicpm4"].presets["tiny"]()
+    assert spec_from_config(config).sparse.score_rule == "upstream"
+    config["sparse_config"]["score_rule"] = "exact"
+    assert spec_from_config(config).sparse.score_rule == "upstream"
+    with pytest.raises(PocketllmError, match="score_rule.*'softmax'"):
+        SparseSpec(score_rule="softmax")
+
+
+def test_exp_fixed_is_exp_to_1e_13():
+    """docs/infllm_v2.md step 3a: the exp every engine evaluates the same way."""
+    x = np.concatenate([np.linspace(-599, 699, 100001), np.random.default_rng(0).standard_normal(10000) * 20])
+    expected = np.array([math.exp(t) for t in x])
+    np.testing.assert_allclose(exp_fixed(x), expected, rtol=1e-13, atol=0)
+    assert exp_fixed(np.array([-np.inf, -600.5, 700.5]))[0] == 0
+    assert exp_fixed(np.array([-600.5]))[0] == 0 and np.isposinf(exp_fixed(np.array([700.5]))[0])
 
 
 # ---------------------------------------------------------------------------- the doc's steps, one query at a time
 
 
 def selection_by_the_letter(q: np.ndarray, k: np.ndarray, start_pos: int, sp: SparseSpec) -> np.ndarray:
-    """docs/infllm_v2.md steps 2-6 with explicit loops over KV heads, queries, kernels and blocks."""
+    """docs/infllm_v2.md steps 2-6 with explicit loops over KV heads, queries, kernels and blocks (math.exp,
+    math.log: the formula, not the engines' fixed arithmetic)."""
     T, Hq, D = q.shape
     L, Hkv, _ = k.shape
     G = Hq // Hkv
     n_blocks = math.ceil(L / sp.block_size)
-    n_kernels = (L - sp.kernel_size) // sp.kernel_stride + 1 if L >= sp.kernel_size else 0
-    kc = [k[sp.kernel_stride * j: sp.kernel_stride * j + sp.kernel_size].mean(axis=0) for j in range(n_kernels)]
+
+    def means(size, stride):
+        n = (L - size) // stride + 1 if L >= size else 0
+        return [(stride * j + size - 1, k[stride * j: stride * j + size].astype(np.float64).mean(axis=0))
+                for j in range(n)]  # (last token, mean)
+
+    kc = means(sp.kernel_size, sp.kernel_stride)
+    kc_norm = kc if sp.score_rule == "exact" else means(sp.coarse_kernel_size, sp.coarse_kernel_stride)
     selected = np.zeros((Hkv, T, n_blocks), dtype=bool)
     for h in range(Hkv):
         for t in range(T):
             i = start_pos + t
-            seen = [j for j in range(n_kernels) if sp.kernel_stride * j + sp.kernel_size - 1 <= i]
+            seen = [j for j, (last, _) in enumerate(kc) if last <= i]
+            seen_norm = [c for last, c in kc_norm if last <= i]
             group = dict.fromkeys(seen, 0.0)
             for hq in range(h * G, (h + 1) * G):
-                logits = np.array([q[t, hq] @ kc[j][h] / np.sqrt(D) for j in seen], dtype=np.float32)
-                p = np.exp(logits - logits.max()) if seen else logits
-                for j, pj in zip(seen, p / p.sum() if seen else p):
-                    group[j] += pj
+                logit = lambda c: float(q[t, hq].astype(np.float64) @ c[h]) / math.sqrt(D)  # noqa: E731
+                if seen_norm:
+                    m = max(logit(c) for c in seen_norm)
+                    lse = m + math.log(sum(math.exp(logit(c) - m) for c in seen_norm))
+                else:
+                    lse = -math.inf
+                for j in seen:
+                    group[j] += math.exp(logit(kc[j][1]) - lse)
             score = {}
             for b in range(n_blocks):
                 touching = [group[j] for j in seen if sp.kernel_stride * j <= sp.block_size * b + sp.block_size - 1
                             and sp.kernel_stride * j + sp.kernel_size - 1 >= sp.block_size * b]
-                score[b] = max(touching) if touching else -np.inf
+                score[b] = max(touching) if touching else -math.inf
             b_q = i // sp.block_size
             forced = [b for b in range(b_q + 1) if b < sp.init_blocks or b >= b_q - sp.window_size // sp.block_size]
-            others = [b for b in range(b_q + 1) if b not in forced and np.isfinite(score[b])]
+            others = [b for b in range(b_q + 1) if b not in forced and score[b] > -math.inf]
             others.sort(key=lambda b: (-score[b], b))
             budget = sp.topk + sp.window_size // sp.block_size
             for b in forced + others[: max(budget - len(forced), 0)]:
@@ -131,9 +231,11 @@ CASES = {
 }
 
 
+@pytest.mark.parametrize("score_rule", ["upstream", "exact"])
 @pytest.mark.parametrize("case", CASES)
-def test_vectorised_selection_equals_a_per_query_reading_of_the_doc(case):
+def test_vectorised_selection_equals_a_per_query_reading_of_the_doc(case, score_rule):
     sparse, Hq, Hkv, D, L, T = CASES[case]
+    sparse = SparseSpec(**{**sparse.__dict__, "score_rule": score_rule})
     rng = np.random.default_rng(list(CASES).index(case))
     q = (rng.standard_normal((T, Hq, D)) * 2).astype(np.float32)
     k = rng.standard_normal((L, Hkv, D)).astype(np.float32)
@@ -153,9 +255,10 @@ def random_qkv(L: int, T: int, Hq: int = 4, Hkv: int = 2, D: int = 16, seed: int
             rng.standard_normal((L, Hkv, D)).astype(np.float32))
 
 
+@pytest.mark.parametrize("score_rule", ["upstream", "exact"])
 @pytest.mark.parametrize("start_pos, T", [(0, 600), (550, 50), (599, 1)])
-def test_a_budget_covering_every_block_is_dense_attention(start_pos, T):
-    sparse = SparseSpec(32, 16, 1, 64, 128, 8, False, -1)  # budget 10 blocks = all of 600 tokens
+def test_a_budget_covering_every_block_is_dense_attention(start_pos, T, score_rule):
+    sparse = SparseSpec(32, 16, 1, 64, 128, 8, False, -1, score_rule)  # budget 10 blocks = all of 600 tokens
     q, k, v = random_qkv(start_pos + T, T)
     out, selected = infllm_attention(q, k, v, start_pos, sparse)
     causal_blocks = np.arange(10)[None, :] <= (np.arange(start_pos, start_pos + T) // 64)[:, None]

@@ -10,10 +10,13 @@ import torch
 from pocketllm.export.checkpoint import open_checkpoint
 from pocketllm.export.cli.engines import make_engine
 from pocketllm.runtime_py.evaluate import run_logits
-from pocketllm.export.ops.infllm_attention import infllm_attention_reference, infllm_block_mask
+from pocketllm.export.ops.infllm_attention import (infllm_attention_reference, infllm_block_mask, infllm_block_scores,
+                                         infllm_op_args)
 from pocketllm.export.spec import SparseSpec
 from pocketllm.runtime_py.generate import generate
+from pocketllm.runtime_py.ops.infllm_attention import block_scores as reference_block_scores
 from pocketllm.runtime_py.ops.infllm_attention import infllm_attention as reference_infllm
+from pocketllm.runtime_py.ops.infllm_attention import kernel_scores as reference_kernel_scores
 
 VARIANTS = ["minicpm4_dense", "minicpm4_sparse", "smallthinker_sigmoid", "smallthinker_softmax"]
 
@@ -69,7 +72,13 @@ SPARSE = SparseSpec(kernel_size=32, kernel_stride=16, init_blocks=1, block_size=
 
 
 def op_args(s: SparseSpec):
-    return (s.kernel_size, s.kernel_stride, s.block_size, s.init_blocks, s.window_size, s.topk, s.dense_len)
+    """The op's arguments after start_pos: kernel_size .. topk, dense_len, score_rule."""
+    return infllm_op_args(s)
+
+
+def mask_args(s: SparseSpec):
+    """infllm_block_mask's arguments after start_pos (no dense_len)."""
+    return (s.kernel_size, s.kernel_stride, s.block_size, s.init_blocks, s.window_size, s.topk) + op_args(s)[-1:]
 
 
 def random_qkv(L, T, hq=8, hkv=2, d=32, seed=0):
@@ -80,19 +89,37 @@ def random_qkv(L, T, hq=8, hkv=2, d=32, seed=0):
     return q, k, v
 
 
+@pytest.mark.parametrize("score_rule", ["upstream", "exact"])
 @pytest.mark.parametrize("start_pos,T", [(0, 2048), (2047, 1), (1500, 37)])
-def test_selected_blocks_match_reference_exactly(start_pos, T):
-    """On a long random context the torch op and the numpy reference choose the very same blocks."""
+def test_selected_blocks_match_reference_exactly(start_pos, T, score_rule):
+    """On a long random context the torch op and the numpy reference compute the same block scores bit for bit
+    and so choose the very same blocks."""
+    sparse = SparseSpec(**{**SPARSE.__dict__, "score_rule": score_rule})
     L = start_pos + T
     q, k, v = random_qkv(L, T, seed=start_pos)
-    ours = infllm_block_mask(q[0], k[0], start_pos, *op_args(SPARSE)[:-1]).numpy()
-    out_ref, theirs = reference_infllm(q[0].numpy(), k[0].numpy(), v[0].numpy(), start_pos, SPARSE)
+    scores = infllm_block_scores(q[0], k[0], start_pos, sparse.kernel_size, sparse.kernel_stride, sparse.block_size,
+                                 op_args(sparse)[-1]).numpy()
+    positions = np.arange(start_pos, L)
+    group = reference_kernel_scores(q[0].numpy(), k[0].numpy(), positions, sparse)
+    assert np.array_equal(scores, reference_block_scores(group, scores.shape[-1], sparse))
+    ours = infllm_block_mask(q[0], k[0], start_pos, *mask_args(sparse)).numpy()
+    out_ref, theirs = reference_infllm(q[0].numpy(), k[0].numpy(), v[0].numpy(), start_pos, sparse)
     assert ours.shape == theirs.shape
     assert np.array_equal(ours, theirs)
     # Sparse really is sparse here: late queries read only topk + window/block blocks.
-    assert ours[:, -1].sum(axis=-1).max() == SPARSE.budget
-    out = infllm_attention_reference(q, k, v, start_pos, *op_args(SPARSE))
+    assert ours[:, -1].sum(axis=-1).max() == sparse.budget
+    out = infllm_attention_reference(q, k, v, start_pos, *op_args(sparse))
     assert np.abs(out[0].numpy() - out_ref).max() <= 1e-5
+
+
+def test_the_score_rules_select_differently_on_random_data():
+    """The option is real: on the same random context upstream's LSE-over-Kc2 rule and the exact softmax disagree
+    on some blocks (they agree on most)."""
+    q, k, _ = random_qkv(2048, 2048, seed=0)
+    masks = [infllm_block_mask(q[0], k[0], 0, *mask_args(SparseSpec(**{**SPARSE.__dict__, "score_rule": rule})))
+             for rule in ("upstream", "exact")]
+    differ = (masks[0] != masks[1]).float().mean().item()
+    assert 0 < differ < 0.5
 
 
 def test_budget_covering_every_block_equals_dense():
@@ -140,7 +167,7 @@ def test_always_sparse_with_fewer_keys_than_one_kernel(L):
     """dense_len = -1 and a context shorter than kernel_size: no compressed key exists, only forced blocks count."""
     always = SparseSpec(**{**SPARSE.__dict__, "dense_len": -1})
     q, k, v = random_qkv(L, L, seed=L)
-    ours = infllm_block_mask(q[0], k[0], 0, *op_args(always)[:-1]).numpy()
+    ours = infllm_block_mask(q[0], k[0], 0, *mask_args(always)).numpy()
     out_ref, theirs = reference_infllm(q[0].numpy(), k[0].numpy(), v[0].numpy(), 0, always)
     assert np.array_equal(ours, theirs) and ours.all()
     out = infllm_attention_reference(q, k, v, 0, *op_args(always))

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import pocketllm.export.ops  # noqa: F401  (registers pocketllm custom ops)
+from pocketllm.export.ops.infllm_attention import infllm_op_args
 from pocketllm.export.spec import SparseSpec
 
 
@@ -59,9 +60,7 @@ class InfLLMCore(nn.Module):
     def forward(self, q, keys, values, start_pos, positions):
         if start_pos is None:
             return _sdpa(q, keys, values, causal=True)
-        s = self.sparse
-        return torch.ops.pocketllm.infllm_attention(q, keys, values, start_pos, s.kernel_size, s.kernel_stride,
-                                                    s.block_size, s.init_blocks, s.window_size, s.topk, s.dense_len)
+        return torch.ops.pocketllm.infllm_attention(q, keys, values, start_pos, *infllm_op_args(self.sparse))
 
 
 def attention_core(layer, sparse: SparseSpec | None) -> nn.Module:

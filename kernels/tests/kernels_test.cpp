@@ -48,28 +48,33 @@ static void test_lightning() {
   }
 }
 
-// InfLLM v2: all keys equal, so every candidate block ties; 512 keys in 8 blocks of 64, kernel 32 / stride 16,
-// init 1, window 64 (1 local block), topk 4 -> budget 5: forced {0, 6, 7}, then ties to the lower index {1, 2}.
+// InfLLM v2: all keys equal, so every candidate block ties (under both score rules); 512 keys in 8 blocks of 64,
+// kernel 32 / stride 16, init 1, window 64 (1 local block), topk 4 -> budget 5: forced {0, 6, 7}, then ties to the
+// lower index {1, 2}.
 static void test_infllm_ties() {
   const int64_t L = 512, D = 8;
   std::vector<float> q(2 * D, 1.0f), k(L * D, 1.0f);
-  const pocketllm::InfllmParams p{32, 16, 64, 1, 64, 4, -1};
-  const int64_t nk = (L - 32) / 16 + 1;
-  std::vector<float> kc(nk * D);
-  pocketllm::infllm_compress_keys(k.data(), 1, D, p, 0, nk, kc.data());
-  std::vector<uint8_t> mask(8);
-  pocketllm::infllm_select_blocks(q.data(), kc.data(), nk, 1, 2, 1, D, L - 1, p, mask.data());
-  const uint8_t expected[8] = {1, 1, 1, 0, 0, 0, 1, 1};
-  for (int b = 0; b < 8; ++b) CHECK_NEAR(mask[b], expected[b], 0);
-  // attention over equal keys = mean of the values of the selected tokens: v = token index, 5 blocks selected,
-  // tokens 0..191 and 384..511: mean = (sum 0..191 + sum 384..511) / 320 = (18336 + 57280) / 320 = 236.3.
-  std::vector<float> v(L * D);
-  for (int64_t t = 0; t < L; ++t)
-    for (int64_t d = 0; d < D; ++d) v[t * D + d] = static_cast<float>(t);
-  std::vector<float> out(2 * D);
-  pocketllm::infllm_attention_f32(q.data(), k.data(), v.data(), 1, 2, 1, D, L - 1, p, out.data());
-  CHECK_NEAR(out[0], 236.3f, 1e-3f);
-  CHECK_NEAR(out[2 * D - 1], 236.3f, 1e-3f);
+  for (int64_t rule : {pocketllm::kInfllmScoresUpstream, pocketllm::kInfllmScoresExact}) {
+    const pocketllm::InfllmParams p{32, 16, 64, 1, 64, 4, -1, rule};
+    const int64_t n1 = pocketllm::infllm_num_kernels(L, 32, 16), n2 = pocketllm::infllm_num_kernels(L, 128, 64);
+    std::vector<float> fine(pocketllm::infllm_kc_floats(n1, 1, D)), coarse(pocketllm::infllm_kc_floats(n2, 1, D));
+    pocketllm::infllm_compress_keys(k.data(), 1, D, 32, 16, n1, 0, n1, fine.data());
+    pocketllm::infllm_compress_keys(k.data(), 1, D, 128, 64, n2, 0, n2, coarse.data());
+    const pocketllm::InfllmKeys keys{fine.data(), n1, n1, coarse.data(), n2, n2};
+    std::vector<uint8_t> mask(8);
+    pocketllm::infllm_select_blocks(q.data(), keys, 1, 2, 1, D, L - 1, p, mask.data());
+    const uint8_t expected[8] = {1, 1, 1, 0, 0, 0, 1, 1};
+    for (int b = 0; b < 8; ++b) CHECK_NEAR(mask[b], expected[b], 0);
+    // attention over equal keys = mean of the values of the selected tokens: v = token index, 5 blocks selected,
+    // tokens 0..191 and 384..511: mean = (sum 0..191 + sum 384..511) / 320 = (18336 + 57280) / 320 = 236.3.
+    std::vector<float> v(L * D);
+    for (int64_t t = 0; t < L; ++t)
+      for (int64_t d = 0; d < D; ++d) v[t * D + d] = static_cast<float>(t);
+    std::vector<float> out(2 * D);
+    pocketllm::infllm_attention_f32(q.data(), k.data(), v.data(), 1, 2, 1, D, L - 1, p, out.data());
+    CHECK_NEAR(out[0], 236.3f, 1e-3f);
+    CHECK_NEAR(out[2 * D - 1], 236.3f, 1e-3f);
+  }
 }
 
 int main() {

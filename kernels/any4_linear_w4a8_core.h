@@ -1,0 +1,559 @@
+// pocketllm::any4_linear_w4a8 math, with no ExecuTorch dependency so it can be tested on its own
+// (kernels/tests/any4_w4a8_test.cpp, also under qemu-aarch64 for the NEON paths). The numerics are defined in
+// export/ops/any4_linear_w4a8.py and docs/quantization.md ("W4A8"); every path here computes them bit for bit:
+//
+//   xq = clamp(rint(x / sx), -127, 127), sx = max|x| / 127             per token (row of x)
+//   A[t, i, g] = sum_{j in g} xq[t, j] * lut_i8[i, code[i, j]]          int32, exact
+//   B[t, g] = sum_{j in g} xq[t, j]
+//   acc = 0; for g: acc = acc + (float(A) * (ls_i * s[i, g]) + float(B) * z[i, g]);  y = acc * sx
+//
+// Integer dot products, 32 weights per instruction group:
+//   x86 AVX-VNNI / AVX512-VNNI: vpdpbusd(acc, lut_i8 + 128 as u8, xq as s8), then A = acc - 128 * B (exact);
+//   x86 AVX2: llama.cpp-style sign trick, vpmaddubsw(|xq|, sign(w, xq)) + vpmaddwd(1) (pairs of products stay
+//             within int16: 2 * 127 * 127 = 32258);
+//   arm64 dotprod: sdot (vdotq_s32); arm64 without it: smull + smlal2 into int16 pairs, sadalp into int32;
+//   portable: scalar int32.
+// The table lookup (vpshufb / tbl) maps 16 codes to their int8 LUT values in one instruction; the low and high
+// nibbles of a code byte are the even and odd columns, so each token's xq is stored once per call in "block order":
+// within each block of 64 (or 32) columns, the even columns, then the odd ones.
+//
+// Rows go in tiles of 4: the integer sums of 4 rows are reduced together into one 4-lane vector per group
+// (A[g][0..3]), and the float part runs with the 4 rows in lanes, in the definition's order (groups one after the
+// other), so every ISA produces the same bits. Prefill (several tokens) first expands a tile's codes into int8
+// weights (a panel) once, then runs 2 tokens x 4 rows of dot products per step over it.
+//
+// Build with -ffp-contract=off (the float part must not fuse multiply-adds).
+#pragma once
+
+#include <algorithm>
+#include <cfloat>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "any4_decode.h"  // any4::half_to_float
+
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#include <immintrin.h>
+#define POCKETLLM_W4A8_X86 1
+#if defined(__AVXVNNI__) || (defined(__AVX512VNNI__) && defined(__AVX512VL__))
+#define POCKETLLM_W4A8_VNNI 1
+#endif
+#elif defined(__aarch64__) && defined(__ARM_NEON)
+#include <arm_neon.h>
+#define POCKETLLM_W4A8_NEON 1
+#if defined(__ARM_FEATURE_DOTPROD)
+#define POCKETLLM_W4A8_DOTPROD 1
+#endif
+#endif
+
+namespace pocketllm::w4a8 {
+
+constexpr int kRows = 4;  // output rows per tile
+
+inline const char* isa_name() {
+#if defined(POCKETLLM_W4A8_VNNI)
+  return "avx2-vnni";
+#elif defined(POCKETLLM_W4A8_X86)
+  return "avx2";
+#elif defined(POCKETLLM_W4A8_DOTPROD)
+  return "neon-dotprod";
+#elif defined(POCKETLLM_W4A8_NEON)
+  return "neon";
+#else
+  return "portable";
+#endif
+}
+
+// Columns per block of the block order: 64 or 32 (SIMD paths: 32 or 64 codes per step); 2 (natural order, the
+// scalar loop) when the group size is not a multiple of 32.
+inline int64_t block_cols(int64_t g) { return g % 64 == 0 ? 64 : g % 32 == 0 ? 32 : 2; }
+inline bool simd_supported(int64_t g) { return g % 32 == 0; }
+
+// Position in block order of natural column j.
+inline int64_t block_position(int64_t j, int64_t block) {
+  const int64_t b0 = j - j % block, k = j - b0;
+  return b0 + (k % 2) * (block / 2) + k / 2;
+}
+
+// ------------------------------------------------------------------------------------------------ activations
+// One token: x [K] -> xq [K] (block order), bsum [G] = B[t, :], returns sx; *finite = 0 when x holds NaN or inf
+// (then xq = 0, sx = 0 and the caller writes NaN outputs). xq_natural: scratch [K] (natural order).
+inline float quantize_token(const float* x, int64_t K, int64_t g, int8_t* xq, int32_t* bsum, uint8_t* finite,
+                            int8_t* xq_natural) {
+  float amax = 0.0f;
+  bool ok = true;
+  int64_t j = 0;
+#if defined(POCKETLLM_W4A8_X86)
+  {
+    const __m256 sign = _mm256_set1_ps(-0.0f), big = _mm256_set1_ps(FLT_MAX);
+    __m256 m = _mm256_setzero_ps(), bad = _mm256_setzero_ps();
+    for (; j + 8 <= K; j += 8) {
+      const __m256 a = _mm256_andnot_ps(sign, _mm256_loadu_ps(x + j));
+      bad = _mm256_or_ps(bad, _mm256_cmp_ps(a, big, _CMP_NLE_UQ));  // > FLT_MAX or NaN
+      m = _mm256_max_ps(m, a);
+    }
+    alignas(32) float lanes[8];
+    _mm256_store_ps(lanes, m);
+    for (float v : lanes) amax = v > amax ? v : amax;
+    ok = _mm256_movemask_ps(bad) == 0;
+  }
+#elif defined(POCKETLLM_W4A8_NEON)
+  {
+    const float32x4_t big = vdupq_n_f32(FLT_MAX);
+    float32x4_t m = vdupq_n_f32(0.0f);
+    uint32x4_t good = vdupq_n_u32(0xffffffffu);
+    for (; j + 4 <= K; j += 4) {
+      const float32x4_t a = vabsq_f32(vld1q_f32(x + j));
+      good = vandq_u32(good, vcleq_f32(a, big));  // false for inf and NaN
+      m = vmaxq_f32(m, a);
+    }
+    amax = vmaxvq_f32(m);
+    ok = vminvq_u32(good) != 0;
+  }
+#endif
+  for (; j < K; ++j) {
+    const float a = std::fabs(x[j]);
+    ok = ok && a <= FLT_MAX;
+    amax = a > amax ? a : amax;
+  }
+  const int64_t G = K / g;
+  *finite = ok ? 1 : 0;
+  const float sx = ok ? amax / 127.0f : 0.0f;
+  if (sx == 0.0f) {
+    std::memset(xq, 0, K);
+    std::fill(bsum, bsum + G, 0);
+    return 0.0f;
+  }
+  j = 0;
+#if defined(POCKETLLM_W4A8_X86)
+  {
+    const __m256 s = _mm256_set1_ps(sx), lo = _mm256_set1_ps(-127.0f), hi = _mm256_set1_ps(127.0f);
+    const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    for (; j + 32 <= K; j += 32) {
+      __m256i v[4];
+      for (int i = 0; i < 4; ++i) {  // division, clamp, then round half to even (MXCSR default)
+        const __m256 q = _mm256_min_ps(_mm256_max_ps(_mm256_div_ps(_mm256_loadu_ps(x + j + 8 * i), s), lo), hi);
+        v[i] = _mm256_cvtps_epi32(q);
+      }
+      // packs work per 128-bit lane: [0-3 8-11 16-19 24-27 | 4-7 12-15 20-23 28-31], undone by one dword permute
+      const __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(v[0], v[1]), _mm256_packs_epi32(v[2], v[3]));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(xq_natural + j), _mm256_permutevar8x32_epi32(p, order));
+    }
+  }
+#elif defined(POCKETLLM_W4A8_NEON)
+  {
+    const float32x4_t s = vdupq_n_f32(sx), lo = vdupq_n_f32(-127.0f), hi = vdupq_n_f32(127.0f);
+    for (; j + 8 <= K; j += 8) {
+      const float32x4_t q0 = vminq_f32(vmaxq_f32(vdivq_f32(vld1q_f32(x + j), s), lo), hi);
+      const float32x4_t q1 = vminq_f32(vmaxq_f32(vdivq_f32(vld1q_f32(x + j + 4), s), lo), hi);
+      const int16x8_t h = vcombine_s16(vqmovn_s32(vcvtnq_s32_f32(q0)), vqmovn_s32(vcvtnq_s32_f32(q1)));
+      vst1_s8(xq_natural + j, vqmovn_s16(h));  // vcvtnq: round half to even
+    }
+  }
+#endif
+  for (; j < K; ++j) {
+    const float q = std::min(std::max(x[j] / sx, -127.0f), 127.0f);
+    xq_natural[j] = static_cast<int8_t>(std::nearbyint(q));  // default rounding mode: half to even
+  }
+  for (int64_t gi = 0; gi < G; ++gi) {
+    int32_t s = 0;
+    for (int64_t k = gi * g; k < (gi + 1) * g; ++k) s += xq_natural[k];
+    bsum[gi] = s;
+  }
+  const int64_t block = block_cols(g), half = block / 2;
+  for (int64_t b0 = 0; b0 < K; b0 += block)
+    for (int64_t k = 0; k < half; ++k) {
+      xq[b0 + k] = xq_natural[b0 + 2 * k];
+      xq[b0 + half + k] = xq_natural[b0 + 2 * k + 1];
+    }
+  return sx;
+}
+
+// ------------------------------------------------------------------------------------------------ float part
+// Per-tile scales with the 4 rows in lanes: D[g * 4 + r] = ls[r] * s[r][g], Z[g * 4 + r] = z[r][g] (fp16 -> fp32
+// exact). s16[r] / z16[r]: the rows' G fp16 scales and zeros.
+inline void tile_scales(const uint16_t* const s16[kRows], const uint16_t* const z16[kRows], const float ls[kRows],
+                        int64_t G, float* D, float* Z) {
+  int64_t g = 0;
+#if defined(POCKETLLM_W4A8_X86)
+  for (; g + 4 <= G; g += 4) {  // 4 groups x 4 rows, transposed in registers
+    __m128 d[kRows], z[kRows];
+    for (int r = 0; r < kRows; ++r) {
+      d[r] = _mm_mul_ps(_mm_cvtph_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(s16[r] + g))),
+                        _mm_set1_ps(ls[r]));
+      z[r] = _mm_cvtph_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(z16[r] + g)));
+    }
+    _MM_TRANSPOSE4_PS(d[0], d[1], d[2], d[3]);
+    _MM_TRANSPOSE4_PS(z[0], z[1], z[2], z[3]);
+    for (int k = 0; k < 4; ++k) {
+      _mm_storeu_ps(D + (g + k) * kRows, d[k]);
+      _mm_storeu_ps(Z + (g + k) * kRows, z[k]);
+    }
+  }
+#endif
+  for (; g < G; ++g)
+    for (int r = 0; r < kRows; ++r) {
+      D[g * kRows + r] = ls[r] * any4::half_to_float(s16[r][g]);
+      Z[g * kRows + r] = any4::half_to_float(z16[r][g]);
+    }
+}
+
+// y[r] = sx * sum over groups, in order, of (float(A[g][r]) * D[g][r] + float(B[g]) * Z[g][r]).
+inline void tile_epilogue(const int32_t* A, const int32_t* bsum, const float* D, const float* Z, int64_t G, float sx,
+                          bool finite, float y[kRows]) {
+#if defined(POCKETLLM_W4A8_X86)
+  __m128 acc = _mm_setzero_ps();
+  for (int64_t g = 0; g < G; ++g) {
+    const __m128 p = _mm_mul_ps(_mm_cvtepi32_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(A + g * kRows))),
+                                _mm_loadu_ps(D + g * kRows));
+    const __m128 q = _mm_mul_ps(_mm_set1_ps(static_cast<float>(bsum[g])), _mm_loadu_ps(Z + g * kRows));
+    acc = _mm_add_ps(acc, _mm_add_ps(p, q));
+  }
+  _mm_storeu_ps(y, _mm_mul_ps(acc, _mm_set1_ps(sx)));
+#elif defined(POCKETLLM_W4A8_NEON)
+  float32x4_t acc = vdupq_n_f32(0.0f);
+  for (int64_t g = 0; g < G; ++g) {
+    const float32x4_t p = vmulq_f32(vcvtq_f32_s32(vld1q_s32(A + g * kRows)), vld1q_f32(D + g * kRows));
+    const float32x4_t q = vmulq_f32(vdupq_n_f32(static_cast<float>(bsum[g])), vld1q_f32(Z + g * kRows));
+    acc = vaddq_f32(acc, vaddq_f32(p, q));
+  }
+  vst1q_f32(y, vmulq_f32(acc, vdupq_n_f32(sx)));
+#else
+  for (int r = 0; r < kRows; ++r) {
+    float acc = 0.0f;
+    for (int64_t g = 0; g < G; ++g) {
+      const float p = static_cast<float>(A[g * kRows + r]) * D[g * kRows + r];
+      const float q = static_cast<float>(bsum[g]) * Z[g * kRows + r];
+      acc = acc + (p + q);
+    }
+    y[r] = acc * sx;
+  }
+#endif
+  if (!finite)
+    for (int r = 0; r < kRows; ++r) y[r] = NAN;
+}
+
+// ------------------------------------------------------------------------------------------------ integer part
+#if defined(POCKETLLM_W4A8_X86)
+// The row's int8 LUT in both 128-bit lanes; VNNI wants the unsigned operand, so it gets lut + 128 (xor 0x80).
+inline __m256i lane_lut(const int8_t* lut) {
+  const __m256i t = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(lut)));
+#if defined(POCKETLLM_W4A8_VNNI)
+  return _mm256_xor_si256(t, _mm256_set1_epi8(static_cast<char>(0x80)));
+#else
+  return t;
+#endif
+}
+
+// acc += 32 products w * x in 8 int32 lanes (VNNI: w is lut + 128, corrected per group by the caller; ax = |x|,
+// unused with VNNI).
+inline __m256i dot32(__m256i acc, __m256i w, __m256i x, __m256i ax) {
+#if defined(POCKETLLM_W4A8_VNNI)
+  (void)ax;
+#if defined(__AVXVNNI__)
+  return _mm256_dpbusd_avx_epi32(acc, w, x);
+#else
+  return _mm256_dpbusd_epi32(acc, w, x);
+#endif
+#else
+  const __m256i pairs = _mm256_maddubs_epi16(ax, _mm256_sign_epi8(w, x));
+  return _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
+#endif
+}
+
+inline __m256i abs_if_needed(__m256i x) {
+#if defined(POCKETLLM_W4A8_VNNI)
+  return x;
+#else
+  return _mm256_abs_epi8(x);
+#endif
+}
+
+// Totals of 4 accumulators (one per row) as [row0 row1 row2 row3].
+inline __m128i reduce4(__m256i a0, __m256i a1, __m256i a2, __m256i a3) {
+  const __m256i h = _mm256_hadd_epi32(_mm256_hadd_epi32(a0, a1), _mm256_hadd_epi32(a2, a3));
+  return _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
+}
+
+inline void store_group(int32_t* A, __m128i s, int32_t b) {
+#if defined(POCKETLLM_W4A8_VNNI)
+  s = _mm_sub_epi32(s, _mm_set1_epi32(128 * b));  // sum (w + 128) x - 128 sum x
+#else
+  (void)b;
+#endif
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(A), s);
+}
+#endif
+
+#if defined(POCKETLLM_W4A8_NEON)
+inline int32x4_t dot16(int32x4_t acc, int8x16_t w, int8x16_t x) {
+#if defined(POCKETLLM_W4A8_DOTPROD)
+  return vdotq_s32(acc, w, x);
+#else
+  // two products per int16 lane (at most 2 * 127 * 127), then pairwise into int32
+  const int16x8_t p = vmlal_high_s8(vmull_s8(vget_low_s8(w), vget_low_s8(x)), w, x);
+  return vpadalq_s16(acc, p);
+#endif
+}
+
+inline int32x4_t reduce4(int32x4_t a0, int32x4_t a1, int32x4_t a2, int32x4_t a3) {
+  return vpaddq_s32(vpaddq_s32(a0, a1), vpaddq_s32(a2, a3));
+}
+#endif
+
+// Decode (one token): A[g * 4 + r] = sum_{j in g} xq[j] * lut[r][code[r][j]], rows r < 4 of a tile.
+// q[r]: the row's K/2 code bytes; lut[r]: its 16 int8 entries; xq in block order; bsum = B[t, :].
+inline void decode_dots(const uint8_t* const q[kRows], const int8_t* const lut[kRows], const int8_t* xq,
+                        const int32_t* bsum, int64_t K, int64_t g, int32_t* A) {
+  const int64_t block = block_cols(g);
+#if defined(POCKETLLM_W4A8_X86)
+  if (block >= 32) {
+    const __m256i L0 = lane_lut(lut[0]), L1 = lane_lut(lut[1]), L2 = lane_lut(lut[2]), L3 = lane_lut(lut[3]);
+    const __m256i m0f = _mm256_set1_epi8(0x0F);
+    for (int64_t j0 = 0, gi = 0; j0 < K; j0 += g, ++gi) {
+      __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0;
+      if (block == 64) {
+        // 32 code bytes = 64 columns; low nibbles are the block's even columns, high nibbles its odd ones
+        for (int64_t j = j0; j < j0 + g; j += 64) {
+          const __m256i xe = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + j));
+          const __m256i xo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + j + 32));
+          const __m256i ae = abs_if_needed(xe), ao = abs_if_needed(xo);
+#define POCKETLLM_W4A8_STEP64(r)                                                                          \
+  {                                                                                                       \
+    const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q[r] + j / 2));                 \
+    a##r = dot32(a##r, _mm256_shuffle_epi8(L##r, _mm256_and_si256(b, m0f)), xe, ae);                      \
+    a##r = dot32(a##r, _mm256_shuffle_epi8(L##r, _mm256_and_si256(_mm256_srli_epi16(b, 4), m0f)), xo, ao); \
+  }
+          POCKETLLM_W4A8_STEP64(0) POCKETLLM_W4A8_STEP64(1) POCKETLLM_W4A8_STEP64(2) POCKETLLM_W4A8_STEP64(3)
+#undef POCKETLLM_W4A8_STEP64
+        }
+      } else {
+        // 16 code bytes = 32 columns in both lanes; the high lane shifts right by 4 to reach the high nibbles
+        const __m256i shift = _mm256_setr_epi64x(0, 0, 4, 4);
+        for (int64_t j = j0; j < j0 + g; j += 32) {
+          const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + j));
+          const __m256i ax = abs_if_needed(x);
+#define POCKETLLM_W4A8_STEP32(r)                                                                                \
+  {                                                                                                             \
+    const __m256i b = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q[r] + j / 2))); \
+    a##r = dot32(a##r, _mm256_shuffle_epi8(L##r, _mm256_and_si256(_mm256_srlv_epi64(b, shift), m0f)), x, ax);   \
+  }
+          POCKETLLM_W4A8_STEP32(0) POCKETLLM_W4A8_STEP32(1) POCKETLLM_W4A8_STEP32(2) POCKETLLM_W4A8_STEP32(3)
+#undef POCKETLLM_W4A8_STEP32
+        }
+      }
+      store_group(A + gi * kRows, reduce4(a0, a1, a2, a3), bsum[gi]);
+    }
+    return;
+  }
+#elif defined(POCKETLLM_W4A8_NEON)
+  if (block >= 32) {
+    int8x16_t L[kRows];
+    for (int r = 0; r < kRows; ++r) L[r] = vld1q_s8(lut[r]);
+    const uint8x16_t m0f = vdupq_n_u8(0x0F);
+    for (int64_t j0 = 0, gi = 0; j0 < K; j0 += g, ++gi) {
+      int32x4_t acc[kRows];
+      for (int r = 0; r < kRows; ++r) acc[r] = vdupq_n_s32(0);
+      for (int64_t j = j0; j < j0 + g; j += 32) {
+        // 16 code bytes = 32 columns: even ones at xq[b0 + o/2 ..], odd ones half a block further
+        const int64_t b0 = j - j % block, o = j - b0;
+        const int8x16_t xe = vld1q_s8(xq + b0 + o / 2), xo = vld1q_s8(xq + b0 + block / 2 + o / 2);
+        for (int r = 0; r < kRows; ++r) {
+          const uint8x16_t b = vld1q_u8(q[r] + j / 2);
+          acc[r] = dot16(acc[r], vqtbl1q_s8(L[r], vandq_u8(b, m0f)), xe);
+          acc[r] = dot16(acc[r], vqtbl1q_s8(L[r], vshrq_n_u8(b, 4)), xo);
+        }
+      }
+      vst1q_s32(A + gi * kRows, reduce4(acc[0], acc[1], acc[2], acc[3]));
+    }
+    return;
+  }
+#endif
+  // portable: any block size (2 = natural order); sums are exact, no correction
+  (void)bsum;
+  const int64_t half = block / 2;
+  for (int64_t j0 = 0, gi = 0; j0 < K; j0 += g, ++gi)
+    for (int r = 0; r < kRows; ++r) {
+      int32_t s = 0;
+      for (int64_t j = j0; j < j0 + g; j += 2) {
+        const int64_t b0 = j - j % block, k = (j - b0) / 2;
+        const uint8_t byte = q[r][j / 2];
+        s += lut[r][byte & 15] * xq[b0 + k] + lut[r][byte >> 4] * xq[b0 + half + k];
+      }
+      A[gi * kRows + r] = s;
+    }
+}
+
+// ------------------------------------------------------------------------------------------------ prefill
+// The tile's weights as bytes in block order (rows of K): lut values, + 128 (as u8) on the VNNI path.
+inline void expand_panel(const uint8_t* const q[kRows], const int8_t* const lut[kRows], int64_t K, int64_t g,
+                         int8_t* panel) {
+  const int64_t block = block_cols(g), half = block / 2;
+  for (int r = 0; r < kRows; ++r) {
+    int8_t t[16];
+    for (int c = 0; c < 16; ++c) {
+#if defined(POCKETLLM_W4A8_VNNI)
+      t[c] = static_cast<int8_t>(static_cast<uint8_t>(lut[r][c]) ^ 0x80u);
+#else
+      t[c] = lut[r][c];
+#endif
+    }
+    int8_t* w = panel + r * K;
+    for (int64_t b0 = 0; b0 < K; b0 += block)
+      for (int64_t k = 0; k < half; ++k) {
+        const uint8_t byte = q[r][b0 / 2 + k];
+        w[b0 + k] = t[byte & 15];
+        w[b0 + half + k] = t[byte >> 4];
+      }
+  }
+}
+
+// The weight a panel byte stands for.
+inline int32_t panel_value(int8_t byte) {
+#if defined(POCKETLLM_W4A8_VNNI)
+  return static_cast<int32_t>(static_cast<uint8_t>(byte)) - 128;
+#else
+  return byte;
+#endif
+}
+
+// Two tokens (xq0, xq1: block order; bsum0, bsum1) x the 4 rows of a panel: A0 / A1 [G][4] as decode_dots.
+inline void panel_dots2(const int8_t* panel, const int8_t* xq0, const int8_t* xq1, const int32_t* bsum0,
+                        const int32_t* bsum1, int64_t K, int64_t g, int32_t* A0, int32_t* A1) {
+#if defined(POCKETLLM_W4A8_X86)
+  if (simd_supported(g)) {
+    for (int64_t j0 = 0, gi = 0; j0 < K; j0 += g, ++gi) {
+      __m256i a[2][kRows];
+      for (auto& t : a)
+        for (auto& v : t) v = _mm256_setzero_si256();
+      for (int64_t j = j0; j < j0 + g; j += 32) {
+        const __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq0 + j));
+        const __m256i x1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq1 + j));
+        const __m256i ax0 = abs_if_needed(x0), ax1 = abs_if_needed(x1);
+        for (int r = 0; r < kRows; ++r) {
+          const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(panel + r * K + j));
+          a[0][r] = dot32(a[0][r], w, x0, ax0);
+          a[1][r] = dot32(a[1][r], w, x1, ax1);
+        }
+      }
+      store_group(A0 + gi * kRows, reduce4(a[0][0], a[0][1], a[0][2], a[0][3]), bsum0[gi]);
+      store_group(A1 + gi * kRows, reduce4(a[1][0], a[1][1], a[1][2], a[1][3]), bsum1[gi]);
+    }
+    return;
+  }
+#elif defined(POCKETLLM_W4A8_NEON)
+  if (simd_supported(g)) {
+    for (int64_t j0 = 0, gi = 0; j0 < K; j0 += g, ++gi) {
+      int32x4_t a[2][kRows];
+      for (auto& t : a)
+        for (auto& v : t) v = vdupq_n_s32(0);
+      for (int64_t j = j0; j < j0 + g; j += 16) {
+        const int8x16_t x0 = vld1q_s8(xq0 + j), x1 = vld1q_s8(xq1 + j);
+        for (int r = 0; r < kRows; ++r) {
+          const int8x16_t w = vld1q_s8(panel + r * K + j);
+          a[0][r] = dot16(a[0][r], w, x0);
+          a[1][r] = dot16(a[1][r], w, x1);
+        }
+      }
+      vst1q_s32(A0 + gi * kRows, reduce4(a[0][0], a[0][1], a[0][2], a[0][3]));
+      vst1q_s32(A1 + gi * kRows, reduce4(a[1][0], a[1][1], a[1][2], a[1][3]));
+    }
+    return;
+  }
+#endif
+  for (int64_t j0 = 0, gi = 0; j0 < K; j0 += g, ++gi)
+    for (int r = 0; r < kRows; ++r) {
+      int32_t s0 = 0, s1 = 0;
+      for (int64_t j = j0; j < j0 + g; ++j) {
+        const int32_t w = panel_value(panel[r * K + j]);
+        s0 += w * xq0[j];
+        s1 += w * xq1[j];
+      }
+      A0[gi * kRows + r] = s0;
+      A1[gi * kRows + r] = s1;
+    }
+  (void)bsum0, (void)bsum1;
+}
+
+// ------------------------------------------------------------------------------------------------ driver
+// One call's tokens, quantized once and shared by every row.
+struct Activations {
+  int64_t M = 0, K = 0, g = 0, G = 0;
+  std::vector<int8_t> xq;        // [M][K], block order
+  std::vector<int32_t> bsum;     // [M][G]
+  std::vector<float> sx;         // [M]
+  std::vector<uint8_t> finite;   // [M]
+
+  void resize(int64_t m, int64_t k, int64_t group) {
+    M = m, K = k, g = group, G = k / group;
+    xq.resize(M * K), bsum.resize(M * G), sx.resize(M), finite.resize(M);
+  }
+  // Tokens [t0, t1) of x [M][K]; scratch: K bytes.
+  void quantize(const float* x, int64_t t0, int64_t t1, int8_t* scratch) {
+    for (int64_t t = t0; t < t1; ++t)
+      sx[t] = quantize_token(x + t * K, K, g, xq.data() + t * K, bsum.data() + t * G, finite.data() + t, scratch);
+  }
+};
+
+// The op's weight inputs (export/ops/any4_linear_w4a8.py): qweight [N][K/2], lut_i8 [N][16], lut_scale [N],
+// scales / zeros [N][G] as fp16 bits.
+struct Weights {
+  const uint8_t* qweight;
+  const int8_t* lut_i8;
+  const float* lut_scale;
+  const uint16_t* scales;
+  const uint16_t* zeros;
+  int64_t N, K, g;
+};
+
+// Per-thread buffers.
+struct Scratch {
+  std::vector<int32_t> A0, A1;
+  std::vector<float> D, Z;
+  std::vector<int8_t> panel;
+};
+
+// y[t][i] (y: [M][N]) for rows i in [n0, n1) and every token: tiles of 4 rows; a short last tile repeats its last
+// row and keeps only the real ones. One token: table lookups straight from the codes; several: the tile's weights
+// are expanded into a panel once, then two tokens at a time.
+inline void linear_rows(const Weights& w, const Activations& a, int64_t n0, int64_t n1, float* y, Scratch& s) {
+  const int64_t K = w.K, g = w.g, G = K / g, N = w.N;
+  s.A0.resize(G * kRows), s.A1.resize(G * kRows), s.D.resize(G * kRows), s.Z.resize(G * kRows);
+  if (a.M > 1) s.panel.resize(kRows * K);
+  for (int64_t i0 = n0; i0 < n1; i0 += kRows) {
+    const int rows = static_cast<int>(std::min<int64_t>(kRows, n1 - i0));
+    const uint8_t* q[kRows];
+    const int8_t* lut[kRows];
+    const uint16_t *s16[kRows], *z16[kRows];
+    float ls[kRows];
+    for (int r = 0; r < kRows; ++r) {
+      const int64_t i = i0 + std::min(r, rows - 1);
+      q[r] = w.qweight + i * (K / 2), lut[r] = w.lut_i8 + i * 16, ls[r] = w.lut_scale[i];
+      s16[r] = w.scales + i * G, z16[r] = w.zeros + i * G;
+    }
+    tile_scales(s16, z16, ls, G, s.D.data(), s.Z.data());
+    float out[kRows];
+    if (a.M == 1) {
+      decode_dots(q, lut, a.xq.data(), a.bsum.data(), K, g, s.A0.data());
+      tile_epilogue(s.A0.data(), a.bsum.data(), s.D.data(), s.Z.data(), G, a.sx[0], a.finite[0], out);
+      std::copy(out, out + rows, y + i0);
+      continue;
+    }
+    expand_panel(q, lut, K, g, s.panel.data());
+    for (int64_t t = 0; t < a.M; t += 2) {
+      const int64_t t1 = std::min(t + 1, a.M - 1);  // an odd last token pairs with itself
+      panel_dots2(s.panel.data(), a.xq.data() + t * K, a.xq.data() + t1 * K, a.bsum.data() + t * G,
+                  a.bsum.data() + t1 * G, K, g, s.A0.data(), s.A1.data());
+      tile_epilogue(s.A0.data(), a.bsum.data() + t * G, s.D.data(), s.Z.data(), G, a.sx[t], a.finite[t], out);
+      std::copy(out, out + rows, y + t * N + i0);
+      if (t1 != t) {
+        tile_epilogue(s.A1.data(), a.bsum.data() + t1 * G, s.D.data(), s.Z.data(), G, a.sx[t1], a.finite[t1], out);
+        std::copy(out, out + rows, y + t1 * N + i0);
+      }
+    }
+  }
+}
+
+}  // namespace pocketllm::w4a8

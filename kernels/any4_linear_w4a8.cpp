@@ -39,7 +39,8 @@ void any4_linear_w4a8_f32(const float* x, const uint8_t* qweight, const int8_t* 
     });
   }
   const w4a8::Weights w{qweight, lut_i8, lut_scale, scales, zeros, N, K, group_size};
-  // Blocks of 16 rows (4 tiles): small enough to balance two threads on the 128-row k/v projections.
+  // Blocks of 16 rows (2 or 4 tiles, a multiple of the 8-row scale blocks): small enough to balance two threads on
+  // the 128-row k/v projections.
   parallel_dynamic(N, 16, [&](int64_t b, int64_t e) {
     thread_local w4a8::Scratch scratch;
     w4a8::linear_rows(w, act, b, e, y, scratch);
@@ -63,10 +64,11 @@ Tensor& any4_linear_w4a8_out(KernelRuntimeContext& ctx, const Tensor& x, const T
                       out, "any4_linear_w4a8: lut_i8 must be int8 [N, 16]");
   ET_KERNEL_CHECK_MSG(ctx, lut_scale.scalar_type() == ScalarType::Float && lut_scale.numel() == N, InvalidArgument,
                       out, "any4_linear_w4a8: lut_scale must be float32 [N]");
+  const int64_t blocked = (N + w4a8::kRowBlock - 1) / w4a8::kRowBlock * w4a8::kRowBlock * G;
   ET_KERNEL_CHECK_MSG(ctx,
                       scales.scalar_type() == ScalarType::Half && zeros.scalar_type() == ScalarType::Half &&
-                          scales.numel() == N * G && zeros.numel() == N * G,
-                      InvalidArgument, out, "any4_linear_w4a8: scales and zeros must be float16 [N, K/g]");
+                          scales.numel() == blocked && zeros.numel() == blocked,
+                      InvalidArgument, out, "any4_linear_w4a8: scales and zeros must be float16 [ceil(N/8), K/g, 8]");
   executorch::aten::SizesType sizes[16];
   ET_KERNEL_CHECK(ctx, x.dim() <= 16, InvalidArgument, out);
   for (int64_t d = 0; d + 1 < x.dim(); ++d) sizes[d] = x.size(d);

@@ -10,7 +10,7 @@
 namespace pocketllm {
 
 // Raw form. x [M, K] fp32; qweight [N, K/2] (low nibble = even column); lut_i8 [N, 16]; lut_scale [N];
-// scales, zeros [N, K/g] as fp16 bits; y [M, N]. Rows go to ExecuTorch's threadpool.
+// scales, zeros as fp16 bits in 8-row blocks [ceil(N/8), K/g, 8]; y [M, N]. Rows go to ExecuTorch's threadpool.
 void any4_linear_w4a8_f32(const float* x, const uint8_t* qweight, const int8_t* lut_i8, const float* lut_scale,
                           const uint16_t* scales, const uint16_t* zeros, int64_t M, int64_t N, int64_t K,
                           int64_t group_size, float* y);

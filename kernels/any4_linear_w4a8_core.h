@@ -40,6 +40,10 @@
 #if defined(__AVXVNNI__) || (defined(__AVX512VNNI__) && defined(__AVX512VL__))
 #define POCKETLLM_W4A8_VNNI 1
 #endif
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512VNNI__) && \
+    defined(__AVX512VBMI__)
+#define POCKETLLM_W4A8_AVX512 1  // 128 codes per step in zmm registers; 32 vector registers for 8-row tiles
+#endif
 #elif defined(__aarch64__) && defined(__ARM_NEON)
 #include <arm_neon.h>
 #define POCKETLLM_W4A8_NEON 1
@@ -48,12 +52,24 @@
 #endif
 #endif
 
+// GCC 12 warns about its own AVX-512 intrinsics (_mm512_undefined_*) once they are inlined here.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+
 namespace pocketllm::w4a8 {
 
-constexpr int kRows = 4;  // output rows per tile
+#if defined(POCKETLLM_W4A8_AVX512)
+constexpr int kRows = 8;  // output rows per tile (the float part runs them as vector lanes)
+#else
+constexpr int kRows = 4;
+#endif
 
 inline const char* isa_name() {
-#if defined(POCKETLLM_W4A8_VNNI)
+#if defined(POCKETLLM_W4A8_AVX512)
+  return "avx512-vnni";
+#elif defined(POCKETLLM_W4A8_VNNI)
   return "avx2-vnni";
 #elif defined(POCKETLLM_W4A8_X86)
   return "avx2";
@@ -66,9 +82,14 @@ inline const char* isa_name() {
 #endif
 }
 
-// Columns per block of the block order: 64 or 32 (SIMD paths: 32 or 64 codes per step); 2 (natural order, the
-// scalar loop) when the group size is not a multiple of 32.
-inline int64_t block_cols(int64_t g) { return g % 64 == 0 ? 64 : g % 32 == 0 ? 32 : 2; }
+// Columns per block of the block order: 128 (AVX-512), 64 or 32 (the codes one SIMD step reads); 2 (natural order,
+// the scalar loop) when the group size is not a multiple of 32.
+inline int64_t block_cols(int64_t g) {
+#if defined(POCKETLLM_W4A8_AVX512)
+  if (g % 128 == 0) return 128;
+#endif
+  return g % 64 == 0 ? 64 : g % 32 == 0 ? 32 : 2;
+}
 inline bool simd_supported(int64_t g) { return g % 32 == 0; }
 
 // Position in block order of natural column j.
@@ -171,61 +192,67 @@ inline float quantize_token(const float* x, int64_t K, int64_t g, int8_t* xq, in
   return sx;
 }
 
-// ------------------------------------------------------------------------------------------------ float part
-// Per-tile scales with the 4 rows in lanes: D[g * 4 + r] = ls[r] * s[r][g], Z[g * 4 + r] = z[r][g] (fp16 -> fp32
-// exact). s16[r] / z16[r]: the rows' G fp16 scales and zeros.
-inline void tile_scales(const uint16_t* const s16[kRows], const uint16_t* const z16[kRows], const float ls[kRows],
-                        int64_t G, float* D, float* Z) {
-  int64_t g = 0;
-#if defined(POCKETLLM_W4A8_X86)
-  for (; g + 4 <= G; g += 4) {  // 4 groups x 4 rows, transposed in registers
-    __m128 d[kRows], z[kRows];
-    for (int r = 0; r < kRows; ++r) {
-      d[r] = _mm_mul_ps(_mm_cvtph_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(s16[r] + g))),
-                        _mm_set1_ps(ls[r]));
-      z[r] = _mm_cvtph_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(z16[r] + g)));
-    }
-    _MM_TRANSPOSE4_PS(d[0], d[1], d[2], d[3]);
-    _MM_TRANSPOSE4_PS(z[0], z[1], z[2], z[3]);
-    for (int k = 0; k < 4; ++k) {
-      _mm_storeu_ps(D + (g + k) * kRows, d[k]);
-      _mm_storeu_ps(Z + (g + k) * kRows, z[k]);
-    }
-  }
-#endif
-  for (; g < G; ++g)
-    for (int r = 0; r < kRows; ++r) {
-      D[g * kRows + r] = ls[r] * any4::half_to_float(s16[r][g]);
-      Z[g * kRows + r] = any4::half_to_float(z16[r][g]);
-    }
-}
+// ------------------------------------------------------------------------------------------------ tiles
+// kRows consecutive output rows. scales and zeros come in blocks of 8 rows, [ceil(N / 8)][G][8] (w4a8_pack lays them
+// out so): the float part of a tile reads its rows' values for one group as one vector.
+constexpr int kRowBlock = 8;
+static_assert(kRowBlock % kRows == 0, "a tile lies inside one block of scales");
 
-// y[r] = sx * sum over groups, in order, of (float(A[g][r]) * D[g][r] + float(B[g]) * Z[g][r]).
-inline void tile_epilogue(const int32_t* A, const int32_t* bsum, const float* D, const float* Z, int64_t G, float sx,
-                          bool finite, float y[kRows]) {
-#if defined(POCKETLLM_W4A8_X86)
+struct Tile {
+  const uint8_t* q;       // row r's K/2 code bytes at q + r * stride
+  int64_t stride;
+  const int8_t* lut;      // row r's 16 int8 entries at lut + 16 r
+  const float* ls;        // [kRows] LUT scales
+  const uint16_t* s16;    // s[g][r] = s16[g * 8 + r], fp16 bits (the tile's rows inside their 8-row block)
+  const uint16_t* z16;
+};
+
+// ------------------------------------------------------------------------------------------------ float part
+// y[r] = sx * (sum over groups, in order, of float(A[g][r]) * (ls[r] * s[g][r]) + float(B[g]) * z[g][r]), r < kRows.
+// Bf[g] = float(B[t, g]) (exact).
+inline void tile_epilogue(const int32_t* A, const float* Bf, const Tile& t, int64_t G, float sx, bool finite,
+                          float* y) {
+  const uint16_t *s16 = t.s16, *z16 = t.z16;
+#if defined(POCKETLLM_W4A8_X86) && defined(POCKETLLM_W4A8_AVX512)
+  const __m256 lsv = _mm256_loadu_ps(t.ls);
+  __m256 acc = _mm256_setzero_ps();
+  for (int64_t g = 0; g < G; ++g) {
+    const __m256 d = _mm256_mul_ps(
+        lsv, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s16 + g * kRowBlock))));
+    const __m256 z = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(z16 + g * kRowBlock)));
+    const __m256 p = _mm256_mul_ps(
+        _mm256_cvtepi32_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(A + g * kRows))), d);
+    acc = _mm256_add_ps(acc, _mm256_add_ps(p, _mm256_mul_ps(_mm256_set1_ps(Bf[g]), z)));
+  }
+  _mm256_storeu_ps(y, _mm256_mul_ps(acc, _mm256_set1_ps(sx)));
+#elif defined(POCKETLLM_W4A8_X86)
+  const __m128 lsv = _mm_loadu_ps(t.ls);
   __m128 acc = _mm_setzero_ps();
   for (int64_t g = 0; g < G; ++g) {
-    const __m128 p = _mm_mul_ps(_mm_cvtepi32_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(A + g * kRows))),
-                                _mm_loadu_ps(D + g * kRows));
-    const __m128 q = _mm_mul_ps(_mm_set1_ps(static_cast<float>(bsum[g])), _mm_loadu_ps(Z + g * kRows));
-    acc = _mm_add_ps(acc, _mm_add_ps(p, q));
+    const __m128 d =
+        _mm_mul_ps(lsv, _mm_cvtph_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(s16 + g * kRowBlock))));
+    const __m128 z = _mm_cvtph_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(z16 + g * kRowBlock)));
+    const __m128 p = _mm_mul_ps(_mm_cvtepi32_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(A + g * kRows))), d);
+    acc = _mm_add_ps(acc, _mm_add_ps(p, _mm_mul_ps(_mm_set1_ps(Bf[g]), z)));
   }
   _mm_storeu_ps(y, _mm_mul_ps(acc, _mm_set1_ps(sx)));
 #elif defined(POCKETLLM_W4A8_NEON)
+  const float32x4_t lsv = vld1q_f32(t.ls);
   float32x4_t acc = vdupq_n_f32(0.0f);
   for (int64_t g = 0; g < G; ++g) {
-    const float32x4_t p = vmulq_f32(vcvtq_f32_s32(vld1q_s32(A + g * kRows)), vld1q_f32(D + g * kRows));
-    const float32x4_t q = vmulq_f32(vdupq_n_f32(static_cast<float>(bsum[g])), vld1q_f32(Z + g * kRows));
-    acc = vaddq_f32(acc, vaddq_f32(p, q));
+    const float32x4_t d = vmulq_f32(lsv, vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(s16 + g * kRowBlock))));
+    const float32x4_t z = vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(z16 + g * kRowBlock)));
+    const float32x4_t p = vmulq_f32(vcvtq_f32_s32(vld1q_s32(A + g * kRows)), d);
+    acc = vaddq_f32(acc, vaddq_f32(p, vmulq_f32(vdupq_n_f32(Bf[g]), z)));
   }
   vst1q_f32(y, vmulq_f32(acc, vdupq_n_f32(sx)));
 #else
   for (int r = 0; r < kRows; ++r) {
     float acc = 0.0f;
     for (int64_t g = 0; g < G; ++g) {
-      const float p = static_cast<float>(A[g * kRows + r]) * D[g * kRows + r];
-      const float q = static_cast<float>(bsum[g]) * Z[g * kRows + r];
+      const float d = t.ls[r] * any4::half_to_float(s16[g * kRowBlock + r]);
+      const float p = static_cast<float>(A[g * kRows + r]) * d;
+      const float q = Bf[g] * any4::half_to_float(z16[g * kRowBlock + r]);
       acc = acc + (p + q);
     }
     y[r] = acc * sx;
@@ -277,14 +304,47 @@ inline __m128i reduce4(__m256i a0, __m256i a1, __m256i a2, __m256i a3) {
   return _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
 }
 
-inline void store_group(int32_t* A, __m128i s, int32_t b) {
+// A[0 .. kRows) = totals of the tile's accumulators, less 128 * B on the VNNI path (sum (w + 128) x - 128 sum x).
+inline void store_group(int32_t* A, const __m256i* acc, int32_t b) {
+  const __m128i corr = _mm_set1_epi32(128 * b);
+  for (int r0 = 0; r0 < kRows; r0 += 4) {
+    __m128i s = reduce4(acc[r0], acc[r0 + 1], acc[r0 + 2], acc[r0 + 3]);
 #if defined(POCKETLLM_W4A8_VNNI)
-  s = _mm_sub_epi32(s, _mm_set1_epi32(128 * b));  // sum (w + 128) x - 128 sum x
+    s = _mm_sub_epi32(s, corr);
 #else
-  (void)b;
+    (void)corr;
 #endif
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(A), s);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(A + r0), s);
+  }
 }
+
+#if defined(POCKETLLM_W4A8_AVX512)
+inline __m512i lane_lut512(const int8_t* lut) {
+  const __m512i t = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(lut)));
+  return _mm512_xor_si512(t, _mm512_set1_epi8(static_cast<char>(0x80)));
+}
+
+// Totals of 8 accumulators (one per row) as [row0 .. row7]: a tree of 256-bit, 128-bit, then in-lane halvings.
+inline __m256i reduce8(const __m512i* a) {
+  __m512i t[4];
+  for (int i = 0; i < 4; ++i)  // [a.lo256 + a.hi256 | b.lo256 + b.hi256]
+    t[i] = _mm512_add_epi32(_mm512_shuffle_i64x2(a[2 * i], a[2 * i + 1], 0x44),
+                            _mm512_shuffle_i64x2(a[2 * i], a[2 * i + 1], 0xEE));
+  __m512i u[2];
+  for (int i = 0; i < 2; ++i)  // 128-bit lane k holds 4 partial sums of row 4i + k
+    u[i] = _mm512_add_epi32(_mm512_shuffle_i64x2(t[2 * i], t[2 * i + 1], 0x88),
+                            _mm512_shuffle_i64x2(t[2 * i], t[2 * i + 1], 0xDD));
+  __m512i v = _mm512_add_epi32(_mm512_unpacklo_epi32(u[0], u[1]), _mm512_unpackhi_epi32(u[0], u[1]));
+  v = _mm512_add_epi32(v, _mm512_shuffle_epi32(v, _MM_PERM_BADC));  // lane k: [row k, row k + 4, ...]
+  const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 0, 0, 0, 0, 0, 0, 0, 0);
+  return _mm512_castsi512_si256(_mm512_permutexvar_epi32(order, v));
+}
+
+inline void store_group8(int32_t* A, const __m512i* acc, int32_t b) {
+  const __m256i s = _mm256_sub_epi32(reduce8(acc), _mm256_set1_epi32(128 * b));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(A), s);
+}
+#endif
 #endif
 
 #if defined(POCKETLLM_W4A8_NEON)
@@ -303,55 +363,57 @@ inline int32x4_t reduce4(int32x4_t a0, int32x4_t a1, int32x4_t a2, int32x4_t a3)
 }
 #endif
 
-// Decode (one token): A[g * 4 + r] = sum_{j in g} xq[j] * lut[r][code[r][j]], rows r < 4 of a tile.
-// q[r]: the row's K/2 code bytes; lut[r]: its 16 int8 entries; xq in block order; bsum = B[t, :].
-inline void decode_dots(const uint8_t* const q[kRows], const int8_t* const lut[kRows], const int8_t* xq,
-                        const int32_t* bsum, int64_t K, int64_t g, int32_t* A) {
+// Decode (one token), integer part: A[g * kRows + r] = sum_{j in g} xq[j] * lut[r][code[r][j]] for the tile's rows;
+// xq in block order; bsum = B[t, :]. (AVX-512 builds run 128-column blocks through decode_tile.)
+inline void decode_dots(const Tile& t, const int8_t* xq, const int32_t* bsum, int64_t K, int64_t g, int32_t* A) {
   const int64_t block = block_cols(g);
+  const int64_t stride = t.stride;
 #if defined(POCKETLLM_W4A8_X86)
   if (block >= 32) {
-    const __m256i L0 = lane_lut(lut[0]), L1 = lane_lut(lut[1]), L2 = lane_lut(lut[2]), L3 = lane_lut(lut[3]);
+    __m256i L[kRows];
+    for (int r = 0; r < kRows; ++r) L[r] = lane_lut(t.lut + 16 * r);
     const __m256i m0f = _mm256_set1_epi8(0x0F);
+    const __m256i shift = _mm256_setr_epi64x(0, 0, 4, 4);
     for (int64_t j0 = 0, gi = 0; j0 < K; j0 += g, ++gi) {
-      __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0;
-      if (block == 64) {
-        // 32 code bytes = 64 columns; low nibbles are the block's even columns, high nibbles its odd ones
+      __m256i a[kRows];
+      for (int r = 0; r < kRows; ++r) a[r] = _mm256_setzero_si256();
+      if (block >= 64) {
+        // 32 code bytes = 64 columns: their low nibbles are even columns of the block, the high nibbles odd ones
         for (int64_t j = j0; j < j0 + g; j += 64) {
-          const __m256i xe = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + j));
-          const __m256i xo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + j + 32));
+          const int64_t b0 = j - j % block, o = j - b0;
+          const __m256i xe = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + b0 + o / 2));
+          const __m256i xo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + b0 + block / 2 + o / 2));
           const __m256i ae = abs_if_needed(xe), ao = abs_if_needed(xo);
-#define POCKETLLM_W4A8_STEP64(r)                                                                          \
-  {                                                                                                       \
-    const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q[r] + j / 2));                 \
-    a##r = dot32(a##r, _mm256_shuffle_epi8(L##r, _mm256_and_si256(b, m0f)), xe, ae);                      \
-    a##r = dot32(a##r, _mm256_shuffle_epi8(L##r, _mm256_and_si256(_mm256_srli_epi16(b, 4), m0f)), xo, ao); \
-  }
-          POCKETLLM_W4A8_STEP64(0) POCKETLLM_W4A8_STEP64(1) POCKETLLM_W4A8_STEP64(2) POCKETLLM_W4A8_STEP64(3)
-#undef POCKETLLM_W4A8_STEP64
+          const uint8_t* qj = t.q + j / 2;
+#pragma GCC unroll 8
+          for (int r = 0; r < kRows; ++r) {
+            const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qj + r * stride));
+            a[r] = dot32(a[r], _mm256_shuffle_epi8(L[r], _mm256_and_si256(b, m0f)), xe, ae);
+            a[r] = dot32(a[r], _mm256_shuffle_epi8(L[r], _mm256_and_si256(_mm256_srli_epi16(b, 4), m0f)), xo, ao);
+          }
         }
       } else {
         // 16 code bytes = 32 columns in both lanes; the high lane shifts right by 4 to reach the high nibbles
-        const __m256i shift = _mm256_setr_epi64x(0, 0, 4, 4);
         for (int64_t j = j0; j < j0 + g; j += 32) {
           const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + j));
           const __m256i ax = abs_if_needed(x);
-#define POCKETLLM_W4A8_STEP32(r)                                                                                \
-  {                                                                                                             \
-    const __m256i b = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q[r] + j / 2))); \
-    a##r = dot32(a##r, _mm256_shuffle_epi8(L##r, _mm256_and_si256(_mm256_srlv_epi64(b, shift), m0f)), x, ax);   \
-  }
-          POCKETLLM_W4A8_STEP32(0) POCKETLLM_W4A8_STEP32(1) POCKETLLM_W4A8_STEP32(2) POCKETLLM_W4A8_STEP32(3)
-#undef POCKETLLM_W4A8_STEP32
+          const uint8_t* qj = t.q + j / 2;
+#pragma GCC unroll 8
+          for (int r = 0; r < kRows; ++r) {
+            const __m256i b =
+                _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qj + r * stride)));
+            a[r] = dot32(a[r], _mm256_shuffle_epi8(L[r], _mm256_and_si256(_mm256_srlv_epi64(b, shift), m0f)), x, ax);
+          }
         }
       }
-      store_group(A + gi * kRows, reduce4(a0, a1, a2, a3), bsum[gi]);
+      store_group(A + gi * kRows, a, bsum[gi]);
     }
     return;
   }
 #elif defined(POCKETLLM_W4A8_NEON)
   if (block >= 32) {
     int8x16_t L[kRows];
-    for (int r = 0; r < kRows; ++r) L[r] = vld1q_s8(lut[r]);
+    for (int r = 0; r < kRows; ++r) L[r] = vld1q_s8(t.lut + 16 * r);
     const uint8x16_t m0f = vdupq_n_u8(0x0F);
     for (int64_t j0 = 0, gi = 0; j0 < K; j0 += g, ++gi) {
       int32x4_t acc[kRows];
@@ -361,7 +423,7 @@ inline void decode_dots(const uint8_t* const q[kRows], const int8_t* const lut[k
         const int64_t b0 = j - j % block, o = j - b0;
         const int8x16_t xe = vld1q_s8(xq + b0 + o / 2), xo = vld1q_s8(xq + b0 + block / 2 + o / 2);
         for (int r = 0; r < kRows; ++r) {
-          const uint8x16_t b = vld1q_u8(q[r] + j / 2);
+          const uint8x16_t b = vld1q_u8(t.q + r * stride + j / 2);
           acc[r] = dot16(acc[r], vqtbl1q_s8(L[r], vandq_u8(b, m0f)), xe);
           acc[r] = dot16(acc[r], vqtbl1q_s8(L[r], vshrq_n_u8(b, 4)), xo);
         }
@@ -376,36 +438,79 @@ inline void decode_dots(const uint8_t* const q[kRows], const int8_t* const lut[k
   const int64_t half = block / 2;
   for (int64_t j0 = 0, gi = 0; j0 < K; j0 += g, ++gi)
     for (int r = 0; r < kRows; ++r) {
+      const uint8_t* q = t.q + r * stride;
+      const int8_t* lut = t.lut + 16 * r;
       int32_t s = 0;
       for (int64_t j = j0; j < j0 + g; j += 2) {
         const int64_t b0 = j - j % block, k = (j - b0) / 2;
-        const uint8_t byte = q[r][j / 2];
-        s += lut[r][byte & 15] * xq[b0 + k] + lut[r][byte >> 4] * xq[b0 + half + k];
+        const uint8_t byte = q[j / 2];
+        s += lut[byte & 15] * xq[b0 + k] + lut[byte >> 4] * xq[b0 + half + k];
       }
       A[gi * kRows + r] = s;
     }
 }
 
+// Decode of one tile: y[r] for its rows. The AVX-512 path (128-column blocks: 64 code bytes per row and step) runs
+// the float part group by group as the integer sums come out: the same operations as tile_epilogue, same bits.
+inline void decode_tile(const Tile& t, const int8_t* xq, const int32_t* bsum, const float* Bf, int64_t K, int64_t g,
+                        float sx, bool finite, int32_t* A, float* y) {
+  const int64_t G = K / g;
+#if defined(POCKETLLM_W4A8_AVX512)
+  if (block_cols(g) == 128) {
+    __m512i L[kRows];
+    for (int r = 0; r < kRows; ++r) L[r] = lane_lut512(t.lut + 16 * r);
+    const __m256 lsv = _mm256_loadu_ps(t.ls);
+    const int64_t stride = t.stride;
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t j0 = 0, gi = 0; j0 < K; j0 += g, ++gi) {
+      __m512i a[kRows];
+      for (int r = 0; r < kRows; ++r) a[r] = _mm512_setzero_si512();
+      for (int64_t j = j0; j < j0 + g; j += 128) {
+        const __m512i xe = _mm512_loadu_si512(xq + j), xo = _mm512_loadu_si512(xq + j + 64);
+        const uint8_t* qj = t.q + j / 2;
+#pragma GCC unroll 8
+        for (int r = 0; r < kRows; ++r) {
+          // vpermb reads 6 index bits and L holds the LUT 4 times: the high nibble needs no mask
+          const __m512i b = _mm512_loadu_si512(qj + r * stride);
+          a[r] = _mm512_dpbusd_epi32(a[r], _mm512_permutexvar_epi8(b, L[r]), xe);
+          a[r] = _mm512_dpbusd_epi32(a[r], _mm512_permutexvar_epi8(_mm512_srli_epi16(b, 4), L[r]), xo);
+        }
+      }
+      const __m256i Ag = _mm256_sub_epi32(reduce8(a), _mm256_set1_epi32(128 * bsum[gi]));
+      const __m256 d = _mm256_mul_ps(
+          lsv, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(t.s16 + gi * kRowBlock))));
+      const __m256 z = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(t.z16 + gi * kRowBlock)));
+      const __m256 p = _mm256_mul_ps(_mm256_cvtepi32_ps(Ag), d);
+      acc = _mm256_add_ps(acc, _mm256_add_ps(p, _mm256_mul_ps(_mm256_set1_ps(Bf[gi]), z)));
+    }
+    _mm256_storeu_ps(y, finite ? _mm256_mul_ps(acc, _mm256_set1_ps(sx)) : _mm256_set1_ps(NAN));
+    return;
+  }
+#endif
+  decode_dots(t, xq, bsum, K, g, A);
+  tile_epilogue(A, Bf, t, G, sx, finite, y);
+}
+
 // ------------------------------------------------------------------------------------------------ prefill
 // The tile's weights as bytes in block order (rows of K): lut values, + 128 (as u8) on the VNNI path.
-inline void expand_panel(const uint8_t* const q[kRows], const int8_t* const lut[kRows], int64_t K, int64_t g,
-                         int8_t* panel) {
+inline void expand_panel(const Tile& t, int64_t K, int64_t g, int8_t* panel) {
   const int64_t block = block_cols(g), half = block / 2;
   for (int r = 0; r < kRows; ++r) {
-    int8_t t[16];
+    int8_t lut[16];
     for (int c = 0; c < 16; ++c) {
 #if defined(POCKETLLM_W4A8_VNNI)
-      t[c] = static_cast<int8_t>(static_cast<uint8_t>(lut[r][c]) ^ 0x80u);
+      lut[c] = static_cast<int8_t>(static_cast<uint8_t>(t.lut[16 * r + c]) ^ 0x80u);
 #else
-      t[c] = lut[r][c];
+      lut[c] = t.lut[16 * r + c];
 #endif
     }
+    const uint8_t* q = t.q + r * t.stride;
     int8_t* w = panel + r * K;
     for (int64_t b0 = 0; b0 < K; b0 += block)
       for (int64_t k = 0; k < half; ++k) {
-        const uint8_t byte = q[r][b0 / 2 + k];
-        w[b0 + k] = t[byte & 15];
-        w[b0 + half + k] = t[byte >> 4];
+        const uint8_t byte = q[b0 / 2 + k];
+        w[b0 + k] = lut[byte & 15];
+        w[b0 + half + k] = lut[byte >> 4];
       }
   }
 }
@@ -423,6 +528,27 @@ inline int32_t panel_value(int8_t byte) {
 inline void panel_dots2(const int8_t* panel, const int8_t* xq0, const int8_t* xq1, const int32_t* bsum0,
                         const int32_t* bsum1, int64_t K, int64_t g, int32_t* A0, int32_t* A1) {
 #if defined(POCKETLLM_W4A8_X86)
+#if defined(POCKETLLM_W4A8_AVX512)
+  if (g % 64 == 0) {
+    for (int64_t j0 = 0, gi = 0; j0 < K; j0 += g, ++gi) {
+      __m512i a[2][kRows];
+      for (auto& t : a)
+        for (auto& v : t) v = _mm512_setzero_si512();
+      for (int64_t j = j0; j < j0 + g; j += 64) {
+        const __m512i x0 = _mm512_loadu_si512(xq0 + j), x1 = _mm512_loadu_si512(xq1 + j);
+#pragma GCC unroll 8
+        for (int r = 0; r < kRows; ++r) {
+          const __m512i w = _mm512_loadu_si512(panel + r * K + j);
+          a[0][r] = _mm512_dpbusd_epi32(a[0][r], w, x0);
+          a[1][r] = _mm512_dpbusd_epi32(a[1][r], w, x1);
+        }
+      }
+      store_group8(A0 + gi * kRows, a[0], bsum0[gi]);
+      store_group8(A1 + gi * kRows, a[1], bsum1[gi]);
+    }
+    return;
+  }
+#endif
   if (simd_supported(g)) {
     for (int64_t j0 = 0, gi = 0; j0 < K; j0 += g, ++gi) {
       __m256i a[2][kRows];
@@ -432,14 +558,15 @@ inline void panel_dots2(const int8_t* panel, const int8_t* xq0, const int8_t* xq
         const __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq0 + j));
         const __m256i x1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq1 + j));
         const __m256i ax0 = abs_if_needed(x0), ax1 = abs_if_needed(x1);
+#pragma GCC unroll 8
         for (int r = 0; r < kRows; ++r) {
           const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(panel + r * K + j));
           a[0][r] = dot32(a[0][r], w, x0, ax0);
           a[1][r] = dot32(a[1][r], w, x1, ax1);
         }
       }
-      store_group(A0 + gi * kRows, reduce4(a[0][0], a[0][1], a[0][2], a[0][3]), bsum0[gi]);
-      store_group(A1 + gi * kRows, reduce4(a[1][0], a[1][1], a[1][2], a[1][3]), bsum1[gi]);
+      store_group(A0 + gi * kRows, a[0], bsum0[gi]);
+      store_group(A1 + gi * kRows, a[1], bsum1[gi]);
     }
     return;
   }
@@ -483,22 +610,25 @@ struct Activations {
   int64_t M = 0, K = 0, g = 0, G = 0;
   std::vector<int8_t> xq;        // [M][K], block order
   std::vector<int32_t> bsum;     // [M][G]
+  std::vector<float> bsumf;      // [M][G], float(bsum): exact (|B| <= 127 * g < 2^24)
   std::vector<float> sx;         // [M]
   std::vector<uint8_t> finite;   // [M]
 
   void resize(int64_t m, int64_t k, int64_t group) {
     M = m, K = k, g = group, G = k / group;
-    xq.resize(M * K), bsum.resize(M * G), sx.resize(M), finite.resize(M);
+    xq.resize(M * K), bsum.resize(M * G), bsumf.resize(M * G), sx.resize(M), finite.resize(M);
   }
   // Tokens [t0, t1) of x [M][K]; scratch: K bytes.
   void quantize(const float* x, int64_t t0, int64_t t1, int8_t* scratch) {
-    for (int64_t t = t0; t < t1; ++t)
+    for (int64_t t = t0; t < t1; ++t) {
       sx[t] = quantize_token(x + t * K, K, g, xq.data() + t * K, bsum.data() + t * G, finite.data() + t, scratch);
+      for (int64_t i = t * G; i < (t + 1) * G; ++i) bsumf[i] = static_cast<float>(bsum[i]);
+    }
   }
 };
 
-// The op's weight inputs (export/ops/any4_linear_w4a8.py): qweight [N][K/2], lut_i8 [N][16], lut_scale [N],
-// scales / zeros [N][G] as fp16 bits.
+// The op's weight inputs (export/ops/any4_linear_w4a8.py): qweight [N][K/2], lut_i8 [N][16], lut_scale [N], scales
+// and zeros as fp16 bits in blocks of 8 rows, [ceil(N / 8)][G][8].
 struct Weights {
   const uint8_t* qweight;
   const int8_t* lut_i8;
@@ -511,49 +641,56 @@ struct Weights {
 // Per-thread buffers.
 struct Scratch {
   std::vector<int32_t> A0, A1;
-  std::vector<float> D, Z;
   std::vector<int8_t> panel;
+  std::vector<uint8_t> q;  // a short last tile, its last row repeated
+  int8_t lut[16 * kRows];
+  float ls[kRows];
 };
 
-// y[t][i] (y: [M][N]) for rows i in [n0, n1) and every token: tiles of 4 rows; a short last tile repeats its last
-// row and keeps only the real ones. One token: table lookups straight from the codes; several: the tile's weights
-// are expanded into a panel once, then two tokens at a time.
+// y[t][i] (y: [M][N]) for rows i in [n0, n1) and every token; n0 % 8 == 0. Tiles of kRows rows; a short last tile
+// is copied with its last row repeated, and only its real rows are written. One token: table lookups straight from
+// the codes; several: the tile's weights are expanded into a panel once, then two tokens at a time.
 inline void linear_rows(const Weights& w, const Activations& a, int64_t n0, int64_t n1, float* y, Scratch& s) {
   const int64_t K = w.K, g = w.g, G = K / g, N = w.N;
-  s.A0.resize(G * kRows), s.A1.resize(G * kRows), s.D.resize(G * kRows), s.Z.resize(G * kRows);
+  s.A0.resize(G * kRows), s.A1.resize(G * kRows);
   if (a.M > 1) s.panel.resize(kRows * K);
   for (int64_t i0 = n0; i0 < n1; i0 += kRows) {
     const int rows = static_cast<int>(std::min<int64_t>(kRows, n1 - i0));
-    const uint8_t* q[kRows];
-    const int8_t* lut[kRows];
-    const uint16_t *s16[kRows], *z16[kRows];
-    float ls[kRows];
-    for (int r = 0; r < kRows; ++r) {
-      const int64_t i = i0 + std::min(r, rows - 1);
-      q[r] = w.qweight + i * (K / 2), lut[r] = w.lut_i8 + i * 16, ls[r] = w.lut_scale[i];
-      s16[r] = w.scales + i * G, z16[r] = w.zeros + i * G;
+    const int64_t block = (i0 / kRowBlock) * G * kRowBlock + i0 % kRowBlock;
+    Tile t{w.qweight + i0 * (K / 2), K / 2, w.lut_i8 + i0 * 16, w.lut_scale + i0, w.scales + block, w.zeros + block};
+    if (rows < kRows) {
+      s.q.resize(kRows * (K / 2));
+      for (int r = 0; r < kRows; ++r) {
+        const int64_t i = i0 + std::min(r, rows - 1);
+        std::copy(w.qweight + i * (K / 2), w.qweight + (i + 1) * (K / 2), s.q.begin() + r * (K / 2));
+        std::copy(w.lut_i8 + i * 16, w.lut_i8 + (i + 1) * 16, s.lut + 16 * r);
+        s.ls[r] = w.lut_scale[i];
+      }
+      t.q = s.q.data(), t.lut = s.lut, t.ls = s.ls;
     }
-    tile_scales(s16, z16, ls, G, s.D.data(), s.Z.data());
     float out[kRows];
     if (a.M == 1) {
-      decode_dots(q, lut, a.xq.data(), a.bsum.data(), K, g, s.A0.data());
-      tile_epilogue(s.A0.data(), a.bsum.data(), s.D.data(), s.Z.data(), G, a.sx[0], a.finite[0], out);
+      decode_tile(t, a.xq.data(), a.bsum.data(), a.bsumf.data(), K, g, a.sx[0], a.finite[0] != 0, s.A0.data(), out);
       std::copy(out, out + rows, y + i0);
       continue;
     }
-    expand_panel(q, lut, K, g, s.panel.data());
-    for (int64_t t = 0; t < a.M; t += 2) {
-      const int64_t t1 = std::min(t + 1, a.M - 1);  // an odd last token pairs with itself
-      panel_dots2(s.panel.data(), a.xq.data() + t * K, a.xq.data() + t1 * K, a.bsum.data() + t * G,
-                  a.bsum.data() + t1 * G, K, g, s.A0.data(), s.A1.data());
-      tile_epilogue(s.A0.data(), a.bsum.data() + t * G, s.D.data(), s.Z.data(), G, a.sx[t], a.finite[t], out);
-      std::copy(out, out + rows, y + t * N + i0);
-      if (t1 != t) {
-        tile_epilogue(s.A1.data(), a.bsum.data() + t1 * G, s.D.data(), s.Z.data(), G, a.sx[t1], a.finite[t1], out);
-        std::copy(out, out + rows, y + t1 * N + i0);
+    expand_panel(t, K, g, s.panel.data());
+    for (int64_t m = 0; m < a.M; m += 2) {
+      const int64_t m1 = std::min(m + 1, a.M - 1);  // an odd last token pairs with itself
+      panel_dots2(s.panel.data(), a.xq.data() + m * K, a.xq.data() + m1 * K, a.bsum.data() + m * G,
+                  a.bsum.data() + m1 * G, K, g, s.A0.data(), s.A1.data());
+      tile_epilogue(s.A0.data(), a.bsumf.data() + m * G, t, G, a.sx[m], a.finite[m] != 0, out);
+      std::copy(out, out + rows, y + m * N + i0);
+      if (m1 != m) {
+        tile_epilogue(s.A1.data(), a.bsumf.data() + m1 * G, t, G, a.sx[m1], a.finite[m1] != 0, out);
+        std::copy(out, out + rows, y + m1 * N + i0);
       }
     }
   }
 }
 
 }  // namespace pocketllm::w4a8
+
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic pop
+#endif

@@ -9,9 +9,11 @@ Schema:
                      int group_size) -> Tensor
     any4_linear_w4a8.out(..., *, Tensor(a!) out) -> Tensor(a!)
 
-x: [..., K] float32. qweight: uint8 [N, K/2] (column 2j in the low nibble, 2j+1 in the high nibble). lut_i8: int8
-[N, 16]. lut_scale: float32 [N]. scales, zeros: float16 [N, G], G = K / g. group_size: g (K for one group per row),
-1 <= g <= 65536. Returns float32 [..., N].
+x: [..., K] float32. qweight: uint8 [N, K/2] (column 2j in the low nibble, 2j+1 in the high nibble), as the any4
+checkpoint stores it. lut_i8: int8 [N, 16]. lut_scale: float32 [N]. scales, zeros: the checkpoint's float16 [N, G]
+values (G = K / g) in blocks of 8 rows, [ceil(N / 8), G, 8] (element [b, g, r] belongs to row 8b + r; rows past N
+are 0), so that the kernel reads 8 rows' values for one group as one vector. group_size: g (K for one group per
+row), 1 <= g <= 65536. Returns float32 [..., N].
 
 Numerics (docs/quantization.md, "W4A8"); every float operation is IEEE fp32, round to nearest even, no fused
 multiply-add; rint = round half to even:
@@ -48,6 +50,7 @@ from export.ops.any4_linear import unpack_codes
 from export.ops.library import LIB
 
 MAX_GROUP = 65536  # keeps every int32 partial sum of the kernels (at most 255 * 127 * g) in range
+ROW_BLOCK = 8  # scales and zeros are stored in blocks of 8 rows
 SCHEMA_ARGS = "Tensor x, Tensor qweight, Tensor lut_i8, Tensor lut_scale, Tensor scales, Tensor zeros, int group_size"
 LIB.define(f"any4_linear_w4a8({SCHEMA_ARGS}) -> Tensor")
 LIB.define(f"any4_linear_w4a8.out({SCHEMA_ARGS}, *, Tensor(a!) out) -> Tensor(a!)")
@@ -68,10 +71,25 @@ def check_w4a8_args(x, qweight, lut_i8, lut_scale, scales, zeros, group_size) ->
     if not 0 < group_size <= MAX_GROUP or K % group_size:
         raise PocketllmError(f"{op}: group_size {group_size} must divide K = {K} and be at most {MAX_GROUP}")
     G = K // group_size
+    blocks = -(-N // ROW_BLOCK)
     for name, t in (("scales", scales), ("zeros", zeros)):
-        if t.dtype != torch.float16 or tuple(t.shape) != (N, G):
-            raise PocketllmError(f"{op}: {name} must be float16 [{N}, {G}] (K / group_size = {K} / {group_size}), "
-                                 f"got {t.dtype} {list(t.shape)}")
+        if t.dtype != torch.float16 or tuple(t.shape) != (blocks, G, ROW_BLOCK):
+            raise PocketllmError(f"{op}: {name} must be float16 [{blocks}, {G}, {ROW_BLOCK}] (8-row blocks of [N, K / "
+                                 f"group_size] = [{N}, {K} / {group_size}]), got {t.dtype} {list(t.shape)}")
+
+
+def to_row_blocks(t: torch.Tensor) -> torch.Tensor:
+    """[N, G] -> [ceil(N / 8), G, 8], rows past N zero."""
+    N, G = t.shape
+    blocks = -(-N // ROW_BLOCK)
+    padded = torch.zeros(blocks * ROW_BLOCK, G, dtype=t.dtype)
+    padded[:N] = t
+    return padded.reshape(blocks, ROW_BLOCK, G).transpose(1, 2).contiguous()
+
+
+def from_row_blocks(t: torch.Tensor, N: int) -> torch.Tensor:
+    """[ceil(N / 8), G, 8] -> [N, G]."""
+    return t.transpose(1, 2).reshape(-1, t.shape[1])[:N]
 
 
 def w4a8_lut(lut: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -86,15 +104,15 @@ def w4a8_lut(lut: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def w4a8_pack(qweight, lut, scales, zeros, group_size: int) -> dict[str, torch.Tensor]:
-    """The op's weight inputs from an any4 module's packed tensors (export time, deterministic): qweight, scales and
-    zeros as stored, plus lut_i8 / lut_scale from `w4a8_lut`."""
+    """The op's weight inputs from an any4 module's packed tensors (export time, deterministic): qweight as stored,
+    lut_i8 / lut_scale from `w4a8_lut`, the fp16 scales and zeros in 8-row blocks."""
     lut_i8, lut_scale = w4a8_lut(lut)
     packed = {}
     for name, t in (("scales", scales), ("zeros", zeros)):
         t16 = t.to(torch.float16)
         if not torch.equal(t16.to(torch.float32), t.to(torch.float32)):
             raise PocketllmError(f"w4a8_pack: {name} are not float16 values (any4 checkpoints store them as fp16)")
-        packed[name] = t16.contiguous()
+        packed[name] = to_row_blocks(t16)
     out = {"qweight": qweight.contiguous(), "lut_i8": lut_i8, "lut_scale": lut_scale, **packed}
     check_w4a8_args(torch.empty(0, 2 * qweight.shape[1]), group_size=group_size, **out)
     return out
@@ -124,8 +142,8 @@ def any4_linear_w4a8_reference(x, qweight, lut_i8, lut_scale, scales, zeros, gro
     xg = xq.to(torch.int64).reshape(M, G, g)
     A = torch.einsum("mgk,ngk->mng", xg, wq.reshape(N, G, g))  # [M, N, G], exact
     B = xg.sum(dim=2)  # [M, G]
-    d = lut_scale[:, None] * scales.to(torch.float32)  # [N, G]
-    z = zeros.to(torch.float32)
+    d = lut_scale[:, None] * from_row_blocks(scales, N).to(torch.float32)  # [N, G]
+    z = from_row_blocks(zeros, N).to(torch.float32)
     acc = torch.zeros(M, N, dtype=torch.float32)
     for gi in range(G):
         p = A[:, :, gi].to(torch.float32) * d[None, :, gi]

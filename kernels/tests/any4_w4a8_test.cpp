@@ -25,13 +25,13 @@ static int failures = 0, checks = 0;
     }                                             \
   } while (0)
 
-// fp16 bits of v rounded to 11 significant bits (normal range only: the tests use |v| in [2^-14, 2^15)).
+// fp16 bits of v rounded to nearest (|v| < 2^15; subnormals too).
 static uint16_t to_half(float v) {
   if (v == 0.0f) return 0;
-  const int e = std::ilogb(v);
+  const int e = std::max(std::ilogb(v), -14);
   const float r = std::ldexp(std::nearbyint(std::ldexp(v, 10 - e)), e - 10);
   uint16_t h = 0;
-  if (!any4::float_to_half_exact(r, &h)) std::printf("to_half(%g) failed\n", double(v));
+  EXPECT(any4::float_to_half_exact(r, &h), "to_half(%g)", double(v));
   return h;
 }
 
@@ -136,11 +136,19 @@ static void check(const Problem& p, const char* what) {
     for (int64_t gi = 0; gi < G; ++gi)
       EXPECT(a.bsum[t * G + gi] == B[t * G + gi], "%s: token %lld B[%lld]", what, (long long)t, (long long)gi);
   }
-  w4a8::Weights w{p.q.data(), p.lut.data(), p.ls.data(), p.s.data(), p.z.data(), p.N, p.K, p.g};
+  // scales and zeros in blocks of 8 rows, [ceil(N / 8)][G][8], padded with zeros
+  const int64_t blocks = (p.N + 7) / 8;
+  std::vector<uint16_t> sb(blocks * G * 8, 0), zb(blocks * G * 8, 0);
+  for (int64_t i = 0; i < p.N; ++i)
+    for (int64_t gi = 0; gi < G; ++gi) {
+      sb[((i / 8) * G + gi) * 8 + i % 8] = p.s[i * G + gi];
+      zb[((i / 8) * G + gi) * 8 + i % 8] = p.z[i * G + gi];
+    }
+  w4a8::Weights w{p.q.data(), p.lut.data(), p.ls.data(), sb.data(), zb.data(), p.N, p.K, p.g};
   std::vector<float> y(p.M * p.N, -1.0f);
   w4a8::Scratch s;
-  // two row ranges, the first ending off a multiple of 4: as threads split the rows
-  const int64_t split = std::min<int64_t>(p.N, 5);
+  // two row ranges, as threads split the rows (at a multiple of 8)
+  const int64_t split = std::min<int64_t>(p.N, 8);
   w4a8::linear_rows(w, a, 0, split, y.data(), s);
   w4a8::linear_rows(w, a, split, p.N, y.data(), s);
   int bad = 0;
@@ -160,7 +168,7 @@ int main() {
                                {20, 2, 0},   {2048, 2048, 0}};
   for (const auto& sh : shapes)
     for (int64_t M : {1, 2, 5})
-      for (int64_t N : {4, 7, 13}) {
+      for (int64_t N : {4, 7, 13, 24}) {
         char what[64];
         std::snprintf(what, sizeof what, "random");
         check(make(M, N, sh[0], sh[1], static_cast<uint32_t>(M * 1000 + N * 10 + sh[0])), what);

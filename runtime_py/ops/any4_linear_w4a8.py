@@ -4,6 +4,7 @@ docs/quantization.md ("W4A8"); independent of export/ops/any4_linear_w4a8.py.
     lut_to_int8(lut)            -> lut_i8 int8 [N, 16], lut_scale float32 [N]   (ls = max|lut| / 127)
     quantize_tokens(x)          -> xq int8 [M, K], sx float32 [M], finite bool [M]
     any4_linear_w4a8(x, qweight, lut_i8, lut_scale, scales, zeros, group_size) -> y float32 [..., N]
+        (scales, zeros: float16 in blocks of 8 rows, [ceil(N / 8), G, 8]; element [b, g, r] is row 8b + r)
 
 Integer dot products per (token, row, group) are exact (float64 BLAS over integer values: every partial sum is an
 integer below 2^53); the float part runs in float32 in the definition's order, so the result equals the C++ kernel's
@@ -57,8 +58,9 @@ def any4_linear_w4a8(x, qweight, lut_i8, lut_scale, scales, zeros, group_size: i
     wq = np.take_along_axis(np.asarray(lut_i8, dtype=np.int64), unpack_codes(qweight).astype(np.intp), axis=1)
     xg = xq.astype(np.float64).reshape(M, G, g)
     wg = wq.astype(np.float64).reshape(N, G, g)
-    d = (np.asarray(lut_scale, dtype=F32)[:, None] * scales.astype(F32)).astype(F32)  # [N, G]
-    z = zeros.astype(F32)
+    rows = lambda t: np.asarray(t).transpose(0, 2, 1).reshape(-1, G)[:N].astype(F32)  # [N, G]
+    d = (np.asarray(lut_scale, dtype=F32)[:, None] * rows(scales)).astype(F32)
+    z = rows(zeros)
     acc = np.zeros((M, N), dtype=F32)
     for gi in range(G):
         A = (xg[:, gi] @ wg[:, gi].T).astype(np.int64)  # [M, N], exact integers

@@ -14,7 +14,8 @@ import torch
 
 from export.errors import PocketllmError
 from export.ops.any4_linear import any4_linear_reference
-from export.ops.any4_linear_w4a8 import any4_linear_w4a8_reference, quantize_activations, w4a8_lut, w4a8_pack
+from export.ops.any4_linear_w4a8 import (any4_linear_w4a8_reference, from_row_blocks, quantize_activations,
+                                         to_row_blocks, w4a8_lut, w4a8_pack)
 from runtime_py.executorch_runner import DEFAULT_KERNEL_LIBRARY, REPO
 from runtime_py.ops import any4_linear_w4a8 as twin
 
@@ -87,6 +88,16 @@ def test_lut_to_int8_matches_twin_and_bounds():
     assert (err <= ls[:-1, None] / 2 * (1 + 1e-5)).all()  # nearest (after an fp32 division)
 
 
+def test_scales_in_8_row_blocks():
+    """Element [b, g, r] of the blocked layout is row 8b + r, group g; rows past N are zero."""
+    t = torch.arange(13 * 3, dtype=torch.float32).reshape(13, 3).half()
+    blocked = to_row_blocks(t)
+    assert blocked.shape == (2, 3, 8)
+    assert blocked[1, 2, 4].item() == t[12, 2].item() and blocked[0, 1, 7].item() == t[7, 1].item()
+    assert blocked[1, :, 5:].eq(0).all()
+    assert torch.equal(from_row_blocks(blocked, 13), t)
+
+
 @pytest.mark.parametrize("M,N,K,g", [(1, 16, 128, 128), (3, 13, 96, 32), (5, 8, 256, 64), (2, 7, 384, 384),
                                      (4, 9, 160, 32), (6, 5, 20, 2)])
 def test_reference_matches_twin_bit_for_bit(M, N, K, g):
@@ -121,7 +132,7 @@ def test_leading_dims_and_torch_op():
     (dict(lut_i8=torch.zeros(8, 16, dtype=torch.int16)), "lut_i8 must be int8"),
     (dict(lut_scale=torch.zeros(8, dtype=torch.float16)), "lut_scale must be float32"),
     (dict(scales=torch.zeros(8, 2, dtype=torch.float32)), "scales must be float16"),
-    (dict(zeros=torch.zeros(8, 3, dtype=torch.float16)), "zeros must be float16 [8, 2]"),
+    (dict(zeros=torch.zeros(8, 2, dtype=torch.float16)), "zeros must be float16 [1, 2, 8]"),
     (dict(group_size=48), "group_size 48 must divide K = 128"),
     (dict(x=torch.zeros(1, 128, dtype=torch.float16)), "x must be float32"),
 ])
@@ -231,10 +242,14 @@ def test_close_to_exact_any4_on_smooth_inputs(kernels):
 # ------------------------------------------------------------------------------------------------ ISA paths
 CORE_TEST = REPO / "kernels" / "tests" / "any4_w4a8_test.cpp"
 FLAGS = ["-O2", "-std=c++17", "-ffp-contract=off", "-Wall", "-Wextra", "-Werror"]
-HOST_FLAGS = open("/proc/cpuinfo").read() if platform.machine() == "x86_64" else ""
-ISA_BUILDS = {  # name: (compiler flags, the path the binary must report)
+HOST_FLAGS = set(open("/proc/cpuinfo").read().split()) if platform.machine() == "x86_64" else set()
+X86_NEEDS = {"avx2": {"avx2", "fma", "f16c"}, "avx2-vnni": {"avx2", "fma", "f16c", "avx_vnni"},
+             "avx512-vnni": {"avx512bw", "avx512vl", "avx512_vnni", "avx512vbmi", "f16c", "fma"}, "portable": set()}
+ISA_BUILDS = {  # name: (compiler flags, the path the binary must report; None = the best the host has)
     "native": (["-march=native"], None),
-    "avx2": (["-mavx2", "-mfma", "-mf16c"], "avx2"),  # AVX2 without VNNI, whatever the host has
+    "avx512-vnni": (["-march=icelake-server"], "avx512-vnni"),
+    "avx2-vnni": (["-mavx2", "-mfma", "-mf16c", "-mavxvnni"], "avx2-vnni"),
+    "avx2": (["-mavx2", "-mfma", "-mf16c"], "avx2"),  # the baseline x86 path: no VNNI
     "portable": (["-mno-avx"], "portable"),
     "neon": (["-march=armv8-a"], "neon"),
     "neon-dotprod": (["-march=armv8.2-a+dotprod"], "neon-dotprod"),
@@ -254,15 +269,15 @@ def test_core_isa_paths(tmp_path, isa):
             pytest.skip("aarch64-linux-gnu-g++ / qemu-aarch64 not installed (make cross-tools)")
         cmd, run = [cxx, *FLAGS, "-static", *flags], [qemu, str(exe)]
     else:
-        if platform.machine() != "x86_64" or (isa == "avx2" and " avx2" not in HOST_FLAGS):
-            pytest.skip("x86-64 with AVX2 only")
+        if platform.machine() != "x86_64" or not X86_NEEDS.get(isa, set()) <= HOST_FLAGS:
+            pytest.skip(f"{isa}: needs an x86-64 host with {sorted(X86_NEEDS.get(isa, set()))}")
         cmd, run = ["c++", *FLAGS, *flags], [str(exe)]
     subprocess.run([*cmd, str(CORE_TEST), "-o", str(exe)], check=True, capture_output=True)
     proc = subprocess.run(run, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout
-    if expected is None:  # native: VNNI when the host has it
-        expected = "avx2-vnni" if (" avx_vnni" in HOST_FLAGS or " avx512_vnni" in HOST_FLAGS) else (
-            "avx2" if " avx2" in HOST_FLAGS else "neon-dotprod" if platform.machine() == "aarch64" else "portable")
+    if expected is None:
+        expected = next((name for name in ("avx512-vnni", "avx2-vnni", "avx2") if X86_NEEDS[name] <= HOST_FLAGS),
+                        "neon-dotprod" if platform.machine() == "aarch64" else "portable")
     assert f"({expected}):" in proc.stdout and proc.stdout.strip().endswith("ok"), proc.stdout
 
 

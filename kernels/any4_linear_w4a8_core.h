@@ -7,20 +7,23 @@
 //   B[t, g] = sum_{j in g} xq[t, j]
 //   acc = 0; for g: acc = acc + (float(A) * (ls_i * s[i, g]) + float(B) * z[i, g]);  y = acc * sx
 //
-// Integer dot products, 32 weights per instruction group:
-//   x86 AVX-VNNI / AVX512-VNNI: vpdpbusd(acc, lut_i8 + 128 as u8, xq as s8), then A = acc - 128 * B (exact);
+// Integer dot products:
+//   x86 AVX-512 (VNNI + VBMI): vpermb looks up 64 codes at once (the LUT repeated in all four 128-bit lanes, so the
+//             high nibble needs a shift but no mask), vpdpbusd(acc, lut_i8 + 128 as u8, xq as s8), A = acc - 128 B;
+//   x86 AVX-VNNI: the same with vpshufb (32 codes per lookup);
 //   x86 AVX2: llama.cpp-style sign trick, vpmaddubsw(|xq|, sign(w, xq)) + vpmaddwd(1) (pairs of products stay
 //             within int16: 2 * 127 * 127 = 32258);
-//   arm64 dotprod: sdot (vdotq_s32); arm64 without it: smull + smlal2 into int16 pairs, sadalp into int32;
+//   arm64 dotprod: tbl + sdot (vdotq_s32); arm64 without it: smull + smlal2 into int16 pairs, sadalp into int32;
 //   portable: scalar int32.
-// The table lookup (vpshufb / tbl) maps 16 codes to their int8 LUT values in one instruction; the low and high
-// nibbles of a code byte are the even and odd columns, so each token's xq is stored once per call in "block order":
-// within each block of 64 (or 32) columns, the even columns, then the odd ones.
+// The low and high nibbles of a code byte are an even and an odd column, so each token's xq is stored once per call
+// in "block order": within each block of 128 (AVX-512), 64 or 32 columns, the even columns, then the odd ones.
 //
-// Rows go in tiles of 4: the integer sums of 4 rows are reduced together into one 4-lane vector per group
-// (A[g][0..3]), and the float part runs with the 4 rows in lanes, in the definition's order (groups one after the
-// other), so every ISA produces the same bits. Prefill (several tokens) first expands a tile's codes into int8
-// weights (a panel) once, then runs 2 tokens x 4 rows of dot products per step over it.
+// Rows go in tiles of kRows (8 with AVX-512, else 4) consecutive rows: per group, the tile's integer sums are reduced
+// together into one vector with the rows in lanes (A[g][0..kRows)), and the float part runs on that vector in the
+// definition's order (groups one after the other), so every ISA produces the same bits. The fp16 scales and zeros
+// arrive in blocks of 8 rows ([ceil(N/8)][G][8]) so that one load gives a tile's values for a group. Prefill
+// (several tokens) first expands a tile's codes into int8 weights (a panel) once, then runs 2 tokens x kRows rows
+// of dot products per step over it.
 //
 // Build with -ffp-contract=off (the float part must not fuse multiply-adds).
 #pragma once
@@ -56,6 +59,7 @@
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
 #endif
 
 namespace pocketllm::w4a8 {
@@ -324,19 +328,27 @@ inline __m512i lane_lut512(const int8_t* lut) {
   return _mm512_xor_si512(t, _mm512_set1_epi8(static_cast<char>(0x80)));
 }
 
-// Totals of 8 accumulators (one per row) as [row0 .. row7]: a tree of 256-bit, 128-bit, then in-lane halvings.
+// Totals of 8 accumulators (one per row) as [row0 .. row7]. Each halving adds a blend of two vectors to a shuffle of
+// them (blends run on any vector pipe, shuffles compete with the vpermb lookups): 256-bit halves, then 128-bit
+// lanes, then pairs of int32, then int32.
 inline __m256i reduce8(const __m512i* a) {
   __m512i t[4];
-  for (int i = 0; i < 4; ++i)  // [a.lo256 + a.hi256 | b.lo256 + b.hi256]
-    t[i] = _mm512_add_epi32(_mm512_shuffle_i64x2(a[2 * i], a[2 * i + 1], 0x44),
-                            _mm512_shuffle_i64x2(a[2 * i], a[2 * i + 1], 0xEE));
+  for (int i = 0; i < 4; ++i)  // [a.lo + a.hi | b.hi + b.lo] (256-bit halves) for rows a = 2i, b = 2i + 1
+    t[i] = _mm512_add_epi32(_mm512_mask_blend_epi64(0xF0, a[2 * i], a[2 * i + 1]),
+                            _mm512_shuffle_i64x2(a[2 * i], a[2 * i + 1], _MM_SHUFFLE(1, 0, 3, 2)));
+  // 128-bit lanes: [t0.L0 + t0.L1, t1.L1 + t1.L0, t0.L2 + t0.L3, t1.L3 + t1.L2] = rows [4i, 4i + 2, 4i + 1, 4i + 3]
+  const __m512i swap = _mm512_setr_epi64(2, 3, 8, 9, 6, 7, 12, 13);
   __m512i u[2];
-  for (int i = 0; i < 2; ++i)  // 128-bit lane k holds 4 partial sums of row 4i + k
-    u[i] = _mm512_add_epi32(_mm512_shuffle_i64x2(t[2 * i], t[2 * i + 1], 0x88),
-                            _mm512_shuffle_i64x2(t[2 * i], t[2 * i + 1], 0xDD));
-  __m512i v = _mm512_add_epi32(_mm512_unpacklo_epi32(u[0], u[1]), _mm512_unpackhi_epi32(u[0], u[1]));
-  v = _mm512_add_epi32(v, _mm512_shuffle_epi32(v, _MM_PERM_BADC));  // lane k: [row k, row k + 4, ...]
-  const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 0, 0, 0, 0, 0, 0, 0, 0);
+  for (int i = 0; i < 2; ++i)
+    u[i] = _mm512_add_epi32(_mm512_mask_blend_epi64(0xCC, t[2 * i], t[2 * i + 1]),
+                            _mm512_permutex2var_epi64(t[2 * i], swap, t[2 * i + 1]));
+  // pairs within each lane: [u0[0] + u0[1], u1[0] + u1[1], u0[2] + u0[3], u1[2] + u1[3]]
+  const __m512i lo = _mm512_mask_blend_epi32(0x5555, u[0], u[1]);  // [u1[0], u0[1], u1[2], u0[3]]
+  const __m512i hi = _mm512_mask_blend_epi32(0x5555, u[1], u[0]);  // [u0[0], u1[1], u0[2], u1[3]]
+  __m512i v = _mm512_add_epi32(hi, _mm512_shuffle_epi32(lo, _MM_PERM_CDAB));
+  v = _mm512_add_epi32(v, _mm512_shuffle_epi32(v, _MM_PERM_BADC));  // lane k: [u0 total, u1 total, ...]
+  // lane k holds rows (4 * 0 + p(k), 4 * 1 + p(k)) with p = [0, 2, 1, 3]: gather them in row order
+  const __m512i order = _mm512_setr_epi32(0, 8, 4, 12, 1, 9, 5, 13, 0, 0, 0, 0, 0, 0, 0, 0);
   return _mm512_castsi512_si256(_mm512_permutexvar_epi32(order, v));
 }
 
@@ -604,6 +616,102 @@ inline void panel_dots2(const int8_t* panel, const int8_t* xq0, const int8_t* xq
   (void)bsum0, (void)bsum1;
 }
 
+#if defined(POCKETLLM_W4A8_AVX512)
+// ------------------------------------------------------------------------------------------------ prefill, AVX-512
+// Several tokens, 128-column blocks: 16 rows per tile with the rows in the 16 int32 lanes, so that no horizontal
+// reduction is needed. The tile's weights (lut_i8 + 128, block order) are expanded once into a panel of k-quads,
+// panel[q][r][0..3] = weights of row r at block-order positions 4q..4q+3 (one zmm per quad); then per quad and
+// token one vpdpbusd with the token's 4 activations broadcast: acc[t] lane r += sum_i w[r][4q + i] * xq[t][4q + i].
+constexpr int kPanelRows = 16;
+constexpr int kPanelTokens = 8;  // tokens per pass: 8 integer + 8 float accumulators
+
+// r[c] <- column c of the 16 x 16 int32 matrix whose rows are r[0..15].
+inline void transpose16(__m512i* r) {
+  __m512i t[16], u[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {  // u[4a + b], 128-bit lane l: column 4l + b of rows 4a .. 4a + 3
+    u[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+    u[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+    u[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+    u[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+  }
+  for (int b = 0; b < 4; ++b) {  // 4 x 4 transpose of 128-bit lanes
+    const __m512i x0 = _mm512_shuffle_i32x4(u[b], u[4 + b], 0x44), x1 = _mm512_shuffle_i32x4(u[b], u[4 + b], 0xEE);
+    const __m512i x2 = _mm512_shuffle_i32x4(u[8 + b], u[12 + b], 0x44);
+    const __m512i x3 = _mm512_shuffle_i32x4(u[8 + b], u[12 + b], 0xEE);
+    r[b] = _mm512_shuffle_i32x4(x0, x2, 0x88), r[4 + b] = _mm512_shuffle_i32x4(x0, x2, 0xDD);
+    r[8 + b] = _mm512_shuffle_i32x4(x1, x3, 0x88), r[12 + b] = _mm512_shuffle_i32x4(x1, x3, 0xDD);
+  }
+}
+
+// panel [K/4][16][4] bytes (lut + 128) for 16 consecutive rows (row r: codes q + r * stride, LUT lut + 16 r).
+inline void expand_panel16(const uint8_t* q, int64_t stride, const int8_t* lut, int64_t K, uint8_t* panel) {
+  __m512i L[kPanelRows];
+  for (int r = 0; r < kPanelRows; ++r) L[r] = lane_lut512(lut + 16 * r);
+  for (int64_t j = 0; j < K; j += 128) {  // one block: 64 code bytes per row -> 128 bytes per row
+    __m512i lo[kPanelRows], hi[kPanelRows];
+    for (int r = 0; r < kPanelRows; ++r) {
+      const __m512i b = _mm512_loadu_si512(q + r * stride + j / 2);
+      lo[r] = _mm512_permutexvar_epi8(b, L[r]);                         // block positions 0..63
+      hi[r] = _mm512_permutexvar_epi8(_mm512_srli_epi16(b, 4), L[r]);   // block positions 64..127
+    }
+    transpose16(lo);  // lo[c]: dword c (positions 4c..4c+3) of all 16 rows
+    transpose16(hi);
+    uint8_t* dst = panel + (j / 4) * 64;
+    for (int c = 0; c < 16; ++c) {
+      _mm512_storeu_si512(dst + c * 64, lo[c]);
+      _mm512_storeu_si512(dst + (16 + c) * 64, hi[c]);
+    }
+  }
+}
+
+// y[t][r] (row stride 16) for T tokens (xq, bsum, Bf, sx, finite from the first) and the 16 rows of the panel.
+// s16[2] / z16[2]: the 8-row blocks of rows 0..7 and 8..15 (s16[h] + g * 8 + r); ls: 16 LUT scales.
+template <int T>
+inline void panel16_tokens(const uint8_t* panel, const int8_t* xq, const int32_t* bsum, const float* Bf,
+                           const float* sx, const uint8_t* finite, int64_t K, int64_t g,
+                           const uint16_t* const s16[2], const uint16_t* const z16[2], const float* ls, float* y) {
+  const int64_t G = K / g;
+  const __m512 lsv = _mm512_loadu_ps(ls);
+  __m512 facc[T];
+  for (int t = 0; t < T; ++t) facc[t] = _mm512_setzero_ps();
+  for (int64_t gi = 0; gi < G; ++gi) {
+    __m512i acc[T];
+    for (int t = 0; t < T; ++t) acc[t] = _mm512_setzero_si512();
+    const uint8_t* w = panel + gi * g * 16;
+    const int8_t* x = xq + gi * g;
+    for (int64_t k = 0; k < g; k += 4) {
+      const __m512i wq = _mm512_loadu_si512(w + k * 16);
+#pragma GCC unroll 8
+      for (int t = 0; t < T; ++t) {
+        int32_t quad;
+        std::memcpy(&quad, x + t * K + k, 4);
+        acc[t] = _mm512_dpbusd_epi32(acc[t], wq, _mm512_set1_epi32(quad));
+      }
+    }
+    const __m256i s2 = _mm256_inserti128_si256(
+        _mm256_castsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s16[0] + gi * kRowBlock))),
+        _mm_loadu_si128(reinterpret_cast<const __m128i*>(s16[1] + gi * kRowBlock)), 1);
+    const __m256i z2 = _mm256_inserti128_si256(
+        _mm256_castsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(z16[0] + gi * kRowBlock))),
+        _mm_loadu_si128(reinterpret_cast<const __m128i*>(z16[1] + gi * kRowBlock)), 1);
+    const __m512 d = _mm512_mul_ps(lsv, _mm512_cvtph_ps(s2));
+    const __m512 z = _mm512_cvtph_ps(z2);
+    for (int t = 0; t < T; ++t) {
+      const __m512i A = _mm512_sub_epi32(acc[t], _mm512_set1_epi32(128 * bsum[t * G + gi]));
+      const __m512 p = _mm512_mul_ps(_mm512_cvtepi32_ps(A), d);
+      facc[t] = _mm512_add_ps(facc[t], _mm512_add_ps(p, _mm512_mul_ps(_mm512_set1_ps(Bf[t * G + gi]), z)));
+    }
+  }
+  for (int t = 0; t < T; ++t)
+    _mm512_storeu_ps(y + t * kPanelRows,
+                     finite[t] ? _mm512_mul_ps(facc[t], _mm512_set1_ps(sx[t])) : _mm512_set1_ps(NAN));
+}
+#endif
+
 // ------------------------------------------------------------------------------------------------ driver
 // One call's tokens, quantized once and shared by every row.
 struct Activations {
@@ -645,13 +753,69 @@ struct Scratch {
   std::vector<uint8_t> q;  // a short last tile, its last row repeated
   int8_t lut[16 * kRows];
   float ls[kRows];
+#if defined(POCKETLLM_W4A8_AVX512)
+  int8_t lut16[16 * kPanelRows];
+  float ls16[kPanelRows];
+#endif
 };
+
+#if defined(POCKETLLM_W4A8_AVX512)
+// Prefill of rows [n0, n1) (n0 % 8 == 0) on the AVX-512 panel path (block order of 128 columns).
+inline void prefill_rows16(const Weights& w, const Activations& a, int64_t n0, int64_t n1, float* y, Scratch& s) {
+  const int64_t K = w.K, g = w.g, G = K / g, N = w.N, blocks = (N + kRowBlock - 1) / kRowBlock;
+  s.panel.resize(kPanelRows * K);
+  uint8_t* panel = reinterpret_cast<uint8_t*>(s.panel.data());
+  alignas(64) float out[kPanelTokens * kPanelRows];
+  for (int64_t i0 = n0; i0 < n1; i0 += kPanelRows) {
+    const int rows = static_cast<int>(std::min<int64_t>(kPanelRows, n1 - i0));
+    const uint8_t* q = w.qweight + i0 * (K / 2);
+    const int8_t* lut = w.lut_i8 + i0 * 16;
+    const float* ls = w.lut_scale + i0;
+    if (rows < kPanelRows) {  // a short last tile: its last row repeated
+      s.q.resize(kPanelRows * (K / 2));
+      for (int r = 0; r < kPanelRows; ++r) {
+        const int64_t i = i0 + std::min(r, rows - 1);
+        std::copy(w.qweight + i * (K / 2), w.qweight + (i + 1) * (K / 2), s.q.begin() + r * (K / 2));
+        std::copy(w.lut_i8 + i * 16, w.lut_i8 + (i + 1) * 16, s.lut16 + 16 * r);
+        s.ls16[r] = w.lut_scale[i];
+      }
+      q = s.q.data(), lut = s.lut16, ls = s.ls16;
+    }
+    const int64_t b0 = i0 / kRowBlock, b1 = std::min(b0 + 1, blocks - 1);
+    const uint16_t* s16[2] = {w.scales + b0 * G * kRowBlock, w.scales + b1 * G * kRowBlock};
+    const uint16_t* z16[2] = {w.zeros + b0 * G * kRowBlock, w.zeros + b1 * G * kRowBlock};
+    expand_panel16(q, K / 2, lut, K, panel);
+    for (int64_t m = 0; m < a.M; m += kPanelTokens) {
+      const int T = static_cast<int>(std::min<int64_t>(kPanelTokens, a.M - m));
+      const int8_t* xq = a.xq.data() + m * K;
+      const int32_t* bsum = a.bsum.data() + m * G;
+      const float *Bf = a.bsumf.data() + m * G, *sx = a.sx.data() + m;
+      const uint8_t* fin = a.finite.data() + m;
+#define POCKETLLM_W4A8_PANEL(n) \
+  case n: panel16_tokens<n>(panel, xq, bsum, Bf, sx, fin, K, g, s16, z16, ls, out); break;
+      switch (T) {
+        POCKETLLM_W4A8_PANEL(1) POCKETLLM_W4A8_PANEL(2) POCKETLLM_W4A8_PANEL(3) POCKETLLM_W4A8_PANEL(4)
+        POCKETLLM_W4A8_PANEL(5) POCKETLLM_W4A8_PANEL(6) POCKETLLM_W4A8_PANEL(7) POCKETLLM_W4A8_PANEL(8)
+        default: break;
+      }
+#undef POCKETLLM_W4A8_PANEL
+      for (int t = 0; t < T; ++t) std::copy(out + t * kPanelRows, out + t * kPanelRows + rows, y + (m + t) * N + i0);
+    }
+  }
+}
+#endif
 
 // y[t][i] (y: [M][N]) for rows i in [n0, n1) and every token; n0 % 8 == 0. Tiles of kRows rows; a short last tile
 // is copied with its last row repeated, and only its real rows are written. One token: table lookups straight from
 // the codes; several: the tile's weights are expanded into a panel once, then two tokens at a time.
 inline void linear_rows(const Weights& w, const Activations& a, int64_t n0, int64_t n1, float* y, Scratch& s) {
   const int64_t K = w.K, g = w.g, G = K / g, N = w.N;
+#if defined(POCKETLLM_W4A8_AVX512)
+  if (a.M > 1 && block_cols(g) == 128) {
+    prefill_rows16(w, a, n0, n1, y, s);
+    return;
+  }
+#endif
   s.A0.resize(G * kRows), s.A1.resize(G * kRows);
   if (a.M > 1) s.panel.resize(kRows * K);
   for (int64_t i0 = n0; i0 < n1; i0 += kRows) {

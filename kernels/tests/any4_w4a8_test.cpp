@@ -167,7 +167,7 @@ int main() {
                                {1024, 128, 0}, {256, 256, 0}, {160, 160, 0}, {512, 512, 0}, {48, 16, 0},
                                {20, 2, 0},   {2048, 2048, 0}};
   for (const auto& sh : shapes)
-    for (int64_t M : {1, 2, 5})
+    for (int64_t M : {1, 2, 5, 11})
       for (int64_t N : {4, 7, 13, 24}) {
         char what[64];
         std::snprintf(what, sizeof what, "random");

@@ -90,6 +90,7 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=100)
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--head", action="store_true", help="also the 73448 x 1024 LM head")
+    ap.add_argument("--only-head", action="store_true", help="only the LM head")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks/results/linear_speed_w4a8.json")
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
@@ -103,7 +104,7 @@ def main() -> None:
     load_kernel_library(needed=["pocketllm::any4_linear.out", "pocketllm::any4_linear_w4a8.out"])
     thread_counts = [int(t) for t in args.threads.split(",")]
     rt = Runtime.get()
-    shapes = {**SHAPES, **(HEAD if args.head else {})}
+    shapes = HEAD if args.only_head else {**SHAPES, **(HEAD if args.head else {})}
     iters = args.iters if args.tokens == 1 else max(3, args.iters // 20)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

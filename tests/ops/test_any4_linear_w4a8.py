@@ -228,15 +228,15 @@ def test_kernel_nonfinite_rows(kernels):
 
 
 def test_close_to_exact_any4_on_smooth_inputs(kernels):
-    """Not a parity contract, a sanity bound: 8-bit activations and LUT cost about 1% relative error on Gaussian
-    tokens (the tiny-austen measurement is in benchmarks/w4a8_quality.py)."""
+    """Not a parity contract, a sanity bound: 8-bit activations and LUT cost about 0.9% relative error here (Gaussian
+    tokens, random any4 layer); on tiny-austen's real layers 0.3-1.4% (benchmarks/w4a8_quality.py)."""
     N, K, g = 256, 1024, 128
     layer = any4_layer(N, K, g, seed=11)
     x = torch.randn(8, K, generator=torch.Generator().manual_seed(12))
     exact = any4_linear_reference(x, group_size=g, **layer)
     y = run_kernel(kernels, x, w4a8_pack(group_size=g, **layer), g)
     rel = ((y - exact).norm() / exact.norm()).item()
-    assert rel < 0.03, rel
+    assert rel < 0.02, rel
 
 
 # ------------------------------------------------------------------------------------------------ ISA paths

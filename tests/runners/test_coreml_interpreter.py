@@ -1,0 +1,431 @@
+"""The Core ML interpreter (runtime_py/runners/coreml) against numpy math and torch eager.
+
+Every program here is built with coremltools (MIL Builder, or ct.convert of a torch module), SAVED as an
+.mlpackage, and read back from disk by the interpreter: what is tested is our reading of the saved package.
+Per-op programs are saved with an empty pass pipeline so that the op under test reaches the package unchanged
+(each test checks that it did), and checked against numpy written here, on hand-checkable inputs.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from export.errors import PocketllmError
+
+ct = pytest.importorskip("coremltools")
+torch = pytest.importorskip("torch")
+from coremltools.converters.mil import Builder as mb  # noqa: E402
+from coremltools.converters.mil.mil import types  # noqa: E402
+
+from runtime_py.runners.coreml import Interpreter, load_package  # noqa: E402
+from runtime_py.runners.coreml.engine import CoreMLEngine  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+iOS18 = ct.target.iOS18
+F32, I32, F16, BOOL = types.fp32, types.int32, types.fp16, types.bool
+
+
+def save(program, path, precision: str = "fp32", passes: bool = False):
+    """Save a MIL program (or torch ExportedProgram with extra ct.convert kwargs in a tuple) as an .mlpackage."""
+    model = ct.convert(program, minimum_deployment_target=iOS18, skip_model_load=True,
+                       compute_precision=ct.precision.FLOAT32 if precision == "fp32" else ct.precision.FLOAT16,
+                       pass_pipeline=None if passes else ct.PassPipeline.EMPTY)
+    model.save(str(path))
+    return path
+
+
+def run_program(tmp_path, program, feeds, expect_ops=(), mode="fp32"):
+    """Save, reload with the interpreter, check the ops under test are in the saved program, run "main"."""
+    path = save(program, tmp_path / "p.mlpackage")
+    interpreter = Interpreter(path, mode=mode)
+    saved_ops = {op.type for op in interpreter.package.functions["main"].ops}
+    missing = set(expect_ops) - saved_ops
+    assert not missing, f"ops {missing} did not reach the saved program (it has {sorted(saved_ops)})"
+    return list(interpreter.run("main", feeds).values())
+
+
+# ------------------------------------------------------------------------------------------- per-op math
+def test_elementwise_comparison_and_cast_ops(tmp_path):
+    x = np.array([[1.5, -2.0, 4.0], [0.25, 9.0, -7.5]], np.float32)
+    y = np.array([[0.5, 3.0, -2.0], [1.0, 2.0, 2.0]], np.float32)
+
+    @mb.program(input_specs=[mb.TensorSpec(x.shape, F32), mb.TensorSpec(y.shape, F32)], opset_version=iOS18)
+    def prog(x, y):
+        gt = mb.greater(x=x, y=y)
+        return (mb.add(x=x, y=y), mb.real_div(x=x, y=y), mb.pow(x=x, y=2.0), mb.rsqrt(x=mb.abs(x=x), epsilon=0.0),
+                mb.select(cond=gt, a=x, b=y), mb.logical_and(x=gt, y=mb.less(x=x, y=5.0)),
+                mb.cast(x=x, dtype="int32"), mb.floor_div(x=x, y=y), mb.mod(x=x, y=y),
+                mb.clip(x=x, alpha=-1.0, beta=2.0), mb.silu(x=x), mb.erf(x=y))
+
+    out = run_program(tmp_path, prog, {"x": x, "y": y},
+                      ["add", "real_div", "pow", "rsqrt", "select", "logical_and", "cast", "floor_div", "mod", "clip"])
+    import math
+
+    expected = [x + y, x / y, x * x, 1 / np.sqrt(np.abs(x)), np.where(x > y, x, y), (x > y) & (x < 5),
+                np.array([[1, -2, 4], [0, 9, -7]]),  # cast truncates toward zero
+                np.floor(x / y), x - np.floor(x / y) * y, np.clip(x, -1, 2), x / (1 + np.exp(-x)),
+                np.vectorize(math.erf)(y)]
+    for got, want in zip(out, expected):
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    assert out[6].dtype == np.int32  # (bool outputs are cast to fp32 by coremltools: Core ML returns no bools)
+
+
+def test_slice_by_index_masks_squeeze_and_slice_by_size(tmp_path):
+    x = np.arange(24, dtype=np.float32).reshape(2, 3, 4)
+
+    @mb.program(input_specs=[mb.TensorSpec(x.shape, F32)], opset_version=iOS18)
+    def prog(x):
+        a = mb.slice_by_index(x=x, begin=[1, 0, 3], end=[2, 3, 0], stride=[1, 2, -1],
+                              end_mask=[False, False, True], squeeze_mask=[True, False, False])
+        b = mb.slice_by_index(x=x, begin=[0, 2, 1], end=[1, 3, 3], begin_mask=[True, False, False],
+                              squeeze_mask=[False, True, False])
+        c = mb.slice_by_index(x=x, begin=[-1, -1, -2], end=[0, 0, 0], squeeze_mask=[True, True, True])
+        d = mb.slice_by_size(x=x, begin=[0, 1, 1], size=[-1, 2, 2])
+        return a, b, c, d
+
+    a, b, c, d = run_program(tmp_path, prog, {"x": x}, ["slice_by_index", "slice_by_size"])
+    np.testing.assert_array_equal(a, x[1, 0:3:2, 3::-1])  # rows 0 and 2 of x[1], columns reversed
+    np.testing.assert_array_equal(b, x[0:1, 2, 1:3])
+    assert c.shape == () and c == x[-1, -1, -2] == 22
+    np.testing.assert_array_equal(d, x[:, 1:3, 1:3])
+
+
+def test_concat_of_rank0_values_builds_a_vector(tmp_path):
+    """coremltools builds shape vectors by concatenating scalars (e.g. a squeezed slice of the position)."""
+    pos = np.array([7], np.int32)
+    a = np.arange(6, dtype=np.float32).reshape(2, 3)
+
+    @mb.program(input_specs=[mb.TensorSpec((1,), I32), mb.TensorSpec(a.shape, F32)], opset_version=iOS18)
+    def prog(pos, a):
+        start = mb.slice_by_index(x=pos, begin=[0], end=[1], squeeze_mask=[True])  # rank 0
+        return (mb.concat(values=[np.int32(0), start, np.int32(5)], axis=0),
+                mb.concat(values=[a, mb.mul(x=a, y=10.0)], axis=0, interleave=True))
+
+    vec, inter = run_program(tmp_path, prog, {"pos": pos, "a": a}, ["concat"])
+    np.testing.assert_array_equal(vec, [0, 7, 5])
+    np.testing.assert_array_equal(inter, [[0, 1, 2], [0, 10, 20], [3, 4, 5], [30, 40, 50]])
+
+
+def test_reshape_transpose_expand_squeeze_tile(tmp_path):
+    x = np.arange(24, dtype=np.float32).reshape(2, 3, 4)
+
+    @mb.program(input_specs=[mb.TensorSpec(x.shape, F32)], opset_version=iOS18)
+    def prog(x):
+        return (mb.reshape(x=x, shape=[1, 0, -1, 0]),  # iOS 17: zeros copy dims counted from the right
+                mb.transpose(x=x, perm=[2, 0, 1]), mb.expand_dims(x=x, axes=[0, -1]),
+                mb.squeeze(x=mb.expand_dims(x=x, axes=[1]), axes=[1]), mb.tile(x=x, reps=[1, 2, 1]),
+                mb.shape(x=x), mb.reverse(x=x, axes=[1]))
+
+    out = run_program(tmp_path, prog, {"x": x}, ["reshape", "transpose", "expand_dims", "squeeze", "tile", "shape"])
+    np.testing.assert_array_equal(out[0], x.reshape(1, 2, 3, 4))
+    np.testing.assert_array_equal(out[1], x.transpose(2, 0, 1))
+    assert out[2].shape == (1, 2, 3, 4, 1)
+    np.testing.assert_array_equal(out[3], x)
+    np.testing.assert_array_equal(out[4], np.tile(x, (1, 2, 1)))
+    np.testing.assert_array_equal(out[5], [2, 3, 4])
+    np.testing.assert_array_equal(out[6], x[:, ::-1])
+
+
+def test_gather_ops(tmp_path):
+    x = np.arange(24, dtype=np.float32).reshape(2, 3, 4)
+    idx = np.array([[2, 0], [1, 1]], np.int32)
+
+    @mb.program(input_specs=[mb.TensorSpec(x.shape, F32), mb.TensorSpec(idx.shape, I32)], opset_version=iOS18)
+    def prog(x, idx):
+        along = mb.gather_along_axis(x=x, indices=np.array([[[0, 3]], [[1, 2]]], np.int32)
+                                     * np.ones((1, 3, 1), np.int32), axis=2)
+        return (mb.gather(x=x, indices=idx, axis=1),
+                mb.gather(x=x, indices=idx, axis=1, batch_dims=1),  # row b of idx picks from x[b]
+                along, mb.gather_nd(x=x, indices=np.array([[1, 2], [0, 0]], np.int32)))
+
+    plain, batched, along, nd = run_program(tmp_path, prog, {"x": x, "idx": idx}, ["gather", "gather_nd"])
+    np.testing.assert_array_equal(plain, x[:, idx])
+    np.testing.assert_array_equal(batched, np.stack([x[0][[2, 0]], x[1][[1, 1]]]))
+    np.testing.assert_array_equal(along[0], x[0][:, [0, 3]])
+    np.testing.assert_array_equal(along[1], x[1][:, [1, 2]])
+    np.testing.assert_array_equal(nd, np.stack([x[1, 2], x[0, 0]]))
+
+
+def test_scatter_ops(tmp_path):
+    data = np.zeros((3, 4), np.float32)
+
+    @mb.program(input_specs=[mb.TensorSpec(data.shape, F32)], opset_version=iOS18)
+    def prog(data):
+        upd = np.array([[1, 2, 3, 4], [10, 20, 30, 40]], np.float32)
+        return (mb.scatter(data=data, indices=np.array([2, 2], np.int32), updates=upd, axis=0, mode="add"),
+                mb.scatter_along_axis(data=data, indices=np.array([[3, 0], [1, 2], [0, 3]], np.int32),
+                                      updates=np.array([[5, 6], [7, 8], [9, 10]], np.float32), axis=1, mode="update"),
+                mb.scatter_nd(data=data, indices=np.array([[0, 1], [0, 1], [2, 3]], np.int32),
+                              updates=np.array([1.0, 2.0, 7.0], np.float32), mode="add"))
+
+    add, along, nd = run_program(tmp_path, prog, {"data": data}, ["scatter", "scatter_along_axis", "scatter_nd"])
+    np.testing.assert_array_equal(add, [[0] * 4, [0] * 4, [11, 22, 33, 44]])  # duplicates accumulate
+    np.testing.assert_array_equal(along, [[6, 0, 0, 5], [0, 7, 8, 0], [9, 0, 0, 10]])
+    np.testing.assert_array_equal(nd, [[0, 3, 0, 0], [0] * 4, [0, 0, 0, 7]])
+
+
+def test_topk_breaks_ties_by_lower_index(tmp_path):
+    x = np.array([[3.0, 1.0, 3.0, 2.0, 3.0]], np.float32)
+
+    @mb.program(input_specs=[mb.TensorSpec(x.shape, F32)], opset_version=iOS18)
+    def prog(x):
+        values, indices = mb.topk(x=x, k=3, axis=-1)
+        low_values, low_indices = mb.topk(x=x, k=2, ascending=True)
+        return values, indices, low_values, low_indices, mb.argsort(x=x, axis=-1)
+
+    values, indices, low_values, low_indices, order = run_program(tmp_path, prog, {"x": x}, ["topk", "argsort"])
+    np.testing.assert_array_equal(values, [[3, 3, 3]])
+    np.testing.assert_array_equal(indices, [[0, 2, 4]])
+    np.testing.assert_array_equal(low_values, [[1, 2]])
+    np.testing.assert_array_equal(low_indices, [[1, 3]])
+    np.testing.assert_array_equal(order, [[0, 2, 4, 3, 1]])
+    assert indices.dtype == np.int32
+
+
+def test_reductions_softmax_cumsum_band_part_range_fill(tmp_path):
+    x = np.array([[1.0, 2.0, 3.0], [4.0, -1.0, 0.5]], np.float32)
+    m = np.arange(16, dtype=np.float32).reshape(4, 4)
+
+    @mb.program(input_specs=[mb.TensorSpec(x.shape, F32), mb.TensorSpec(m.shape, F32),
+                             mb.TensorSpec((1,), I32)], opset_version=iOS18)
+    def prog(x, m, n1):
+        n = mb.squeeze(x=n1)  # rank 0
+        return (mb.reduce_mean(x=x, axes=[-1], keep_dims=True), mb.reduce_sum(x=x, axes=[0]),
+                mb.reduce_max(x=x), mb.reduce_argmax(x=x, axis=1), mb.softmax(x=x, axis=-1),
+                mb.cumsum(x=x, axis=1, exclusive=True, reverse=True), mb.band_part(x=m, lower=1, upper=0),
+                mb.range_1d(start=2, end=n, step=3), mb.fill(shape=mb.concat(values=[n, 2], axis=0), value=1.5),
+                mb.reduce_log_sum_exp(x=x, axes=[1]))
+
+    out = run_program(tmp_path, prog, {"x": x, "m": m, "n1": np.array([9], np.int32)},
+                      ["reduce_mean", "reduce_sum", "reduce_max", "reduce_argmax", "softmax", "cumsum", "band_part",
+                       "range_1d", "fill"])
+    np.testing.assert_allclose(out[0], [[2.0], [3.5 / 3]], rtol=1e-6)
+    np.testing.assert_array_equal(out[1], [5.0, 1.0, 3.5])
+    assert out[2] == 4.0
+    np.testing.assert_array_equal(out[3], [2, 0])
+    e = np.exp(x - x.max(1, keepdims=True))
+    np.testing.assert_allclose(out[4], e / e.sum(1, keepdims=True), rtol=1e-6)
+    np.testing.assert_array_equal(out[5], [[5.0, 3.0, 0.0], [-0.5, 0.5, 0.0]])  # sum of the elements after
+    np.testing.assert_array_equal(out[6], np.tril(m) - np.tril(m, -2))  # diagonal and one below
+    np.testing.assert_array_equal(out[7], [2, 5, 8])
+    np.testing.assert_array_equal(out[8], np.full((9, 2), 1.5))
+    np.testing.assert_allclose(out[9], np.log(np.exp(x).sum(1)), rtol=1e-6)
+
+
+def test_matmul_linear_einsum_and_attention(tmp_path):
+    rng = np.random.default_rng(0)
+    q = rng.standard_normal((1, 2, 3, 4)).astype(np.float32)
+    k = rng.standard_normal((1, 2, 5, 4)).astype(np.float32)
+    v = rng.standard_normal((1, 2, 5, 4)).astype(np.float32)
+    w = rng.standard_normal((6, 4)).astype(np.float32)
+    bias = rng.standard_normal(6).astype(np.float32)
+    mask = np.tril(np.ones((3, 5), bool), 2)
+    e = rng.standard_normal((1, 4, 3, 5)).astype(np.float32)  # [n, w, h, u] for q [n, c, h, w]
+
+    @mb.program(input_specs=[mb.TensorSpec(q.shape, F32), mb.TensorSpec(k.shape, F32), mb.TensorSpec(v.shape, F32),
+                             mb.TensorSpec(mask.shape, BOOL)], opset_version=iOS18)
+    def prog(q, k, v, mask):
+        return (mb.matmul(x=q, y=k, transpose_y=True), mb.linear(x=q, weight=w, bias=bias),
+                mb.einsum(values=(q, e), equation="nchw,nwhu->nchu"),
+                mb.scaled_dot_product_attention(query=q, key=k, value=v, attn_mask=mask))
+
+    mm, lin, es, att = run_program(tmp_path, prog, {"q": q, "k": k, "v": v, "mask": mask},
+                                   ["matmul", "linear", "einsum", "scaled_dot_product_attention"])
+    np.testing.assert_allclose(mm, q @ k.transpose(0, 1, 3, 2), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(lin, q @ w.T + bias, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(es, np.einsum("nchw,nwhu->nchu", q, e), rtol=1e-5, atol=1e-6)
+    scores = np.where(mask, q @ k.transpose(0, 1, 3, 2) / 2.0, -np.inf)  # sqrt(4) = 2
+    p = np.exp(scores - scores.max(-1, keepdims=True))
+    np.testing.assert_allclose(att, (p / p.sum(-1, keepdims=True)) @ v, rtol=1e-5, atol=1e-6)
+
+
+def test_sliding_windows(tmp_path):
+    x = np.arange(10, dtype=np.float32).reshape(1, 10)
+
+    @mb.program(input_specs=[mb.TensorSpec(x.shape, F32)], opset_version=iOS18)
+    def prog(x):
+        return mb.sliding_windows(x=x, axis=1, size=4, stride=3)
+
+    (out,) = run_program(tmp_path, prog, {"x": x}, ["sliding_windows"])
+    np.testing.assert_array_equal(out, [[[0, 1, 2, 3], [3, 4, 5, 6], [6, 7, 8, 9]]])
+
+
+# -------------------------------------------------------------------------------- compressed weights
+def test_constexpr_weights_dequantise_exactly(tmp_path):
+    """Per-row 4-bit LUT (what palettize per_grouped_channel group_size=1 stores), blockwise int4 with offset and
+    int8 without, iOS 16 affine int8: the weights a linear reads equal the numpy dequantisation."""
+    rng = np.random.default_rng(1)
+    n, k = 8, 64
+    lut = rng.standard_normal((n, 1, 16, 1)).astype(np.float16)
+    idx = rng.integers(0, 16, (n, k)).astype(np.uint8)
+    q4 = rng.integers(-8, 8, (n, k)).astype(np.int8)
+    s4 = (rng.random((n, k // 32)) + 0.5).astype(np.float16)
+    z4 = rng.integers(-8, 8, (n, k // 32)).astype(np.int8)
+    q8 = rng.integers(-128, 128, (n, k)).astype(np.int8)
+    s8 = (rng.random((n, 1)) * 0.01).astype(np.float16)
+    x = np.eye(k, dtype=np.float16)  # x @ W.T = W.T: the linear returns the dense weights
+
+    @mb.program(input_specs=[mb.TensorSpec(x.shape, F16)], opset_version=iOS18)
+    def prog(x):
+        w_lut = mb.constexpr_lut_to_dense(indices=idx.astype(types.np_uint4_dtype), lut=lut)
+        w_q4 = mb.constexpr_blockwise_shift_scale(data=q4.astype(types.np_int4_dtype), scale=s4,
+                                                  offset=z4.astype(types.np_int4_dtype))
+        w_q8 = mb.constexpr_blockwise_shift_scale(data=q8, scale=s8)
+        return tuple(mb.linear(x=x, weight=w) for w in (w_lut, w_q4, w_q8))
+
+    got = run_program(tmp_path, prog, {"x": x}, ["constexpr_lut_to_dense", "constexpr_blockwise_shift_scale"])
+    lut32 = lut.astype(np.float32)[:, 0, :, 0]
+    want_lut = np.take_along_axis(lut32, idx.astype(np.int64), axis=1)
+    want_q4 = (q4 - np.repeat(z4, 32, axis=1)).astype(np.float32) * np.repeat(s4.astype(np.float32), 32, axis=1)
+    want_q8 = q8.astype(np.float32) * s8.astype(np.float32)
+    for g, w in zip(got, (want_lut, want_q4, want_q8)):
+        np.testing.assert_array_equal(g, w.T)
+
+
+def test_weight_blob_reader_matches_coremltools(tmp_path):
+    """Our MILBlob reader (memory-mapped, sub-byte unpacking) against coremltools' own C++ reader."""
+    from coremltools.libmilstoragepython import _BlobStorageReader
+
+    from runtime_py.runners.coreml.package import BlobFile, _tensor_type
+
+    rng = np.random.default_rng(2)
+    w16 = rng.standard_normal((40, 24)).astype(np.float16)
+    idx = rng.integers(0, 16, (40, 24)).astype(np.uint8)
+    q4 = rng.integers(-8, 8, (40, 24)).astype(np.int8)
+
+    @mb.program(input_specs=[mb.TensorSpec((2, 24), F16)], opset_version=iOS18)
+    def prog(x):
+        a = mb.linear(x=x, weight=w16)
+        b = mb.linear(x=x, weight=mb.constexpr_lut_to_dense(indices=idx.astype(types.np_uint4_dtype),
+                                                             lut=np.arange(16, dtype=np.float16).reshape(1, 1, 16, 1)))
+        c = mb.linear(x=x, weight=mb.constexpr_blockwise_shift_scale(data=q4.astype(types.np_int4_dtype),
+                                                                     scale=np.ones((40, 1), np.float16)))
+        return a, b, c
+
+    path = save(prog, tmp_path / "w.mlpackage", precision="fp16")
+    weights = path / "Data" / "com.apple.CoreML" / "weights" / "weight.bin"
+    ours, theirs = BlobFile(weights), _BlobStorageReader(str(weights))
+    read = {"fp16": lambda o: theirs.read_fp16_data(o).view(np.float16), "uint4": theirs.read_uint4_data,
+            "int4": theirs.read_int4_data}
+    checked = 0
+    for op in ct.utils.load_spec(str(path)).mlProgram.functions["main"].block_specializations["CoreML8"].operations:
+        value = op.attributes["val"] if op.type == "const" else None
+        if value is None or value.WhichOneof("value") != "blobFileValue":
+            continue
+        t = _tensor_type(value.type, "test")
+        offset = value.blobFileValue.offset
+        np.testing.assert_array_equal(ours.read(offset, t.dtype, t.shape),
+                                      np.asarray(read[t.dtype](offset)).reshape(t.shape))
+        checked += 1
+    assert checked >= 3  # fp16 weight, uint4 indices, int4 data all went to the blob file
+
+
+# ---------------------------------------------------------------------------------------------- states
+def accumulator(shape=(2,), dtype=F16):
+    @mb.program(input_specs=[mb.StateTensorSpec(shape, dtype), mb.TensorSpec(shape, dtype)], opset_version=iOS18)
+    def add(acc, x):
+        total = mb.add(x=mb.read_state(input=acc), y=x)
+        mb.coreml_update_state(state=acc, value=total)
+        return mb.identity(x=total)
+
+    @mb.program(input_specs=[mb.StateTensorSpec(shape, dtype), mb.TensorSpec(shape, dtype)], opset_version=iOS18)
+    def scale(acc, x):
+        return mb.mul(x=mb.read_state(input=acc), y=x)
+
+    return add, scale
+
+
+def test_states_persist_across_calls_and_reset_to_zeros(tmp_path):
+    add, _ = accumulator()
+    interpreter = Interpreter(save(add, tmp_path / "acc.mlpackage"), mode="fp16")
+    for step in (1, 2, 3):
+        (total,) = interpreter.run("main", {"x": np.array([1.0, 0.5])}).values()
+        np.testing.assert_array_equal(total, [step, step * 0.5])
+    np.testing.assert_array_equal(interpreter.states["acc"], [3.0, 1.5])
+    interpreter.reset_states()
+    np.testing.assert_array_equal(interpreter.run("main", {"x": np.array([2.0, 2.0])})["identity_0"], [2.0, 2.0])
+
+
+def test_multifunction_package_shares_states_between_functions(tmp_path):
+    add, scale = accumulator()
+    desc = ct.utils.MultiFunctionDescriptor()
+    desc.add_function(str(save(add, tmp_path / "add.mlpackage")), src_function_name="main",
+                      target_function_name="accumulate")
+    desc.add_function(str(save(scale, tmp_path / "scale.mlpackage")), src_function_name="main",
+                      target_function_name="scale")
+    desc.default_function_name = "accumulate"
+    ct.utils.save_multifunction(desc, str(tmp_path / "both.mlpackage"))
+
+    interpreter = Interpreter(tmp_path / "both.mlpackage", mode="fp16")
+    assert set(interpreter.functions) == {"accumulate", "scale"}
+    interpreter.run("accumulate", {"x": np.array([1.0, 2.0])})
+    interpreter.run("accumulate", {"x": np.array([1.0, 2.0])})
+    (scaled,) = interpreter.run("scale", {"x": np.array([10.0, 100.0])}).values()
+    np.testing.assert_array_equal(scaled, [20.0, 400.0])  # "scale" reads what "accumulate" wrote
+
+
+def test_unknown_op_is_a_one_line_error_naming_op_and_function(tmp_path):
+    @mb.program(input_specs=[mb.TensorSpec((1, 4, 2, 2), F32)], opset_version=iOS18)
+    def prog(x):
+        return mb.depth_to_space(x=x, block_size=2)
+
+    path = save(prog, tmp_path / "d2s.mlpackage")
+    with pytest.raises(PocketllmError) as err:
+        Interpreter(path)
+    message = str(err.value)
+    assert "depth_to_space" in message and "function 'main'" in message and "\n" not in message
+
+
+def test_bad_inputs_and_modes_are_clear_errors(tmp_path):
+    add, _ = accumulator()
+    path = save(add, tmp_path / "acc.mlpackage")
+    with pytest.raises(PocketllmError, match="mode must be one of"):
+        Interpreter(path, mode="bf16")
+    interpreter = Interpreter(path)
+    with pytest.raises(PocketllmError, match="missing: x"):
+        interpreter.run("main", {})
+    with pytest.raises(PocketllmError, match=r"input 'x' has shape \[3\]"):
+        interpreter.run("main", {"x": np.zeros(3)})
+    with pytest.raises(PocketllmError, match="no function 'decode'"):
+        interpreter.run("decode", {"x": np.zeros(2)})
+    with pytest.raises(PocketllmError, match="not found"):
+        load_package(tmp_path / "missing.mlpackage")
+
+
+# ------------------------------------------------------------------------------------------ fp16 modes
+def test_fp16_mode_rounds_each_op_result_like_torch_fp16(tmp_path):
+    """(1000 x + 0.3) - 1000 x with 1000 x in [512, 1024): fp16 rounds to multiples of 0.5, so the result is 0 or 0.5;
+    fp32 keeps 0.3. fp16 mode must reproduce torch's fp16 eager results exactly (one rounding per op)."""
+    x = np.array([0.6, 0.7071, 0.81, 0.9, 0.55, 0.99], np.float32)
+
+    @mb.program(input_specs=[mb.TensorSpec(x.shape, F32)], opset_version=iOS18)
+    def prog(x):
+        h = mb.mul(x=x, y=1000.0)
+        return mb.sub(x=mb.add(x=h, y=0.3), y=h)
+
+    path = save(prog, tmp_path / "cancel.mlpackage", precision="fp16", passes=True)
+    assert {"cast", "mul", "add", "sub"} <= {op.type for op in load_package(path).functions["main"].ops}
+    (fp16,) = Interpreter(path, mode="fp16").run("main", {"x": x}).values()
+    (fp32,) = Interpreter(path, mode="fp32").run("main", {"x": x}).values()
+    t = torch.tensor(x).half()
+    h = t * 1000.0
+    np.testing.assert_array_equal(fp16, ((h + 0.3) - h).float().numpy())
+    np.testing.assert_allclose(fp32, 0.3, atol=1e-4)
+    assert set(fp16.tolist()) <= {0.0, 0.5} and np.abs(fp16 - 0.3).min() >= 0.15
+
+
+def test_fp16_rounding_overflows_to_inf_as_on_device(tmp_path):
+    @mb.program(input_specs=[mb.TensorSpec((2,), F32)], opset_version=iOS18)
+    def prog(x):
+        return mb.mul(x=x, y=300.0)
+
+    path = save(prog, tmp_path / "big.mlpackage", precision="fp16", passes=True)
+    x = np.array([100.0, 300.0], np.float32)  # 30000 fits in fp16 (max 65504); 90000 does not
+    (fp16,) = Interpreter(path, mode="fp16").run("main", {"x": x}).values()
+    (fp32,) = Interpreter(path, mode="fp32").run("main", {"x": x}).values()
+    assert fp16[0] == 30000.0 and np.isinf(fp16[1])
+    np.testing.assert_array_equal(fp32, [30000.0, 90000.0])

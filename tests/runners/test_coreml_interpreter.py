@@ -429,3 +429,327 @@ def test_fp16_rounding_overflows_to_inf_as_on_device(tmp_path):
     (fp32,) = Interpreter(path, mode="fp32").run("main", {"x": x}).values()
     assert fp16[0] == 30000.0 and np.isinf(fp16[1])
     np.testing.assert_array_equal(fp32, [30000.0, 90000.0])
+
+
+# ------------------------------------------------------------------------- converted torch modules
+class ToyLM(torch.nn.Module):
+    """Embedding -> one attention head over a KV cache written by slice assignment (as export/nn does) -> head."""
+
+    def __init__(self, vocab: int = 32, dim: int = 16, max_len: int = 12):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.dim, self.max_len = dim, max_len
+        self.embed = torch.nn.Parameter(torch.randn(vocab, dim, generator=g))
+        self.qkv = torch.nn.Parameter(torch.randn(3 * dim, dim, generator=g) / dim ** 0.5)
+        self.head = torch.nn.Parameter(torch.randn(vocab, dim, generator=g) / dim ** 0.5)
+        self.register_buffer("k_cache", torch.zeros(1, max_len, dim))
+        self.register_buffer("v_cache", torch.zeros(1, max_len, dim))
+
+    def forward(self, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        T = tokens.shape[1]
+        p = pos[0].item()
+        torch._check_is_size(p)
+        torch._check(p + T <= self.max_len)
+        x = self.embed[tokens]
+        q, k, v = (x @ self.qkv.T).split(self.dim, dim=-1)
+        self.k_cache[:, p:p + T] = k
+        self.v_cache[:, p:p + T] = v
+        keys, values = self.k_cache[:, :p + T], self.v_cache[:, :p + T]
+        scores = q @ keys.transpose(1, 2) / self.dim ** 0.5
+        visible = torch.arange(p + T)[None, :] <= (p + torch.arange(T))[:, None]
+        scores = scores.masked_fill(~visible, float("-inf"))
+        return (torch.softmax(scores, dim=-1) @ values + x) @ self.head.T
+
+
+def convert_torch(module, example, states: list[str], path, precision: str, input_names=("tokens", "pos")):
+    """torch.export + ct.convert with the named buffers as fp16 Core ML states (iOS 18), saved at path."""
+    ep = torch.export.export(module, example, strict=False)
+    buffers = dict(module.named_buffers())
+    model = ct.convert(
+        ep.run_decompositions({}),
+        inputs=[ct.TensorType(name=n, shape=tuple(t.shape), dtype=np.int32) for n, t in zip(input_names, example)],
+        states=[ct.StateType(wrapped_type=ct.TensorType(shape=tuple(buffers[n].shape), dtype=np.float16), name=n)
+                for n in states],
+        minimum_deployment_target=iOS18, skip_model_load=True,
+        compute_precision=ct.precision.FLOAT16 if precision == "fp16" else ct.precision.FLOAT32)
+    model.save(str(path))
+    return path
+
+
+def multifunction(parts: dict[str, object], out):
+    """One package whose functions (name -> single-function package path) share weights and states."""
+    desc = ct.utils.MultiFunctionDescriptor()
+    for name, path in parts.items():
+        desc.add_function(str(path), src_function_name="main", target_function_name=name)
+    desc.default_function_name = next(iter(parts))
+    ct.utils.save_multifunction(desc, str(out))
+    return out
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    """ToyLM as an fp16 multifunction package: prefill over 4 tokens, decode over 1, sharing the KV states."""
+    root = tmp_path_factory.mktemp("toy")
+    model = ToyLM().eval()
+    pos = torch.zeros(1, dtype=torch.long)
+    parts = {name: convert_torch(model, (torch.zeros(1, t, dtype=torch.long), pos), ["k_cache", "v_cache"],
+                                 root / f"{name}.mlpackage", "fp16")
+             for name, t in (("prefill", 4), ("decode", 1))}
+    return model, multifunction(parts, root / "model.mlpackage")
+
+
+def toy_reference(model: ToyLM, calls, dtype) -> list[np.ndarray]:
+    """Torch eager logits for a sequence of (tokens, pos) calls, on a fresh copy of the model in `dtype`."""
+    import copy
+
+    m = copy.deepcopy(model).to(dtype)
+    outs = []
+    with torch.no_grad():
+        for tokens, pos in calls:
+            outs.append(m(torch.tensor(tokens)[None], torch.tensor([pos])).float().numpy()[0])
+    return outs
+
+
+TOY_CALLS = [([3, 17, 5, 30], 0), ([9], 4), ([1], 5), ([22, 7, 7, 2], 6)]
+
+
+def run_toy(interpreter, calls=TOY_CALLS):
+    outs = []
+    for tokens, pos in calls:
+        fn = "prefill" if len(tokens) == 4 else "decode"
+        feeds = {"tokens": np.array(tokens)[None], "pos": np.array([pos])}
+        outs.append(next(iter(interpreter.run(fn, feeds).values()))[0])
+    return outs
+
+
+def test_stateful_toy_model_matches_torch_in_both_modes(toy):
+    """A stateful fp16 package (prefill + decode sharing the KV cache): fp32 mode reproduces torch fp32 eager on the
+    package's fp16 weights; fp16 mode reproduces torch fp16 eager, and is clearly closer to it than fp32 mode is."""
+    model, path = toy
+    fp32 = run_toy(Interpreter(path, mode="fp32"))
+    fp16 = run_toy(Interpreter(path, mode="fp16"))
+    eager32 = toy_reference(_rounded(model), TOY_CALLS, torch.float32)  # the package stores fp16 weights
+    eager16 = toy_reference(model, TOY_CALLS, torch.float16)
+    err32 = max(np.abs(a - b).max() for a, b in zip(fp32, eager32))
+    err16 = max(np.abs(a - b).max() for a, b in zip(fp16, eager16))
+    gap = max(np.abs(a - b).max() for a, b in zip(fp16, fp32))
+    scale = max(np.abs(a).max() for a in eager32)
+    assert err32 <= 1e-5 * scale
+    assert err16 <= 1e-4 * scale  # measured 5e-7 (scale 4.6): torch fp16 eager rounds once per op, as we do
+    assert gap >= 1e-4 * scale and gap >= 10 * err16  # measured 1.4e-3: fp16 rounding shows
+
+
+def test_engine_drives_prefill_and_decode_through_the_manifest(toy, tmp_path):
+    """CoreMLEngine reads function / input / output names from the manifest (decode's roles left for the adapter
+    to infer), pads a short prompt into the 4-token prefill chunk, decodes single tokens, and restarts at 0."""
+    model, path = toy
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    shutil.copytree(path, bundle / "model.mlpackage")
+    logits_name = next(iter(load_package(path).functions["prefill"].outputs))
+    manifest = {"schema_version": 2, "model": {"vocab_size": 32, "max_context": 12},
+                "targets": {"coreml": {
+                    "file": "model.mlpackage", "deployment_target": "iOS18", "compute_precision": "float16",
+                    "functions": {
+                        "prefill": {"name": "prefill",
+                                    "inputs": [{"name": "tokens", "role": "tokens", "dtype": "int32", "shape": [1, 4]},
+                                               {"name": "pos", "role": "position", "dtype": "int32", "shape": [1]}],
+                                    "outputs": [{"name": logits_name, "role": "logits"}]},
+                        "decode": {"name": "decode"}},
+                    "states": [{"name": "k_cache", "dtype": "float16", "shape": [1, 12, 16]},
+                               {"name": "v_cache", "dtype": "float16", "shape": [1, 12, 16]}],
+                    "prefill_chunk": 4}}}
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    engine = CoreMLEngine(bundle, mode="fp32", manifest=manifest)
+    prompt = [3, 17, 5, 30, 9, 1]  # 4 + 2: the second chunk is padded
+    eager = toy_reference(_rounded(model), [(prompt, 0), ([11], 6), ([4], 7)], torch.float32)
+    got = [engine.forward(np.array(prompt), 0), engine.forward(np.array([11]), 6), engine.forward(np.array([4]), 7)]
+    for g, e in zip(got, eager):
+        np.testing.assert_allclose(g, e, atol=1e-4)
+    again = engine.forward(np.array(prompt[:3]), 0)  # start_pos 0: fresh states, shorter prompt
+    np.testing.assert_allclose(again, eager[0][:3], atol=1e-4)
+    with pytest.raises(PocketllmError, match="start_pos 9 must be between 0 and the 3 cached"):
+        engine.forward(np.array([1]), 9)
+    bad = json.loads(json.dumps(manifest))
+    bad["targets"]["coreml"]["functions"]["decode"]["name"] = "step"
+    with pytest.raises(PocketllmError, match="functions.decode.name 'step' is not a function of the package"):
+        CoreMLEngine(bundle, manifest=bad)
+
+
+def _rounded(model: ToyLM) -> ToyLM:
+    """The model with its weights rounded to fp16, as an fp16 package stores them."""
+    rounded = ToyLM().eval()
+    rounded.load_state_dict({k: v.half().float() for k, v in model.state_dict().items()})
+    return rounded
+
+
+# ------------------------------------------------------------ the project's tiny model, end to end
+class TokensAndPosition(torch.nn.Module):
+    """export/nn CausalLM with the (tokens [1, T], start_pos [1]) signature of our exported programs."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.m = model
+
+    def forward(self, tokens, pos):
+        return self.m(tokens, pos)
+
+
+class GQAAsRepeat:
+    """coremltools 9.0 drops `enable_gqa=True` of scaled_dot_product_attention: it tiles the KV heads
+    ([k0, k1, k0, k1]) where GQA repeats each one ([k0, k0, k1, k1]), a silently wrong model. While active, sdpa
+    expands the KV heads with repeat_interleave first, which converts correctly."""
+
+    def __enter__(self):
+        self.sdpa = torch.nn.functional.scaled_dot_product_attention
+        original = self.sdpa
+
+        def sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+            if enable_gqa and k.shape[1] != q.shape[1]:
+                k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+                v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
+            return original(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale)
+
+        torch.nn.functional.scaled_dot_product_attention = sdpa
+
+    def __exit__(self, *exc):
+        torch.nn.functional.scaled_dot_product_attention = self.sdpa
+
+
+TINY_CONTEXT, TINY_CHUNK = 64, 8
+
+
+def convert_tiny(checkpoint, tokens: int, path, precision: str, fix_gqa: bool = True):
+    from contextlib import nullcontext
+
+    from export.nn import load_model
+
+    model, _ = load_model(checkpoint, max_context=TINY_CONTEXT, dtype="fp32")
+    wrapper = TokensAndPosition(model).eval()
+    caches = [n for n, _ in wrapper.named_buffers() if n.endswith(("k_cache", "v_cache"))]
+    example = (torch.zeros(1, tokens, dtype=torch.long), torch.zeros(1, dtype=torch.long))
+    with GQAAsRepeat() if fix_gqa else nullcontext():
+        return convert_torch(wrapper, example, caches, path, precision)
+
+
+def tiny_bundle(checkpoint, root, precision: str):
+    """A bundle with a multifunction package (prefill over TINY_CHUNK tokens, decode over 1) and a v2 manifest."""
+    root.mkdir()
+    parts = {name: convert_tiny(checkpoint, t, root / f"{name}.mlpackage", precision)
+             for name, t in (("prefill", TINY_CHUNK), ("decode", 1))}
+    multifunction(parts, root / "model.mlpackage")
+    for p in parts.values():
+        shutil.rmtree(p)
+    manifest = {"schema_version": 2, "model": {"vocab_size": 512, "max_context": TINY_CONTEXT},
+                "targets": {"coreml": {"file": "model.mlpackage", "functions": {"prefill": {"name": "prefill"},
+                                                                               "decode": {"name": "decode"}},
+                                       "prefill_chunk": TINY_CHUNK}}}
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    return root, manifest
+
+
+@pytest.fixture(scope="module")
+def tiny_bundles(tiny_dirs, tmp_path_factory):
+    """minicpm4 tiny (dense: sparse_config removed), fp32 weights, converted naively with fp32 and fp16 precision."""
+    root = tmp_path_factory.mktemp("tiny_coreml")
+    return {p: tiny_bundle(tiny_dirs["minicpm4_dense"], root / p, p) for p in ("fp32", "fp16")}
+
+
+PROMPT = [1, 57, 301, 8, 99, 444, 12, 5, 230, 17, 64, 3, 400]  # 13 tokens: one full prefill chunk + one padded
+
+
+def greedy(engine, prompt, steps: int) -> tuple[list[int], list[np.ndarray]]:
+    logits = [engine.forward(np.array(prompt), 0)]
+    tokens = []
+    for i in range(steps):
+        tokens.append(int(np.argmax(logits[-1][-1])))
+        logits.append(engine.forward(np.array(tokens[-1:]), len(prompt) + i))
+    return tokens, logits
+
+
+def test_tiny_model_fp32_mode_matches_the_numpy_reference(tiny_bundles, tiny_dirs):
+    from runtime_py import ReferenceModel
+
+    bundle, manifest = tiny_bundles["fp32"]
+    engine = CoreMLEngine(bundle, mode="fp32", manifest=manifest)
+    reference = ReferenceModel.from_checkpoint(tiny_dirs["minicpm4_dense"], max_context=TINY_CONTEXT)
+    tokens, got = greedy(engine, PROMPT, 12)
+    ref_tokens, want = greedy(reference, PROMPT, 12)
+    assert tokens == ref_tokens
+    assert max(np.abs(g - w).max() for g, w in zip(got, want)) <= 1e-4  # measured ~3e-6
+
+
+def test_tiny_model_fp16_mode_stays_close_to_the_reference(tiny_bundles, tiny_dirs):
+    """fp16 weights and fp16 activations: the logits move by fp16 rounding (their ulp at |logit| ~ 25 is 0.016),
+    but stay within 2e-3 of the largest logit, and the greedy continuation is the reference's."""
+    from runtime_py import ReferenceModel
+
+    bundle, manifest = tiny_bundles["fp16"]
+    engine = CoreMLEngine(bundle, mode="fp16", manifest=manifest)
+    reference = ReferenceModel.from_checkpoint(tiny_dirs["minicpm4_dense"], max_context=TINY_CONTEXT)
+    tokens, got = greedy(engine, PROMPT, 24)
+    ref_tokens, want = greedy(reference, PROMPT, 24)
+    assert tokens == ref_tokens
+    scale = max(np.abs(w).max() for w in want)
+    delta = max(np.abs(g - w).max() for g, w in zip(got, want))
+    assert 1e-4 * scale <= delta <= 2e-3 * scale  # fp16 shows, within bounds
+
+
+def test_naive_gqa_conversion_is_caught_by_the_interpreter(tiny_dirs, tmp_path):
+    """Without GQAAsRepeat, coremltools 9.0 converts GQA attention wrongly; the interpreter exposes it."""
+    from runtime_py import ReferenceModel
+
+    path = convert_tiny(tiny_dirs["minicpm4_dense"], 1, tmp_path / "naive.mlpackage", "fp32", fix_gqa=False)
+    interpreter = Interpreter(path, mode="fp32")
+    reference = ReferenceModel.from_checkpoint(tiny_dirs["minicpm4_dense"], max_context=TINY_CONTEXT)
+    delta = 0.0
+    for pos, token in enumerate(PROMPT[:4]):
+        (logits,) = interpreter.run("main", {"tokens": np.array([[token]]), "pos": np.array([pos])}).values()
+        delta = max(delta, np.abs(logits[0] - reference.forward(np.array([token]), pos)).max())
+    assert delta > 0.1
+
+
+def test_cache_update_in_place_only_where_the_old_state_is_dead(tmp_path):
+    """read_state -> slice_update -> write_state is done in place (no cache copy per call) unless the old value is
+    still read after the update; both forms give the math of a copying slice_update."""
+    def program(keep_old: bool):
+        @mb.program(input_specs=[mb.StateTensorSpec((4, 2), F16), mb.TensorSpec((1, 2), F16),
+                                 mb.TensorSpec((1,), I32)], opset_version=iOS18)
+        def prog(cache, row, pos):
+            old = mb.read_state(input=cache)
+            end = mb.add(x=pos, y=1)
+            new = mb.slice_update(x=old, update=row, begin=mb.concat(values=[pos, [0]], axis=0),
+                                  end=mb.concat(values=[end, [2]], axis=0))
+            mb.coreml_update_state(state=cache, value=new)
+            return mb.sub(x=new, y=old) if keep_old else mb.identity(x=new)
+        return prog
+
+    for keep_old, expect_in_place in ((False, 1), (True, 0)):
+        interpreter = Interpreter(save(program(keep_old), tmp_path / f"c{keep_old}.mlpackage"), mode="fp32")
+        assert interpreter.functions["main"].in_place == expect_in_place
+        for pos in range(3):
+            row = np.array([[pos + 1.0, 10.0 * (pos + 1)]], np.float16)
+            (out,) = interpreter.run("main", {"row": row, "pos": np.array([pos])}).values()
+            want = np.zeros((4, 2), np.float32)
+            if keep_old:
+                want[pos] = row[0]  # only the row that changed
+            else:
+                want[:pos + 1] = [[i + 1.0, 10.0 * (i + 1)] for i in range(pos + 1)]
+            np.testing.assert_array_equal(out, want)
+        np.testing.assert_array_equal(interpreter.states["cache"][:3], [[1, 10], [2, 20], [3, 30]])
+
+
+def test_no_in_place_update_while_a_view_of_the_old_state_is_alive(tmp_path):
+    """A reshape of an earlier read of the cache (a numpy view of the state's array) is used after the update:
+    the update must copy, or that reshape would show the new row."""
+    @mb.program(input_specs=[mb.StateTensorSpec((4, 2), F16), mb.TensorSpec((1, 2), F16)], opset_version=iOS18)
+    def prog(cache, row):
+        before = mb.reshape(x=mb.read_state(input=cache), shape=[8])
+        new = mb.slice_update(x=mb.read_state(input=cache), update=row, begin=[1, 0], end=[2, 2])
+        mb.coreml_update_state(state=cache, value=new)
+        return mb.reduce_sum(x=before)
+
+    interpreter = Interpreter(save(prog, tmp_path / "view.mlpackage"), mode="fp16")
+    assert interpreter.functions["main"].in_place == 0
+    sums = [interpreter.run("main", {"row": np.array([[1.0, 2.0]])})["reduce_sum_0"] for _ in range(2)]
+    assert sums == [0.0, 3.0]  # the first call sees the cache before its own update

@@ -73,7 +73,7 @@ def function_io(role: str, entry: dict[str, Any] | None, interpreter: Interprete
 
     ints = [n for n, t in inputs.items() if t.dtype in INT_TYPES]
     if position is None:
-        found = [n for n in ints if n != tokens and int(np.prod([d or 2 for d in inputs[n].shape])) == 1]
+        found = [n for n in ints if n != tokens and len(inputs[n].shape) <= 1 and inputs[n].shape in ((), (1,))]
         position = _only(found, f"{where}: functions.{role}: which input is the position?")
     if tokens is None:
         found = [n for n in ints if n != position]

@@ -32,7 +32,7 @@ from typing import Any, Callable
 import numpy as np
 
 from export.errors import PocketllmError
-from runtime_py.runners.coreml.ops import OPS, OpError
+from runtime_py.runners.coreml.ops import OPS, OpError, slice_update_in_place
 from runtime_py.runners.coreml.package import FLOAT_TYPES, Function, Package, TensorType, load_package
 
 MODES = ("fp32", "fp16")
@@ -130,14 +130,17 @@ class Interpreter:
                 return True, slots[v]
             raise PocketllmError(f"{where}: input '{v}' is not defined before use")
 
-        for op in f.ops:
+        in_place = in_place_updates(f)
+        declared = {name: t for name, t in f.inputs}
+        for index, op in enumerate(f.ops):
             where = f"{where_fn}, op '{op.name or op.type}' ({op.type})"
+            declared.update(op.outputs)
             if op.type == "const":
                 (out_name, t), = op.outputs
                 consts[out_name] = finisher(t, self.mode)(self._const_value(op.values["val"]))
                 continue
             if op.type in STATE_OPS:
-                steps.append(self._state_step(op, slots, consts, states, where))
+                steps.append(self._state_step(op, slots, consts, states, declared, where))
                 continue
             kernel = OPS.get(op.type)
             if kernel is None:
@@ -159,6 +162,8 @@ class Interpreter:
                 static["out_types"] = [t for _, t in op.outputs]
             finishers = [finisher(t, self.mode) for _, t in op.outputs]
             types_ = [t for _, t in op.outputs]
+            if index in in_place:  # x is the state's own array and the update already has the declared dtype
+                kernel, finishers = slice_update_in_place, [lambda v: v]
             if not dynamic:  # constant folding, including constexpr_* dequantisation: done once here
                 values = _call(kernel, static, where)
                 for (out_name, _), value in zip(op.outputs, _finish(values, finishers, types_, where)):
@@ -178,7 +183,9 @@ class Interpreter:
                 outputs.append((name, None, consts[name]))
             else:
                 raise PocketllmError(f"{where_fn}: output '{name}' is never computed")
-        return _Compiled(f.name, inputs, states, steps, outputs, len(slots), len(f.ops))
+        compiled = _Compiled(f.name, inputs, states, steps, outputs, len(slots), len(f.ops))
+        compiled.in_place = len(in_place)
+        return compiled
 
     def _const_value(self, v):
         """A constant as the interpreter holds it: floats in float32 (fp16 values stay exact), ints as stored."""
@@ -186,7 +193,7 @@ class Interpreter:
             return v.astype(np.float32)
         return v
 
-    def _state_step(self, op, slots, consts, states, where) -> Callable:
+    def _state_step(self, op, slots, consts, states, declared, where) -> Callable:
         store = self.states
         param = "input" if op.type in ("read_state", "write_state") else "state"
         (kind, state_name), = op.inputs[param]
@@ -205,7 +212,10 @@ class Interpreter:
         (kind, data_name), = op.inputs[data_param]
         if kind != "name" or data_name not in slots and data_name not in consts:
             raise PocketllmError(f"{where}: '{data_param}' must name a tensor of the function")
-        finish = finisher(state_type, self.mode)
+        # a value the program declares with the state's type was finished by its producer already
+        t = declared.get(data_name)
+        same = t is not None and (t.dtype, t.shape) == (state_type.dtype, state_type.shape)
+        finish = (lambda v: v) if same else finisher(state_type, self.mode)
         src = slots.get(data_name)
         const = consts.get(data_name)
         out_slot = None
@@ -247,7 +257,67 @@ class Interpreter:
         with np.errstate(over="ignore", under="ignore"):  # fp16 rounding overflows to inf, as on device
             for step in fn.steps:
                 step(env)
-        return {name: (env[slot] if slot is not None else value) for name, slot, value in fn.outputs}
+        # copies: an output may be a state's own array, which later calls update in place
+        return {name: np.array(env[slot] if slot is not None else value) for name, slot, value in fn.outputs}
+
+
+def in_place_updates(f: Function) -> set[int]:
+    """Indices of the `slice_update` ops that may write into the state's array instead of copying it.
+
+    The pattern a KV-cache update compiles to is `r = read_state(S); u = slice_update(x=r, ...); write_state(S, u)`
+    (or coreml_update_state). Copying S on every call costs a full cache copy per layer and step; writing in place
+    gives the same values when nothing still needs the old contents of S: r feeds only this slice_update, u is
+    written back to S later, and everything computed from any other read of S before that write is computed
+    before the update (reads of S return the store's array itself, and reshapes, slices or casts of it may be
+    numpy views, so they would see the mutation).
+    """
+    producer, consumers = {}, {}
+    for i, op in enumerate(f.ops):
+        for name, _ in op.outputs:
+            producer[name] = i
+        for bindings in op.inputs.values():
+            for kind, v in bindings:
+                if kind == "name":
+                    consumers.setdefault(v, []).append(i)
+    for name in f.outputs:
+        consumers.setdefault(name, []).append(len(f.ops))
+
+    def downstream(j: int) -> set[int]:
+        """Every op (len(f.ops) for the function outputs) computed from op j's outputs, directly or not."""
+        seen, todo = set(), [j]
+        while todo:
+            k = todo.pop()
+            if k == len(f.ops):
+                continue
+            for name, _ in f.ops[k].outputs:
+                for c in consumers.get(name, []):
+                    if c not in seen:
+                        seen.add(c)
+                        todo.append(c)
+        return seen
+
+    def state_of(op) -> str | None:
+        param = {"read_state": "input", "write_state": "input", "coreml_update_state": "state"}.get(op.type)
+        return op.inputs[param][0][1] if param else None
+
+    chosen = set()
+    for i, op in enumerate(f.ops):
+        if op.type != "slice_update" or op.inputs.get("x", [("value", None)])[0][0] != "name":
+            continue
+        x = op.inputs["x"][0][1]
+        r = producer.get(x)
+        if r is None or f.ops[r].type != "read_state" or consumers.get(x) != [i]:
+            continue
+        state, (u, _) = state_of(f.ops[r]), op.outputs[0]
+        writes = [j for j in consumers.get(u, []) if j < len(f.ops) and state_of(f.ops[j]) == state
+                  and f.ops[j].type != "read_state"]
+        if not writes:
+            continue
+        w = min(writes)
+        reads = [j for j, o in enumerate(f.ops[:w]) if o.type == "read_state" and state_of(o) == state and j != r]
+        if all(k < i for j in reads for k in downstream(j)):
+            chosen.add(i)
+    return chosen
 
 
 def _call(kernel, kwargs, where):

@@ -491,6 +491,15 @@ def slice_update(x, update, begin, end, stride=None, begin_mask=None, end_mask=N
     return out
 
 
+def slice_update_in_place(x, update, begin, end, stride=None, begin_mask=None, end_mask=None, squeeze_mask=None):
+    """slice_update writing into x itself (the interpreter uses it where nothing needs x's old contents)."""
+    index = _slices(x.shape, begin, end, stride, begin_mask, end_mask, squeeze_mask)
+    if np.shape(update) != x[index].shape:
+        raise OpError(f"update shape {list(np.shape(update))} does not match the slice {list(x[index].shape)}")
+    x[index] = update
+    return x
+
+
 @op("sliding_windows")
 def sliding_windows(x, axis, size, stride=1):
     x = np.asarray(x)

@@ -753,3 +753,87 @@ def test_no_in_place_update_while_a_view_of_the_old_state_is_alive(tmp_path):
     assert interpreter.functions["main"].in_place == 0
     sums = [interpreter.run("main", {"row": np.array([[1.0, 2.0]])})["reduce_sum_0"] for _ in range(2)]
     assert sums == [0.0, 3.0]  # the first call sees the cache before its own update
+
+
+def test_weights_compressed_by_coremltools_optimize_decode_like_coremltools(tmp_path):
+    """palettize_weights (4-bit, one LUT per row: the form our any4 export uses) and linear_quantize_weights (int4
+    per block of 32, int8 per channel) on a converted linear layer: our output equals x @ W.T where W is what
+    coremltools' own loader (milproto.load + materialized_val_inference) decompresses from the saved package."""
+    import coremltools.optimize.coreml as cto
+    from coremltools.converters.mil.frontend.milproto.load import load as milproto_load
+
+    lin = torch.nn.Linear(64, 8, bias=False).eval()
+    torch.nn.init.normal_(lin.weight, generator=torch.Generator().manual_seed(3))
+    x = torch.randn(2, 64, generator=torch.Generator().manual_seed(4))
+    dense = ct.convert(torch.export.export(lin, (x,)).run_decompositions({}), minimum_deployment_target=iOS18,
+                       skip_model_load=True,
+                       compute_precision=ct.precision.FLOAT32)
+    configs = {
+        "lut4": cto.OpPalettizerConfig(nbits=4, mode="uniform", granularity="per_grouped_channel", group_size=1,
+                                       weight_threshold=1),
+        "int4": cto.OpLinearQuantizerConfig(mode="linear_symmetric", dtype="int4", granularity="per_block",
+                                            block_size=32, weight_threshold=1),
+        "int8": cto.OpLinearQuantizerConfig(mode="linear", dtype="int8", granularity="per_channel",
+                                            weight_threshold=1),
+    }
+    for name, config in configs.items():
+        compress = cto.palettize_weights if name == "lut4" else cto.linear_quantize_weights
+        path = tmp_path / f"{name}.mlpackage"
+        compress(dense, cto.OptimizationConfig(global_config=config)).save(str(path))
+        program = milproto_load(ct.utils.load_spec(str(path)), iOS18,
+                                file_weights_dir=str(path / "Data/com.apple.CoreML/weights"))
+        (op,) = [o for o in program.functions["main"].operations if o.op_type.startswith("constexpr_")]
+        weight = op.materialized_val_inference().astype(np.float32)
+        interpreter = Interpreter(path, mode="fp32")
+        (out,) = interpreter.run("main", {n: x.numpy() for n, _ in interpreter.package.functions["main"].inputs}
+                                 ).values()
+        np.testing.assert_allclose(out, x.numpy() @ weight.T, rtol=1e-5, atol=1e-5, err_msg=name)
+        assert op.op_type == ("constexpr_lut_to_dense" if name == "lut4" else "constexpr_blockwise_shift_scale")
+
+
+@pytest.mark.parametrize("vector_axis", [1, 2])
+def test_vector_palettization_spreads_each_entry_along_vector_axis(tmp_path, vector_axis):
+    """The MIL doc's example: 1-bit indices [2, 2, 2], two 3-vectors a = (1, 2, 3) and b = (7, 8, 9)."""
+    idx = np.array([[[0, 0], [1, 0]], [[1, 1], [0, 0]]], np.uint8)
+    lut = np.array([[1, 2, 3], [7, 8, 9]], np.float16).reshape(1, 1, 1, 2, 3)
+    shape = (2, 6, 2) if vector_axis == 1 else (2, 2, 6)
+
+    @mb.program(input_specs=[mb.TensorSpec(shape, F16)], opset_version=iOS18)
+    def prog(x):
+        w = mb.constexpr_lut_to_dense(indices=idx.astype(types.np_uint1_dtype), lut=lut, vector_axis=vector_axis)
+        return mb.add(x=x, y=w)
+
+    (out,) = run_program(tmp_path, prog, {"x": np.zeros(shape, np.float16)}, ["constexpr_lut_to_dense"])
+    a, b = [1, 2, 3], [7, 8, 9]
+    if vector_axis == 1:
+        want = [np.transpose([a + b, a + a]), np.transpose([b + a, b + a])]
+    else:
+        want = [[a + a, b + a], [b + b, a + a]]
+    np.testing.assert_array_equal(out, np.array(want, np.float32))
+
+
+def test_split_stack_pad_one_hot_layer_norm_and_activations(tmp_path):
+    x = np.array([[1.0, -2.0, 3.0, 0.5], [0.0, 4.0, -1.0, 2.0]], np.float32)
+    ids = np.array([2, 0, 3], np.int32)
+
+    @mb.program(input_specs=[mb.TensorSpec(x.shape, F32), mb.TensorSpec(ids.shape, I32)], opset_version=iOS18)
+    def prog(x, ids):
+        left, right = mb.split(x=x, axis=1, split_sizes=[1, 3])
+        return (left, right, mb.stack(values=[x, x], axis=0), mb.pad(x=x, pad=[1, 0, 0, 2], constant_val=9.0),
+                mb.one_hot(indices=ids, one_hot_vector_size=4), mb.layer_norm(x=x, axes=[-1], epsilon=0.0),
+                mb.sigmoid(x=x), mb.gelu(x=x, mode="TANH_APPROXIMATION"), mb.relu(x=x), mb.softplus(x=x))
+
+    out = run_program(tmp_path, prog, {"x": x, "ids": ids},
+                      ["split", "stack", "pad", "one_hot", "layer_norm", "sigmoid", "gelu", "relu", "softplus"])
+    np.testing.assert_array_equal(out[0], x[:, :1])
+    np.testing.assert_array_equal(out[1], x[:, 1:])
+    np.testing.assert_array_equal(out[2], np.stack([x, x]))
+    np.testing.assert_array_equal(out[3], np.pad(x, [(1, 0), (0, 2)], constant_values=9.0))
+    np.testing.assert_array_equal(out[4], np.eye(4)[ids])
+    centred = x - x.mean(-1, keepdims=True)
+    np.testing.assert_allclose(out[5], centred / np.sqrt((centred ** 2).mean(-1, keepdims=True)), rtol=1e-5)
+    np.testing.assert_allclose(out[6], 1 / (1 + np.exp(-x)), rtol=1e-6)
+    np.testing.assert_allclose(out[7], 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x ** 3))),
+                               rtol=1e-6)
+    np.testing.assert_array_equal(out[8], np.maximum(x, 0))
+    np.testing.assert_allclose(out[9], np.log1p(np.exp(x)), rtol=1e-6)

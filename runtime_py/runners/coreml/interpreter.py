@@ -26,6 +26,7 @@ Numeric modes (a value's numpy container is float32 in both; the declared dtype 
 from __future__ import annotations
 
 import inspect
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -67,11 +68,18 @@ def _shape_ok(value, t: TensorType) -> bool:
     return len(shape) == len(t.shape) and all(d is None or d == s for d, s in zip(t.shape, shape))
 
 
-class _Compiled:
-    def __init__(self, name: str, inputs: dict[str, tuple[int, TensorType, Callable]], states: dict[str, TensorType],
-                 steps: list[Callable], outputs: list[tuple[str, int | None, Any]], num_slots: int, num_ops: int):
-        self.name, self.inputs, self.states, self.steps = name, inputs, states, steps
-        self.outputs, self.num_slots, self.num_ops = outputs, num_slots, num_ops
+@dataclass
+class CompiledFunction:
+    """One function as closures over numbered slots: what `run` executes."""
+
+    name: str
+    inputs: dict[str, tuple[int, TensorType, Callable]]  # input name -> (slot, declared type, cast to it)
+    states: dict[str, TensorType]
+    steps: list[Callable]  # each reads and writes slots of one environment list
+    outputs: list[tuple[str, int | None, Any]]  # (name, slot, or None and the constant value)
+    num_slots: int
+    num_ops: int  # ops in the saved function, constants included
+    in_place: int  # slice_update ops that write into a state's array (see in_place_updates)
 
 
 class Interpreter:
@@ -107,7 +115,7 @@ class Interpreter:
             self.states[name] = np.zeros(t.shape, dtype=container)
 
     # ------------------------------------------------------------------------------------------ compile
-    def _compile(self, f: Function) -> _Compiled:
+    def _compile(self, f: Function) -> CompiledFunction:
         where_fn = f"{self.package.path.name}: function '{f.name}'"
         slots: dict[str, int] = {}
         consts: dict[str, Any] = {}
@@ -183,9 +191,7 @@ class Interpreter:
                 outputs.append((name, None, consts[name]))
             else:
                 raise PocketllmError(f"{where_fn}: output '{name}' is never computed")
-        compiled = _Compiled(f.name, inputs, states, steps, outputs, len(slots), len(f.ops))
-        compiled.in_place = len(in_place)
-        return compiled
+        return CompiledFunction(f.name, inputs, states, steps, outputs, len(slots), len(f.ops), len(in_place))
 
     def _const_value(self, v):
         """A constant as the interpreter holds it: floats in float32 (fp16 values stay exact), ints as stored."""

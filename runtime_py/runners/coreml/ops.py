@@ -629,9 +629,13 @@ def constexpr_lut_to_dense(indices, lut, shape=None, vector_axis=None):
     if any(d % g for d, g in zip(indices.shape, groups)):
         raise OpError(f"lut groups {list(groups)} do not tile indices shape {list(indices.shape)}")
     block = [d // g for d, g in zip(indices.shape, groups)]
-    group_index = tuple(np.arange(d)[(slice(None),) + (None,) * (k - 1 - i)] // block[i]
-                        for i, d in enumerate(indices.shape))  # broadcastable per-axis group ids
-    values = lut[group_index + (indices.astype(np.int64),)]  # [*indices.shape, VECTOR_SIZE]
+    values = np.empty(indices.shape + (vector,), dtype=np.float32 if lut.dtype.kind == "f" else lut.dtype)
+    rows = max(1, (1 << 24) // max(1, indices[:1].size))  # bound the temporaries of large tables (embeddings)
+    for r in range(0, indices.shape[0], rows):
+        part = indices[r:r + rows]
+        group_index = tuple((np.arange(d) + (r if i == 0 else 0))[(slice(None),) + (None,) * (k - 1 - i)] // block[i]
+                            for i, d in enumerate(part.shape))  # broadcastable per-axis group ids
+        values[r:r + rows] = lut[group_index + (part,)]  # [*part.shape, VECTOR_SIZE]
     if vector == 1:
         return values[..., 0]
     if vector_axis is None:

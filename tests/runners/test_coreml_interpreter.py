@@ -711,32 +711,39 @@ def test_naive_gqa_conversion_is_caught_by_the_interpreter(tiny_dirs, tmp_path):
 
 def test_cache_update_in_place_only_where_the_old_state_is_dead(tmp_path):
     """read_state -> slice_update -> write_state is done in place (no cache copy per call) unless the old value is
-    still read after the update; both forms give the math of a copying slice_update."""
-    def program(keep_old: bool):
+    still read after the update; a view of the old value used before the update is fine (coremltools' T=1 cache
+    update reads the target rows first). All forms give the math of a copying slice_update."""
+    def program(old_use: str):
         @mb.program(input_specs=[mb.StateTensorSpec((4, 2), F16), mb.TensorSpec((1, 2), F16),
                                  mb.TensorSpec((1,), I32)], opset_version=iOS18)
         def prog(cache, row, pos):
             old = mb.read_state(input=cache)
             end = mb.add(x=pos, y=1)
-            new = mb.slice_update(x=old, update=row, begin=mb.concat(values=[pos, [0]], axis=0),
-                                  end=mb.concat(values=[end, [2]], axis=0))
+            begin, stop = mb.concat(values=[pos, [0]], axis=0), mb.concat(values=[end, [2]], axis=0)
+            before = mb.reduce_sum(x=mb.slice_by_index(x=old, begin=begin, end=stop))  # a view, used before
+            new = mb.slice_update(x=old, update=row, begin=begin, end=stop)
             mb.coreml_update_state(state=cache, value=new)
-            return mb.sub(x=new, y=old) if keep_old else mb.identity(x=new)
+            if old_use == "after":
+                return mb.sub(x=new, y=old)
+            return mb.add(x=new, y=before) if old_use == "view_before" else mb.identity(x=new)
         return prog
 
-    for keep_old, expect_in_place in ((False, 1), (True, 0)):
-        interpreter = Interpreter(save(program(keep_old), tmp_path / f"c{keep_old}.mlpackage"), mode="fp32")
-        assert interpreter.functions["main"].in_place == expect_in_place
+    for old_use, expect_in_place in (("none", 1), ("view_before", 1), ("after", 0)):
+        interpreter = Interpreter(save(program(old_use), tmp_path / f"c{old_use}.mlpackage"), mode="fp32")
+        assert interpreter.functions["main"].in_place == expect_in_place, old_use
         for pos in range(3):
             row = np.array([[pos + 1.0, 10.0 * (pos + 1)]], np.float16)
             (out,) = interpreter.run("main", {"row": row, "pos": np.array([pos])}).values()
             want = np.zeros((4, 2), np.float32)
-            if keep_old:
+            if old_use == "after":
                 want[pos] = row[0]  # only the row that changed
             else:
-                want[:pos + 1] = [[i + 1.0, 10.0 * (i + 1)] for i in range(pos + 1)]
+                want[:pos + 1] = [[i + 1.0, 10.0 * (i + 1)] for i in range(pos + 1)]  # (the old row was 0)
             np.testing.assert_array_equal(out, want)
         np.testing.assert_array_equal(interpreter.states["cache"][:3], [[1, 10], [2, 20], [3, 30]])
+        if old_use == "view_before":  # rewrite row 0: the view saw the old row (1 + 10) before the update
+            (out,) = interpreter.run("main", {"row": np.array([[5.0, 50.0]]), "pos": np.array([0])}).values()
+            np.testing.assert_array_equal(out, np.array([[5, 50], [2, 20], [3, 30], [0, 0]]) + 11.0)
 
 
 def test_no_in_place_update_while_a_view_of_the_old_state_is_alive(tmp_path):
@@ -837,3 +844,30 @@ def test_split_stack_pad_one_hot_layer_norm_and_activations(tmp_path):
                                rtol=1e-6)
     np.testing.assert_array_equal(out[8], np.maximum(x, 0))
     np.testing.assert_allclose(out[9], np.log1p(np.exp(x)), rtol=1e-6)
+
+
+def test_fp16_rmsnorm_overflow_shows_and_trace_finds_the_op(tmp_path):
+    """The fp16 RMSNorm risk (ExecuTorch #15833): x^2 of |x| > 256 overflows fp16, the norm's output collapses to 0
+    in fp16 mode (as in torch fp16 eager and on device) but not in fp32 mode; `trace` names the first op that
+    produced an inf."""
+    class NaiveRMSNorm(torch.nn.Module):
+        def forward(self, x):
+            return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+
+    x = torch.tensor([[300.0, -200.0, 100.0, 50.0], [3.0, -2.0, 1.0, 0.5]])
+    model = ct.convert(torch.export.export(NaiveRMSNorm(), (x,)).run_decompositions({}),
+                       minimum_deployment_target=iOS18, skip_model_load=True,
+                       compute_precision=ct.precision.FLOAT16)
+    model.save(str(tmp_path / "norm.mlpackage"))
+    fp16, fp32 = (Interpreter(tmp_path / "norm.mlpackage", mode=m) for m in ("fp16", "fp32"))
+    name = fp16.package.functions["main"].inputs[0][0]
+    (out16,) = fp16.run("main", {name: x.numpy()}).values()
+    (out32,) = fp32.run("main", {name: x.numpy()}).values()
+    eager16 = NaiveRMSNorm()(x.half()).float().numpy()
+    np.testing.assert_array_equal(out16[0], eager16[0])
+    assert np.all(out16[0] == 0)  # row 0 collapsed: rsqrt(inf) = 0
+    np.testing.assert_allclose(out16[1], eager16[1], atol=2e-3)
+    np.testing.assert_allclose(out32, NaiveRMSNorm()(x).numpy(), rtol=1e-5)
+    values = fp16.trace("main", {name: x.numpy()})
+    first_inf = next(n for n, v in values.items() if v.dtype.kind == "f" and not np.all(np.isfinite(v)))
+    assert "pow" in first_inf

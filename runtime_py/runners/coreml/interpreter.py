@@ -80,6 +80,7 @@ class CompiledFunction:
     num_slots: int
     num_ops: int  # ops in the saved function, constants included
     in_place: int  # slice_update ops that write into a state's array (see in_place_updates)
+    slot_names: list[str]  # the program's name of each slot's value
 
 
 class Interpreter:
@@ -191,7 +192,11 @@ class Interpreter:
                 outputs.append((name, None, consts[name]))
             else:
                 raise PocketllmError(f"{where_fn}: output '{name}' is never computed")
-        return CompiledFunction(f.name, inputs, states, steps, outputs, len(slots), len(f.ops), len(in_place))
+        slot_names = [""] * len(slots)
+        for name, slot in slots.items():
+            slot_names[slot] = name
+        return CompiledFunction(f.name, inputs, states, steps, outputs, len(slots), len(f.ops), len(in_place),
+                                slot_names)
 
     def _const_value(self, v):
         """A constant as the interpreter holds it: floats in float32 (fp16 values stay exact), ints as stored."""
@@ -243,6 +248,22 @@ class Interpreter:
     def run(self, function: str, inputs: dict[str, Any]) -> dict[str, np.ndarray]:
         """Run one function. inputs: name -> array (cast to the declared dtype). Returns name -> array; states
         are read and written in `self.states`."""
+        env, fn = self._execute(function, inputs)
+        # copies: an output may be a state's own array, which later calls update in place
+        return {name: np.array(env[slot] if slot is not None else value) for name, slot, value in fn.outputs}
+
+    def trace(self, function: str, inputs: dict[str, Any]) -> dict[str, np.ndarray]:
+        """Like `run` (states are updated too), but returns every value the call computed, by its name in the
+        program, in execution order: for finding the first op that overflows or departs from a reference."""
+        snapshots: list[Any] = []
+        self._execute(function, inputs, snapshots)
+        fn = self.functions[function]
+        return {name: value for name, value in zip(fn.slot_names, snapshots) if value is not None}
+
+    def _execute(self, function: str, inputs: dict[str, Any],
+                 snapshots: list | None = None) -> tuple[list[Any], CompiledFunction]:
+        """Run the steps; with `snapshots` (a list), copy each value when computed (a later in-place cache update
+        may change arrays that earlier values are views of)."""
         fn = self.functions.get(function)
         if fn is None:
             raise PocketllmError(f"{self.package.path.name}: no function '{function}' (functions: "
@@ -261,10 +282,23 @@ class Interpreter:
                                      f"{list(np.shape(value))}, expected {t}")
             env[slot] = value
         with np.errstate(over="ignore", under="ignore"):  # fp16 rounding overflows to inf, as on device
+            if snapshots is None:
+                for step in fn.steps:
+                    step(env)
+                return env, fn
+            snapshots.extend(np.array(v) if v is not None else None for v in env)
+            seen = [id(v) for v in env]
             for step in fn.steps:
                 step(env)
-        # copies: an output may be a state's own array, which later calls update in place
-        return {name: np.array(env[slot] if slot is not None else value) for name, slot, value in fn.outputs}
+                for k, v in enumerate(env):
+                    if v is not None and id(v) != seen[k]:
+                        snapshots[k], seen[k] = np.array(v), id(v)
+        return env, fn
+
+
+# Ops whose result may be a numpy view of their input `x` (the kernels use reshape / slicing / transpose / flip).
+VIEW_OPS = {"reshape", "reshape_like", "expand_dims", "squeeze", "transpose", "reverse", "slice_by_index",
+            "slice_by_size", "identity", "split", "sliding_windows", "flatten2d"}
 
 
 def in_place_updates(f: Function) -> set[int]:
@@ -272,34 +306,32 @@ def in_place_updates(f: Function) -> set[int]:
 
     The pattern a KV-cache update compiles to is `r = read_state(S); u = slice_update(x=r, ...); write_state(S, u)`
     (or coreml_update_state). Copying S on every call costs a full cache copy per layer and step; writing in place
-    gives the same values when nothing still needs the old contents of S: r feeds only this slice_update, u is
-    written back to S later, and everything computed from any other read of S before that write is computed
-    before the update (reads of S return the store's array itself, and reshapes, slices or casts of it may be
-    numpy views, so they would see the mutation).
+    gives the same values when nothing needs the old contents of S once the update ran: u is written back to S,
+    and no value that may share memory with the state's array (the reads of S before that write, and the views
+    taken of them by reshape / slice / transpose ...) is used by the update's other inputs or after it. Reads of S
+    return the store's array itself, so such a value would see the mutation.
     """
     producer, consumers = {}, {}
     for i, op in enumerate(f.ops):
         for name, _ in op.outputs:
             producer[name] = i
-        for bindings in op.inputs.values():
+        for param, bindings in op.inputs.items():
             for kind, v in bindings:
                 if kind == "name":
-                    consumers.setdefault(v, []).append(i)
+                    consumers.setdefault(v, []).append((i, param))
     for name in f.outputs:
-        consumers.setdefault(name, []).append(len(f.ops))
+        consumers.setdefault(name, []).append((len(f.ops), "output"))
 
-    def downstream(j: int) -> set[int]:
-        """Every op (len(f.ops) for the function outputs) computed from op j's outputs, directly or not."""
-        seen, todo = set(), [j]
+    def aliases(name: str) -> set[str]:
+        """name and every value that may be a view of it."""
+        seen, todo = {name}, [name]
         while todo:
-            k = todo.pop()
-            if k == len(f.ops):
-                continue
-            for name, _ in f.ops[k].outputs:
-                for c in consumers.get(name, []):
-                    if c not in seen:
-                        seen.add(c)
-                        todo.append(c)
+            for k, param in consumers.get(todo.pop(), []):
+                if k < len(f.ops) and f.ops[k].type in VIEW_OPS and param == "x":
+                    for out, _ in f.ops[k].outputs:
+                        if out not in seen:
+                            seen.add(out)
+                            todo.append(out)
         return seen
 
     def state_of(op) -> str | None:
@@ -310,18 +342,17 @@ def in_place_updates(f: Function) -> set[int]:
     for i, op in enumerate(f.ops):
         if op.type != "slice_update" or op.inputs.get("x", [("value", None)])[0][0] != "name":
             continue
-        x = op.inputs["x"][0][1]
-        r = producer.get(x)
-        if r is None or f.ops[r].type != "read_state" or consumers.get(x) != [i]:
+        r = producer.get(op.inputs["x"][0][1])
+        if r is None or f.ops[r].type != "read_state":
             continue
         state, (u, _) = state_of(f.ops[r]), op.outputs[0]
-        writes = [j for j in consumers.get(u, []) if j < len(f.ops) and state_of(f.ops[j]) == state
-                  and f.ops[j].type != "read_state"]
+        writes = [k for k, _ in consumers.get(u, []) if k < len(f.ops) and f.ops[k].type != "read_state"
+                  and state_of(f.ops[k]) == state]
         if not writes:
             continue
-        w = min(writes)
-        reads = [j for j, o in enumerate(f.ops[:w]) if o.type == "read_state" and state_of(o) == state and j != r]
-        if all(k < i for j in reads for k in downstream(j)):
+        reads = [j for j, o in enumerate(f.ops[:min(writes)]) if o.type == "read_state" and state_of(o) == state]
+        uses = [(k, param) for j in reads for v in aliases(f.ops[j].outputs[0][0]) for k, param in consumers.get(v, [])]
+        if all(k < i or (k, param) == (i, "x") for k, param in uses):
             chosen.add(i)
     return chosen
 

@@ -7,7 +7,8 @@ Core ML's `predict` and `MLState` exist only on macOS; parity for our Core ML bu
 - engine.py: `CoreMLEngine`, the runner protocol over a bundle's package, driven as an app would drive it
 """
 
+from runtime_py.runners.coreml.engine import CoreMLEngine
 from runtime_py.runners.coreml.interpreter import MODES, Interpreter
 from runtime_py.runners.coreml.package import load_package
 
-__all__ = ["Interpreter", "MODES", "load_package"]
+__all__ = ["CoreMLEngine", "Interpreter", "MODES", "load_package"]

@@ -35,12 +35,12 @@ def build_programs(n: int, k: int, group_size: int, tokens: int, tmp: Path) -> d
     import torch
     from torch import nn
 
-    import export.ops.any4_linear_w4a8  # noqa: F401  (registers pocketllm::any4_linear_w4a8)
-    from export.nn.quant_linear import Any4Linear
-    from export.ops.any4_linear_w4a8 import w4a8_pack
-    from export.quant import any4 as any4q
-    from export.quant.format import TensorQuant
-    from export.targets import executorch as et
+    import pocketllm.export.ops.any4_linear_w4a8  # noqa: F401  (registers pocketllm::any4_linear_w4a8)
+    from pocketllm.export.nn.quant_linear import Any4Linear
+    from pocketllm.export.ops.any4_linear_w4a8 import w4a8_pack
+    from pocketllm.export.quant import any4 as any4q
+    from pocketllm.export.quant.format import TensorQuant
+    from pocketllm.export.targets import executorch as et
 
     class One(nn.Module):
         def __init__(self, lin: nn.Module):
@@ -98,7 +98,7 @@ def main() -> None:
     import torch
     from executorch.runtime import Runtime
 
-    from runtime_py.executorch_runner import load_kernel_library, set_threads
+    from pocketllm.runtime_py.runners.executorch import load_kernel_library, set_threads
 
     torch.set_num_threads(1)
     load_kernel_library(needed=["pocketllm::any4_linear.out", "pocketllm::any4_linear_w4a8.out"])

@@ -33,10 +33,10 @@ from torch import nn  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from export.nn.load import load_model  # noqa: E402
-from export.nn.quant_linear import Any4Linear  # noqa: E402
-from export.ops.any4_linear_w4a8 import w4a8_pack  # noqa: E402  (registers pocketllm::any4_linear_w4a8)
-from export.tokenizer import load_tokenizer  # noqa: E402
+from pocketllm.export.nn.load import load_model  # noqa: E402
+from pocketllm.export.nn.quant_linear import Any4Linear  # noqa: E402
+from pocketllm.export.ops.any4_linear_w4a8 import w4a8_pack  # noqa: E402  (registers pocketllm::any4_linear_w4a8)
+from pocketllm.export.tokenizer import load_tokenizer  # noqa: E402
 
 
 class W4A8Linear(nn.Module):

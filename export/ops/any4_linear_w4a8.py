@@ -45,9 +45,9 @@ from __future__ import annotations
 
 import torch
 
-from export.errors import PocketllmError
-from export.ops.any4_linear import unpack_codes
-from export.ops.library import LIB
+from pocketllm.export.errors import PocketllmError
+from pocketllm.export.ops.any4_linear import unpack_codes
+from pocketllm.export.ops.library import LIB
 
 MAX_GROUP = 65536  # keeps every int32 partial sum of the kernels (at most 255 * 127 * g) in range
 ROW_BLOCK = 8  # scales and zeros are stored in blocks of 8 rows

@@ -1,5 +1,5 @@
-"""Runners: run a bundle's artifact with its own runtime, one module per target (`runners/<target>.py`, exposing
-`TARGET` and `Runner`). Every runner has the engine protocol of the reference model:
+"""Runners: run a bundle's artifact with its own runtime, one module (or package) per target (`runners/<target>`,
+exposing `TARGET` and `Runner`). Every runner has the engine protocol of the reference model:
 
     forward(tokens int64 [T], start_pos) -> logits float32 [T, vocab];  reset()
 
@@ -20,7 +20,7 @@ from pocketllm.export.errors import PocketllmError
 @cache
 def runner_modules() -> dict[str, str]:
     """target name -> module path, for every runner module in this folder (imported lazily: SDKs load on use)."""
-    return {info.name: f"{__name__}.{info.name}" for info in pkgutil.iter_modules(__path__) if not info.ispkg}
+    return {info.name: f"{__name__}.{info.name}" for info in pkgutil.iter_modules(__path__)}
 
 
 def open_runner(bundle: str | Path, target: str | None = None, threads: int | None = None, verify: bool = True):

@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 import torch
 
-from export.errors import PocketllmError
-from export.ops.any4_linear import any4_linear_reference
-from export.ops.any4_linear_w4a8 import (any4_linear_w4a8_reference, from_row_blocks, quantize_activations,
+from pocketllm.export.errors import PocketllmError
+from pocketllm.export.ops.any4_linear import any4_linear_reference
+from pocketllm.export.ops.any4_linear_w4a8 import (any4_linear_w4a8_reference, from_row_blocks, quantize_activations,
                                          to_row_blocks, w4a8_lut, w4a8_pack)
-from runtime_py.executorch_runner import DEFAULT_KERNEL_LIBRARY, REPO
-from runtime_py.ops import any4_linear_w4a8 as twin
+from pocketllm.runtime_py.runners.executorch import DEFAULT_KERNEL_LIBRARY, REPO
+from pocketllm.runtime_py.ops import any4_linear_w4a8 as twin
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 I = ctypes.c_int64
@@ -155,7 +155,7 @@ def test_pack_rejects_scales_that_are_not_fp16_values():
 def kernels() -> ctypes.CDLL:
     if not DEFAULT_KERNEL_LIBRARY.is_file():
         subprocess.run(["make", "-s", "kernels"], cwd=REPO, check=True)
-    from runtime_py.executorch_runner import load_kernel_library, set_threads
+    from pocketllm.runtime_py.runners.executorch import load_kernel_library, set_threads
 
     load_kernel_library(needed=["pocketllm::any4_linear_w4a8.out"])
     set_threads(2)  # rows split across threads, as in an app

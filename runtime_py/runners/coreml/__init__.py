@@ -1,0 +1,23 @@
+"""Core ML on Linux: a numpy interpreter of a saved `.mlpackage` (its MIL program, weights and states).
+
+Core ML's `predict` and `MLState` exist only on macOS; parity for our Core ML bundles runs through this instead.
+- package.py: read the package from disk (protobuf MIL program + MILBlob weight file) into plain Python
+- ops.py: the op table, one numpy function per MIL op, written from the MIL op definitions
+- interpreter.py: compile each function into closures, run it in fp32 or fp16-emulating mode, keep the states
+- engine.py: `CoreMLEngine`, the runner protocol over a bundle's package, driven as an app would drive it
+"""
+
+from pocketllm.runtime_py.runners.coreml.engine import CoreMLEngine
+from pocketllm.runtime_py.runners.coreml.interpreter import MODES, Interpreter
+from pocketllm.runtime_py.runners.coreml.package import load_package
+
+TARGET = "coreml"
+
+
+def Runner(bundle, threads=None, manifest=None, mode: str = "fp16"):
+    """The runner registry's entry (runtime_py/runners/__init__.py): the interpreter in fp16-emulating mode, what a
+    phone computes (parity also runs it in fp32 mode). `threads` is accepted for the protocol; numpy decides."""
+    return CoreMLEngine(bundle, mode=mode, manifest=manifest)
+
+
+__all__ = ["CoreMLEngine", "Interpreter", "MODES", "Runner", "TARGET", "load_package"]

@@ -6,3 +6,4 @@ Importing this package registers every op once per process (Python's import cach
 from export.ops import infllm_attention  # noqa: F401  (registers pocketllm::infllm_attention)
 from export.ops import lightning_attention  # noqa: F401  (registers pocketllm::lightning_attention)
 from export.ops import any4_linear  # noqa: F401  (registers pocketllm::any4_linear)
+from export.ops import moe_ffn  # noqa: F401  (registers pocketllm::moe_ffn, pocketllm::moe_ffn_any4)

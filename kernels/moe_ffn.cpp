@@ -1,17 +1,18 @@
 // pocketllm::moe_ffn.out / pocketllm::moe_ffn_any4.out: routed experts, CPU, fp32 activations and sums.
 //
-// One call, four steps (each a pass over a list of work items on ExecuTorch's threadpool, parallel_dynamic):
+// One call, in passes over lists of work items on ExecuTorch's threadpool (parallel_dynamic):
 //   1. route: the (token, slot) pairs grouped by expert (counting sort: experts ascending, tokens ascending), so each
 //      routed expert runs once for all its tokens and no other expert's weights are touched;
-//   2. gate/up, items = (routed expert, 16 neurons): h[p, f] = act(gate_f . x) * (up_f . x) for each pair p of the
-//      expert. Experts with fewer than kPanelTokens tokens (decode: all of them) take one row dot product per token;
-//      ReGLU there computes the block's gate rows first, then the up rows of the neurons with relu(gate) > 0 only.
-//      Experts with more tokens: tiles of 2 weight rows x 4 tokens (any4 rows dequantised exactly first);
-//   3. down, float experts (down_t [F, H]), items = (expert, 64 output columns): y[p, cols] = sum over the pair's
-//      non-zero h[p, f] of h[p, f] * down_t[f, cols], 8 register accumulators; a zero neuron's row is never read.
-//      Prefill experts: 6 tokens x 16 columns register tiles over all neurons. any4 experts (down [H, F], quantised
-//      along F), items = (expert, 16 output rows): any4_decode.h's row dot over the whole h row (a neuron's down
-//      weights are one code in every row's group, so they cannot be skipped), or dequantised tiles for prefill;
+//   2. gate/up. Experts with kPanelTokens tokens or more (prefill), items = (expert, 16 neurons): tiles of 2 weight
+//      rows x 4 tokens for gate and up (any4 rows dequantised exactly first), h = act(g) * u. Decode-like experts
+//      (fewer tokens; decode: all of them): the gate rows (same items), then per pair the list of neurons whose up
+//      row is read (ReGLU: only those with relu(gate) > 0 when few enough are, see NeuronSparsity), then the listed
+//      up rows, items = (expert, 64 listed neurons), prefetched ahead of use;
+//   3. down. Float experts (down_t [F, H]), items = (expert, 64 output columns): y[p, cols] = sum over the pair's
+//      listed neurons of h[p, f] * down_t[f, cols], 8 register accumulators (unlisted rows are never read); prefill
+//      experts: 6 tokens x 16 columns register tiles. any4 experts (down [H, F], quantised along F), items = (expert,
+//      16 output rows): any4_decode.h's row dot over the whole h row (a neuron's down weights are one code in each
+//      of the H rows' groups: nothing to skip), or dequantised tiles for prefill;
 //   4. combine: out[t] = sum over t's slots, experts ascending, of w * y[pair]: multiply, then add, as the reference
 //      (export/ops/moe_ffn.py) does, in its order.
 // Dot products use explicit fused multiply-adds (fma8); the file builds with -ffp-contract=off, so any4 values keep
@@ -21,6 +22,7 @@
 #include <algorithm>
 #include <numeric>
 #include <string_view>
+#include <type_traits>
 #include <vector>
 
 #include <executorch/extension/kernel_util/make_boxed_from_unboxed_functor.h>
@@ -34,61 +36,104 @@ namespace {
 
 constexpr int64_t kNeuronBlock = 16;  // gate/up rows per work item
 constexpr int64_t kColumnBlock = 64;  // down_t columns per work item (8 accumulators of 8 lanes)
+constexpr int64_t kUpChunk = 64;      // up rows (of one expert's neuron list) per work item
+constexpr int64_t kPrefetchRows = 4;  // listed rows are irregular: they are prefetched this far ahead
 
 // ------------------------------------------------------------------------------------------ weight elements
-// Float expert weights are fp32, or bf16 held as uint16_t bit patterns (widened exactly: a 16-bit shift).
-typedef uint16_t v8u16 __attribute__((vector_size(16)));
+// Float expert weights are fp32, or bf16 held as uint16_t bit patterns. Loops take weights 16 at a time as two fp32
+// vectors (load16): fp32 in order (elements 0..7, 8..15); bf16 as even and odd elements, since a 32-bit lane holds
+// two bf16 values and each widens exactly with one instruction (the low one: shift left 16; the high one: mask),
+// where widening in order costs ~6 on AVX2. Whatever meets a weight vector lane by lane (x in a dot product) is put
+// in the same order once per call (weight_order); outputs indexed by weight columns are stored back in order
+// (store16). Elements past the last whole block of 16 are used one by one, in order.
 typedef uint32_t v8u32 __attribute__((vector_size(32)));
 
 inline float widen(float v) { return v; }
 inline float widen(uint16_t bf16) { return any4::bf16_to_float(bf16); }
-inline v8f load8w(const float* p) { return load8(p); }
-inline v8f load8w(const uint16_t* p) {
-  v8u16 h;
-  std::memcpy(&h, p, sizeof(h));
-  const v8u32 w = __builtin_convertvector(h, v8u32) << 16;
-  v8f f;
-  std::memcpy(&f, &w, sizeof(f));
-  return f;
+
+inline void load16(const float* p, v8f& a, v8f& b) {
+  a = load8(p);
+  b = load8(p + 8);
 }
+inline void load16(const uint16_t* p, v8f& a, v8f& b) {
+  v8u32 w;
+  std::memcpy(&w, p, sizeof(w));
+  const v8u32 even = w << 16, odd = w & 0xFFFF0000u;
+  std::memcpy(&a, &even, sizeof(a));
+  std::memcpy(&b, &odd, sizeof(b));
+}
+
+template <typename W>
+inline void store16(float* y, v8f a, v8f b) {
+  if constexpr (std::is_same_v<W, float>) {
+    store8(y, a);
+    store8(y + 8, b);
+  } else {
+    for (int i = 0; i < 8; ++i) y[2 * i] = a[i], y[2 * i + 1] = b[i];
+  }
+}
+
+// v [n] in load16's order for W (fp32: unchanged).
+template <typename W>
+void weight_order(const float* v, int64_t n, float* out) {
+  int64_t i = 0;
+  if constexpr (std::is_same_v<W, uint16_t>)
+    for (; i + 16 <= n; i += 16)
+      for (int j = 0; j < 8; ++j) out[i + j] = v[i + 2 * j], out[i + 8 + j] = v[i + 2 * j + 1];
+  for (; i < n; ++i) out[i] = v[i];
+}
+
 inline v8f splat(float v) { return v8f{v, v, v, v, v, v, v, v}; }
 
-// w . x over n, four independent accumulators.
+inline void prefetch_bytes(const void* p, int64_t bytes) {
+  for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(static_cast<const char*>(p) + off, 0, 2);
+}
+
+// w . x over n (x in weight order), four independent accumulators.
 template <typename W>
 inline float dot_w(const W* w, const float* x, int64_t n) {
-  v8f a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
+  v8f a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0}, w0, w1, w2, w3;
   int64_t i = 0;
   for (; i + 32 <= n; i += 32) {
-    a0 = fma8(load8w(w + i), load8(x + i), a0);
-    a1 = fma8(load8w(w + i + 8), load8(x + i + 8), a1);
-    a2 = fma8(load8w(w + i + 16), load8(x + i + 16), a2);
-    a3 = fma8(load8w(w + i + 24), load8(x + i + 24), a3);
+    load16(w + i, w0, w1);
+    load16(w + i + 16, w2, w3);
+    a0 = fma8(w0, load8(x + i), a0);
+    a1 = fma8(w1, load8(x + i + 8), a1);
+    a2 = fma8(w2, load8(x + i + 16), a2);
+    a3 = fma8(w3, load8(x + i + 24), a3);
   }
-  for (; i + 8 <= n; i += 8) a0 = fma8(load8w(w + i), load8(x + i), a0);
+  for (; i + 16 <= n; i += 16) {
+    load16(w + i, w0, w1);
+    a0 = fma8(w0, load8(x + i), a0);
+    a1 = fma8(w1, load8(x + i + 8), a1);
+  }
   float s = hsum8((a0 + a1) + (a2 + a3));
   for (; i < n; ++i) s += widen(w[i]) * x[i];
   return s;
 }
 
-// out[m * ldo + r] = w_r . xs[m] for R consecutive weight rows (stride K) and M token rows: each weight vector
-// loaded once serves M tokens.
+// out[m * ldo + r] = w_r . xs[m] for R consecutive weight rows (stride K) and M token rows (in weight order): each
+// weight vector loaded once serves M tokens.
 template <int R, int M, typename W>
 inline void dot_tile(const W* w, int64_t K, const float* const* xs, float* out, int64_t ldo) {
-  v8f acc[M][R];
+  v8f acc[M][R][2];
   for (int m = 0; m < M; ++m)
-    for (int r = 0; r < R; ++r) acc[m][r] = v8f{0, 0, 0, 0, 0, 0, 0, 0};
+    for (int r = 0; r < R; ++r) acc[m][r][0] = acc[m][r][1] = v8f{0, 0, 0, 0, 0, 0, 0, 0};
   int64_t k = 0;
-  for (; k + 8 <= K; k += 8) {
-    v8f wv[R];
-    for (int r = 0; r < R; ++r) wv[r] = load8w(w + r * K + k);
+  for (; k + 16 <= K; k += 16) {
+    v8f wa[R], wb[R];
+    for (int r = 0; r < R; ++r) load16(w + r * K + k, wa[r], wb[r]);
     for (int m = 0; m < M; ++m) {
-      const v8f xv = load8(xs[m] + k);
-      for (int r = 0; r < R; ++r) acc[m][r] = fma8(wv[r], xv, acc[m][r]);
+      const v8f xa = load8(xs[m] + k), xb = load8(xs[m] + k + 8);
+      for (int r = 0; r < R; ++r) {
+        acc[m][r][0] = fma8(wa[r], xa, acc[m][r][0]);
+        acc[m][r][1] = fma8(wb[r], xb, acc[m][r][1]);
+      }
     }
   }
   for (int m = 0; m < M; ++m)
     for (int r = 0; r < R; ++r) {
-      float s = hsum8(acc[m][r]);
+      float s = hsum8(acc[m][r][0] + acc[m][r][1]);
       for (int64_t j = k; j < K; ++j) s += widen(w[r * K + j]) * xs[m][j];
       out[m * ldo + r] = s;
     }
@@ -119,20 +164,17 @@ void rows_times_tokens(const W* w, int64_t rows, int64_t K, const float* const* 
 // y_m[c] = sum_f h_m[f] * wt[f * ldw + c] for c < 16 and M tokens (wt k-major: down_t's rows).
 template <int M, typename W>
 inline void axpy_tile(const W* wt, int64_t ldw, int64_t F, const float* const* hs, float* const* ys) {
-  v8f acc[M][2];
+  v8f acc[M][2], w0, w1;
   for (int m = 0; m < M; ++m) acc[m][0] = acc[m][1] = v8f{0, 0, 0, 0, 0, 0, 0, 0};
   for (int64_t f = 0; f < F; ++f) {
-    const v8f w0 = load8w(wt + f * ldw), w1 = load8w(wt + f * ldw + 8);
+    load16(wt + f * ldw, w0, w1);
     for (int m = 0; m < M; ++m) {
       const v8f b = splat(hs[m][f]);
       acc[m][0] = fma8(b, w0, acc[m][0]);
       acc[m][1] = fma8(b, w1, acc[m][1]);
     }
   }
-  for (int m = 0; m < M; ++m) {
-    store8(ys[m], acc[m][0]);
-    store8(ys[m] + 8, acc[m][1]);
-  }
+  for (int m = 0; m < M; ++m) store16<W>(ys[m], acc[m][0], acc[m][1]);
 }
 
 // y_m[c0 .. c1) = h_m @ wt[:, c0 .. c1) for the M tokens (ys[m] points at column 0 of token m's output row).
@@ -163,27 +205,37 @@ void tokens_times_columns(const W* wt, int64_t H, int64_t F, const float* const*
   }
 }
 
-// y[c0 .. c0 + n) = sum over the listed neurons f of h[f] * wt[f * H + c]: one token, only the rows of its active
-// neurons (ReGLU's zeros are skipped by the caller's list).
+// y[c0 .. c1) = sum over the listed neurons f of h[f] * wt[f * H + c]: one token, only the rows of its active
+// neurons (ReGLU's zeros are left out of the caller's list). 64 columns = 8 accumulators at a time.
 template <typename W>
 void active_rows_times_columns(const float* h, const int32_t* active, int64_t n_active, const W* wt, int64_t H,
                                int64_t c0, int64_t c1, float* y) {
   int64_t c = c0;
+  v8f w0, w1;
   for (; c + 64 <= c1; c += 64) {
     v8f acc[8];
     for (int j = 0; j < 8; ++j) acc[j] = v8f{0, 0, 0, 0, 0, 0, 0, 0};
     for (int64_t i = 0; i < n_active; ++i) {
       const int64_t f = active[i];
+      if (i + kPrefetchRows < n_active) prefetch_bytes(wt + active[i + kPrefetchRows] * H + c, 64 * sizeof(W));
       const v8f b = splat(h[f]);
       const W* row = wt + f * H + c;
-      for (int j = 0; j < 8; ++j) acc[j] = fma8(b, load8w(row + 8 * j), acc[j]);
+      for (int j = 0; j < 4; ++j) {
+        load16(row + 16 * j, w0, w1);
+        acc[2 * j] = fma8(b, w0, acc[2 * j]);
+        acc[2 * j + 1] = fma8(b, w1, acc[2 * j + 1]);
+      }
     }
-    for (int j = 0; j < 8; ++j) store8(y + c + 8 * j, acc[j]);
+    for (int j = 0; j < 4; ++j) store16<W>(y + c + 16 * j, acc[2 * j], acc[2 * j + 1]);
   }
-  for (; c + 8 <= c1; c += 8) {
-    v8f acc = {0, 0, 0, 0, 0, 0, 0, 0};
-    for (int64_t i = 0; i < n_active; ++i) acc = fma8(splat(h[active[i]]), load8w(wt + active[i] * H + c), acc);
-    store8(y + c, acc);
+  for (; c + 16 <= c1; c += 16) {
+    v8f a0 = {0, 0, 0, 0, 0, 0, 0, 0}, a1 = a0;
+    for (int64_t i = 0; i < n_active; ++i) {
+      load16(wt + active[i] * H + c, w0, w1);
+      a0 = fma8(splat(h[active[i]]), w0, a0);
+      a1 = fma8(splat(h[active[i]]), w1, a1);
+    }
+    store16<W>(y + c, a0, a1);
   }
   for (; c < c1; ++c) {
     float s = 0.0f;
@@ -263,23 +315,66 @@ std::vector<const float*> pair_rows(const float* base, int64_t n, int64_t first,
   return rows;
 }
 
-// Per pair of a decode-like expert: the neurons whose h is non-zero, ascending (what the down step reads).
-void list_active_neurons(const Routing& r, const float* h, int64_t F, std::vector<int32_t>& active,
-                         std::vector<int64_t>& n_active) {
+// Decode-like experts (fewer than kPanelTokens tokens) run in three passes: gate rows (h[p, f] = gate_f . x), the
+// neuron list below, then the up rows of the listed neurons (up_pass). The list is also what float experts' down
+// step reads: unlisted neurons have h = 0 exactly.
+
+// The most active neurons (of F) at which a token's inactive ones are skipped; -1: never.
+int64_t skip_limit(MoeActivation act, NeuronSparsity sparsity, int64_t F, int64_t auto_eighths) {
+  if (act != MoeActivation::kReglu || sparsity == NeuronSparsity::kOff) return -1;
+  return sparsity == NeuronSparsity::kAlways ? F : F * auto_eighths / 8;
+}
+
+// Per pair of a decode-like expert: the neurons whose up row is read, ascending. When at most skip_max of them have
+// a positive gate: those (the others get h = 0 now: relu(gate) = 0, they contribute nothing); otherwise all.
+void list_neurons(const Routing& r, float* h, int64_t F, int64_t skip_max, std::vector<int32_t>& list,
+                  std::vector<int64_t>& count) {
   const int64_t P = r.begin.back();
-  active.resize(P * F);
-  n_active.assign(P, 0);
+  list.resize(P * F);
+  count.assign(P, 0);
   parallel_dynamic(static_cast<int64_t>(r.expert.size()), 1, [&](int64_t b, int64_t e) {
     for (int64_t a = b; a < e; ++a) {
       if (r.tiled(a)) continue;
       for (int64_t p = r.begin[a]; p < r.begin[a + 1]; ++p) {
-        int32_t* list = active.data() + p * F;
+        int32_t* l = list.data() + p * F;
+        float* hp = h + p * F;
         int64_t n = 0;
         for (int64_t f = 0; f < F; ++f) {
-          list[n] = static_cast<int32_t>(f);
-          n += h[p * F + f] != 0.0f;  // branch-free compaction
+          l[n] = static_cast<int32_t>(f);
+          n += !(hp[f] <= 0.0f);  // branch-free compaction; NaN gates stay (relu(NaN) = NaN)
         }
-        n_active[p] = n;
+        if (n <= skip_max) {
+          for (int64_t f = 0; f < F; ++f) hp[f] = hp[f] <= 0.0f ? 0.0f : hp[f];
+        } else {
+          std::iota(l, l + F, 0);
+          n = F;
+        }
+        count[p] = n;
+      }
+    }
+  });
+}
+
+// h[p, f] = act(h[p, f]) * up_dot(a, p, f) over the listed neurons of every decode-like pair; work items = (expert,
+// kUpChunk list positions). Rows are prefetched kPrefetchRows ahead in list order: a skipped row breaks the hardware
+// prefetcher's stream, and a row demanded without warning costs a DRAM latency (measured: without this, skipping
+// half the any4 up rows was slower than reading them all once the weights no longer fit in the caches).
+template <typename UpDot, typename PrefetchRow>
+void up_pass(const Routing& r, float* h, int64_t F, MoeActivation act, const std::vector<int32_t>& list,
+             const std::vector<int64_t>& count, const UpDot& up_dot, const PrefetchRow& prefetch_row) {
+  const int64_t chunks = (F + kUpChunk - 1) / kUpChunk;
+  parallel_dynamic(static_cast<int64_t>(r.expert.size()) * chunks, 1, [&](int64_t b, int64_t e) {
+    for (int64_t item = b; item < e; ++item) {
+      const int64_t a = item / chunks, i0 = (item % chunks) * kUpChunk;
+      if (r.tiled(a)) continue;
+      for (int64_t p = r.begin[a]; p < r.begin[a + 1]; ++p) {
+        const int32_t* l = list.data() + p * F;
+        const int64_t n = count[p], i1 = std::min(n, i0 + kUpChunk);
+        for (int64_t i = i0; i < std::min(n, i0 + kPrefetchRows); ++i) prefetch_row(a, l[i]);
+        for (int64_t i = i0; i < i1; ++i) {
+          if (i + kPrefetchRows < n) prefetch_row(a, l[i + kPrefetchRows]);
+          h[p * F + l[i]] = activate(act, h[p * F + l[i]]) * up_dot(a, p, l[i]);
+        }
       }
     }
   });
@@ -288,15 +383,21 @@ void list_active_neurons(const Routing& r, const float* h, int64_t F, std::vecto
 // ------------------------------------------------------------------------------------------ float experts
 template <typename W>
 void run_float(const float* x, const int64_t* ids, const float* weights, int64_t T, int64_t k, int64_t H,
-               const MoeFloatExperts& ex, MoeActivation act, bool sparse, const Routing& r, float* out) {
+               const MoeFloatExperts& ex, MoeActivation act, NeuronSparsity sparsity, const Routing& r, float* out) {
   const int64_t F = ex.ffn, A = static_cast<int64_t>(r.expert.size()), P = r.begin.back();
   const W* gate = static_cast<const W*>(ex.gate);
   const W* up = static_cast<const W*>(ex.up);
   const W* down_t = static_cast<const W*>(ex.down_t);
-  const bool skip = sparse && act == MoeActivation::kReglu;
   std::vector<float> h(P * F), y(P * H);
 
-  // gate/up
+  // gate/up, on the tokens in weight order (xw)
+  std::vector<float> x_ordered;
+  const float* xw = x;
+  if constexpr (std::is_same_v<W, uint16_t>) {
+    x_ordered.resize(T * H);
+    for (int64_t t = 0; t < T; ++t) weight_order<W>(x + t * H, H, x_ordered.data() + t * H);
+    xw = x_ordered.data();
+  }
   const int64_t nb = (F + kNeuronBlock - 1) / kNeuronBlock;
   parallel_dynamic(A * nb, 1, [&](int64_t b, int64_t e) {
     std::vector<float> g, u;
@@ -307,21 +408,14 @@ void run_float(const float* x, const int64_t* ids, const float* weights, int64_t
       const int64_t first = r.begin[a], n = r.tokens_of(a);
       if (!r.tiled(a)) {
         for (int64_t p = first; p < first + n; ++p) {
-          const float* xt = x + r.token[p] * H;
+          const float* xt = xw + r.token[p] * H;
           float* hp = h.data() + p * F;
           for (int64_t f = f0; f < f1; ++f) hp[f] = dot_w(ge + f * H, xt, H);
-          for (int64_t f = f0; f < f1; ++f) {
-            if (skip && hp[f] <= 0.0f) {
-              hp[f] = 0.0f;  // relu(gate) = 0: the up row is not read
-              continue;
-            }
-            hp[f] = activate(act, hp[f]) * dot_w(ue + f * H, xt, H);
-          }
         }
         continue;
       }
       std::vector<const float*> xs(n);
-      for (int64_t i = 0; i < n; ++i) xs[i] = x + r.token[first + i] * H;
+      for (int64_t i = 0; i < n; ++i) xs[i] = xw + r.token[first + i] * H;
       g.resize(n * kNeuronBlock);
       u.resize(n * kNeuronBlock);
       rows_times_tokens(ge + f0 * H, f1 - f0, H, xs.data(), n, g.data(), kNeuronBlock);
@@ -332,12 +426,17 @@ void run_float(const float* x, const int64_t* ids, const float* weights, int64_t
     }
   });
 
-  // down: decode-like experts read only the rows of non-zero neurons (ReGLU), or all of them
-  std::vector<int32_t> active;
-  std::vector<int64_t> n_active;
-  std::vector<int32_t> all_neurons(F);
-  std::iota(all_neurons.begin(), all_neurons.end(), 0);
-  if (skip) list_active_neurons(r, h.data(), F, active, n_active);
+  std::vector<int32_t> list;
+  std::vector<int64_t> count;
+  const int64_t eighths = std::is_same_v<W, float> ? kAutoSkipEighthsFp32 : kAutoSkipEighthsBf16;
+  list_neurons(r, h.data(), F, skip_limit(act, sparsity, F, eighths), list, count);
+  const int64_t row_bytes = std::min<int64_t>(1024, H * sizeof(W));  // the hardware prefetcher does the rest
+  up_pass(
+      r, h.data(), F, act, list, count,
+      [&](int64_t a, int64_t p, int64_t f) { return dot_w(up + (r.expert[a] * F + f) * H, xw + r.token[p] * H, H); },
+      [&](int64_t a, int64_t f) { prefetch_bytes(up + (r.expert[a] * F + f) * H, row_bytes); });
+
+  // down: decode-like experts read the rows of their listed neurons only
   const int64_t nc = (H + kColumnBlock - 1) / kColumnBlock;
   parallel_dynamic(A * nc, 1, [&](int64_t b, int64_t e) {
     for (int64_t item = b; item < e; ++item) {
@@ -346,8 +445,7 @@ void run_float(const float* x, const int64_t* ids, const float* weights, int64_t
       const int64_t first = r.begin[a], n = r.tokens_of(a);
       if (!r.tiled(a)) {
         for (int64_t p = first; p < first + n; ++p) {
-          const int32_t* list = skip ? active.data() + p * F : all_neurons.data();
-          active_rows_times_columns(h.data() + p * F, list, skip ? n_active[p] : F, de, H, c0, c1,
+          active_rows_times_columns(h.data() + p * F, list.data() + p * F, count[p], de, H, c0, c1,
                                     y.data() + p * H);
         }
         continue;
@@ -404,6 +502,13 @@ struct Any4Rows {
     }
   }
 
+  void prefetch(int64_t i) const {
+    prefetch_bytes(q + i * (K / 2), K / 2);
+    __builtin_prefetch(lut + i * 16);
+    __builtin_prefetch(s + i * G);
+    __builtin_prefetch(z + i * G);
+  }
+
   // Row i . x. xp, xsum: any4_decode.h's permuted x and per-group sums (used when simd); x otherwise.
   float dot(int64_t i, const float* x, const float* xp, const float* xsum) const {
     if (simd) return any4::row_dot<kind>(q + i * (K / 2), lut + i * 16, s + i * G, z + i * G, xp, xsum, K, g);
@@ -436,10 +541,9 @@ void decode_inputs(const float* v, int64_t K, int64_t g, any4::Lut kind, float* 
 
 template <any4::Lut kind, typename SZ>
 void run_any4(const float* x, const int64_t* ids, const float* weights, int64_t T, int64_t k, int64_t H,
-              const MoeAny4Experts& ex, MoeActivation act, bool sparse, const Routing& r, float* out) {
+              const MoeAny4Experts& ex, MoeActivation act, NeuronSparsity sparsity, const Routing& r, float* out) {
   using Rows = Any4Rows<kind, SZ>;
   const int64_t F = ex.ffn, A = static_cast<int64_t>(r.expert.size()), P = r.begin.back();
-  const bool skip = sparse && act == MoeActivation::kReglu;
   const int64_t Gg = ex.gate.groups, Gu = ex.up.groups, Gd = ex.down.groups;
   std::vector<float> h(P * F), y(P * H);
 
@@ -467,13 +571,6 @@ void run_any4(const float* x, const int64_t* ids, const float* weights, int64_t 
           const float *xt = x + t * H, *xpt = xp.data() + t * H;
           float* hp = h.data() + p * F;
           for (int64_t f = f0; f < f1; ++f) hp[f] = gr.dot(f, xt, xpt, xsum_g.data() + t * Gg);
-          for (int64_t f = f0; f < f1; ++f) {
-            if (skip && hp[f] <= 0.0f) {
-              hp[f] = 0.0f;  // the up row (quantised along H: a whole row) is not read
-              continue;
-            }
-            hp[f] = activate(act, hp[f]) * ur.dot(f, xt, xpt, xsum_u.data() + t * Gu);
-          }
         }
         continue;
       }
@@ -492,7 +589,20 @@ void run_any4(const float* x, const int64_t* ids, const float* weights, int64_t 
     }
   });
 
-  // down [H, F]: decode inputs of each decode-like pair's h, then rows (all neurons)
+  // up rows are quantised along H: a skipped neuron's up row is skipped whole
+  std::vector<int32_t> list;
+  std::vector<int64_t> count;
+  list_neurons(r, h.data(), F, skip_limit(act, sparsity, F, kAutoSkipEighthsAny4), list, count);
+  up_pass(
+      r, h.data(), F, act, list, count,
+      [&](int64_t a, int64_t p, int64_t f) {
+        const int64_t t = r.token[p];
+        return Rows(ex.up, r.expert[a], F, H).dot(f, x + t * H, xp.data() + t * H, xsum_u.data() + t * Gu);
+      },
+      [&](int64_t a, int64_t f) { Rows(ex.up, r.expert[a], F, H).prefetch(f); });
+
+  // down [H, F]: decode inputs of each decode-like pair's h, then rows (all neurons: each row holds every neuron's
+  // weight in its groups)
   std::vector<float> hp(P * F), hsum(P * Gd);
   parallel_dynamic(any4::decode_supported(F, F / Gd) ? A : 0, 1, [&](int64_t b, int64_t e) {
     for (int64_t a = b; a < e; ++a)
@@ -525,24 +635,24 @@ void run_any4(const float* x, const int64_t* ids, const float* weights, int64_t 
 }  // namespace
 
 bool moe_ffn_float(const float* x, const int64_t* ids, const float* weights, int64_t T, int64_t k, int64_t H,
-                   const MoeFloatExperts& experts, MoeActivation act, bool neuron_sparsity, float* out) {
+                   const MoeFloatExperts& experts, MoeActivation act, NeuronSparsity sparsity, float* out) {
   Routing r;
   if (!route(ids, T, k, experts.num_experts, r)) return false;
-  if (experts.bf16) run_float<uint16_t>(x, ids, weights, T, k, H, experts, act, neuron_sparsity, r, out);
-  else run_float<float>(x, ids, weights, T, k, H, experts, act, neuron_sparsity, r, out);
+  if (experts.bf16) run_float<uint16_t>(x, ids, weights, T, k, H, experts, act, sparsity, r, out);
+  else run_float<float>(x, ids, weights, T, k, H, experts, act, sparsity, r, out);
   return true;
 }
 
 bool moe_ffn_any4(const float* x, const int64_t* ids, const float* weights, int64_t T, int64_t k, int64_t H,
-                  const MoeAny4Experts& experts, MoeActivation act, bool neuron_sparsity, float* out) {
+                  const MoeAny4Experts& experts, MoeActivation act, NeuronSparsity sparsity, float* out) {
   Routing r;
   if (!route(ids, T, k, experts.num_experts, r)) return false;
   constexpr auto kBf16 = any4::Lut::kBf16, kFp16 = any4::Lut::kFp16;
   const auto& e = experts;
-  if (e.lut_bf16 && e.scales_fp16) run_any4<kBf16, uint16_t>(x, ids, weights, T, k, H, e, act, neuron_sparsity, r, out);
-  else if (e.lut_bf16) run_any4<kBf16, float>(x, ids, weights, T, k, H, e, act, neuron_sparsity, r, out);
-  else if (e.scales_fp16) run_any4<kFp16, uint16_t>(x, ids, weights, T, k, H, e, act, neuron_sparsity, r, out);
-  else run_any4<kFp16, float>(x, ids, weights, T, k, H, e, act, neuron_sparsity, r, out);
+  if (e.lut_bf16 && e.scales_fp16) run_any4<kBf16, uint16_t>(x, ids, weights, T, k, H, e, act, sparsity, r, out);
+  else if (e.lut_bf16) run_any4<kBf16, float>(x, ids, weights, T, k, H, e, act, sparsity, r, out);
+  else if (e.scales_fp16) run_any4<kFp16, uint16_t>(x, ids, weights, T, k, H, e, act, sparsity, r, out);
+  else run_any4<kFp16, float>(x, ids, weights, T, k, H, e, act, sparsity, r, out);
   return true;
 }
 
@@ -610,7 +720,7 @@ Tensor& moe_ffn_out(KernelRuntimeContext& ctx, const Tensor& x, const Tensor& ex
                            wt == ScalarType::BFloat16, gate.size(0), gate.size(1)};
   if (!moe_ffn_float(x.const_data_ptr<float>(), expert_ids.const_data_ptr<int64_t>(),
                      expert_weights.const_data_ptr<float>(), x.size(0), expert_ids.size(1), x.size(1), ex, act,
-                     /*neuron_sparsity=*/true, out.mutable_data_ptr<float>()))
+                     NeuronSparsity::kAuto, out.mutable_data_ptr<float>()))
     fail(ctx, "moe_ffn: expert_ids must lie in [0, E)");
   return out;
 }
@@ -665,7 +775,7 @@ Tensor& moe_ffn_any4_out(KernelRuntimeContext& ctx, const Tensor& x, const Tenso
                           lut_t == ScalarType::BFloat16, sz_t == ScalarType::Half, E, F};
   if (!moe_ffn_any4(x.const_data_ptr<float>(), expert_ids.const_data_ptr<int64_t>(),
                     expert_weights.const_data_ptr<float>(), x.size(0), expert_ids.size(1), H, ex, act,
-                    /*neuron_sparsity=*/true, out.mutable_data_ptr<float>()))
+                    NeuronSparsity::kAuto, out.mutable_data_ptr<float>()))
     fail(ctx, "moe_ffn_any4: expert_ids must lie in [0, E)");
   return out;
 }
@@ -676,14 +786,15 @@ Tensor& moe_ffn_any4_out(KernelRuntimeContext& ctx, const Tensor& x, const Tenso
 EXECUTORCH_LIBRARY(pocketllm, "moe_ffn.out", pocketllm::moe_ffn_out);
 EXECUTORCH_LIBRARY(pocketllm, "moe_ffn_any4.out", pocketllm::moe_ffn_any4_out);
 
-// C entry points (tests/ops/test_moe_ffn.py through ctypes). activation: 0 reglu, 1 swiglu. Return 1, or 0 when an
-// expert id is out of range (out untouched).
+// C entry points (tests/ops/test_moe_ffn.py, benchmarks/moe_ffn_speed.py through ctypes). activation: 0 reglu,
+// 1 swiglu; sparsity: 0 off, 1 auto, 2 always (NeuronSparsity). Return 1, or 0 when an expert id is out of range
+// (out untouched).
 extern "C" int pocketllm_moe_ffn(const float* x, const int64_t* ids, const float* weights, int64_t T, int64_t k,
                                  int64_t H, const void* gate, const void* up, const void* down_t, int64_t bf16,
-                                 int64_t E, int64_t F, int64_t activation, int64_t neuron_sparsity, float* out) {
+                                 int64_t E, int64_t F, int64_t activation, int64_t sparsity, float* out) {
   const pocketllm::MoeFloatExperts ex{gate, up, down_t, bf16 != 0, E, F};
   return pocketllm::moe_ffn_float(x, ids, weights, T, k, H, ex, static_cast<pocketllm::MoeActivation>(activation),
-                                  neuron_sparsity != 0, out);
+                                  static_cast<pocketllm::NeuronSparsity>(sparsity), out);
 }
 
 // Each projection: qweight, lut (bf16 bits if lut_bf16 else fp16 bits), scales, zeros (fp16 bits if scales_fp16
@@ -695,7 +806,7 @@ extern "C" int pocketllm_moe_ffn_any4(const float* x, const int64_t* ids, const 
                                       const void* up_zeros, int64_t up_groups, const uint8_t* down_q,
                                       const uint16_t* down_lut, const void* down_scales, const void* down_zeros,
                                       int64_t down_groups, int64_t lut_bf16, int64_t scales_fp16, int64_t E,
-                                      int64_t F, int64_t activation, int64_t neuron_sparsity, float* out) {
+                                      int64_t F, int64_t activation, int64_t sparsity, float* out) {
   const pocketllm::MoeAny4Experts ex{{gate_q, gate_lut, gate_scales, gate_zeros, gate_groups},
                                      {up_q, up_lut, up_scales, up_zeros, up_groups},
                                      {down_q, down_lut, down_scales, down_zeros, down_groups},
@@ -704,5 +815,5 @@ extern "C" int pocketllm_moe_ffn_any4(const float* x, const int64_t* ids, const 
                                      E,
                                      F};
   return pocketllm::moe_ffn_any4(x, ids, weights, T, k, H, ex, static_cast<pocketllm::MoeActivation>(activation),
-                                 neuron_sparsity != 0, out);
+                                 static_cast<pocketllm::NeuronSparsity>(sparsity), out);
 }

@@ -43,16 +43,24 @@ struct MoeAny4Experts {
   int64_t num_experts, ffn;
 };
 
+// ReGLU neuron sparsity: a token's up row f (and, for float experts, its down row f) is not read when
+// relu(gate_f . x) = 0. Exact: the result is the same bit for bit (skipped terms are exact zeros). Applies to experts
+// with fewer than kPanelTokens tokens in the call (all of them in decode); the others run register-tiled panels.
+//   kOff:    read every row.
+//   kAuto:   skip when at most this share of a token's neurons is active (the `.out` kernels' mode): fp32 4/8, bf16
+//            3/8, any4 1/8. Measured on x86 with weights streaming from DRAM: above these, reading the scattered rows
+//            that are left costs more than streaming all of them (hardware prefetchers stream whole matrices; gaps
+//            break the stream), and any4 saves least (its down rows cannot be skipped, see moe_ffn.cpp).
+//   kAlways: skip whenever a gate is not positive.
+enum class NeuronSparsity : int64_t { kOff = 0, kAuto = 1, kAlways = 2 };
+constexpr int64_t kAutoSkipEighthsFp32 = 4, kAutoSkipEighthsBf16 = 3, kAutoSkipEighthsAny4 = 1;
+
 // x [T, H] fp32, ids [T, k] (each in [0, E)), weights [T, k] fp32, out [T, H] fp32 (may not alias x).
-// neuron_sparsity (ReGLU only; the `.out` kernels always pass true): a token's up row f (and, for float experts, its
-// down row f) is skipped when relu(gate row f . x) = 0; the result is the same as without (skipped terms are exact
-// zeros). Applies where an expert has fewer than kPanelTokens tokens in the call (always in decode); experts with
-// more tokens run register-tiled panels over all neurons.
 // Both return false, writing nothing, when an expert id is out of range.
 bool moe_ffn_float(const float* x, const int64_t* ids, const float* weights, int64_t T, int64_t k, int64_t H,
-                   const MoeFloatExperts& experts, MoeActivation act, bool neuron_sparsity, float* out);
+                   const MoeFloatExperts& experts, MoeActivation act, NeuronSparsity sparsity, float* out);
 bool moe_ffn_any4(const float* x, const int64_t* ids, const float* weights, int64_t T, int64_t k, int64_t H,
-                  const MoeAny4Experts& experts, MoeActivation act, bool neuron_sparsity, float* out);
+                  const MoeAny4Experts& experts, MoeActivation act, NeuronSparsity sparsity, float* out);
 
 // An expert with at least this many tokens in one call runs as panel x tile matrix products.
 constexpr int64_t kPanelTokens = 4;

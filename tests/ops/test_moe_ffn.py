@@ -28,6 +28,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 I = ctypes.c_int64
 ACTIVATION_CODE = {"reglu": 0, "swiglu": 1}
+SPARSITY_CODE = {"off": 0, "auto": 1, "always": 2}  # kernels/moe_ffn.h NeuronSparsity
 OPS = ["pocketllm::moe_ffn.out", "pocketllm::moe_ffn_any4.out"]
 
 
@@ -88,18 +89,18 @@ def any4_experts(E, F, H, g_in, g_ffn, gen, lut_dtype=torch.bfloat16, scale_dtyp
 
 
 # ------------------------------------------------------------------------------------------ kernel calls
-def kernel_float(lib, x, ids, w, gate, up, down_t, activation, sparsity=True) -> torch.Tensor:
+def kernel_float(lib, x, ids, w, gate, up, down_t, activation, sparsity="auto") -> torch.Tensor:
     T, H = x.shape
     E, F, _ = gate.shape
     out = torch.full((T, H), float("nan"))
     ok = lib.pocketllm_moe_ffn(ptr(x), ptr(ids), ptr(w), I(T), I(ids.shape[1]), I(H), ptr(gate), ptr(up), ptr(down_t),
                                I(gate.dtype == torch.bfloat16), I(E), I(F), I(ACTIVATION_CODE[activation]),
-                               I(int(sparsity)), ptr(out))
+                               I(SPARSITY_CODE[sparsity]), ptr(out))
     assert ok == 1
     return out
 
 
-def kernel_any4(lib, x, ids, w, packed, activation, sparsity=True) -> torch.Tensor:
+def kernel_any4(lib, x, ids, w, packed, activation, sparsity="auto") -> torch.Tensor:
     T, H = x.shape
     gq, gl, gs, gz, uq, ul, us, uz, dq, dl, ds, dz = packed
     E, F = gq.shape[:2]
@@ -108,7 +109,7 @@ def kernel_any4(lib, x, ids, w, packed, activation, sparsity=True) -> torch.Tens
         ptr(x), ptr(ids), ptr(w), I(T), I(ids.shape[1]), I(H),
         ptr(gq), ptr(gl), ptr(gs), ptr(gz), I(gs.shape[2]), ptr(uq), ptr(ul), ptr(us), ptr(uz), I(us.shape[2]),
         ptr(dq), ptr(dl), ptr(ds), ptr(dz), I(ds.shape[2]), I(gl.dtype == torch.bfloat16),
-        I(gs.dtype == torch.float16), I(E), I(F), I(ACTIVATION_CODE[activation]), I(int(sparsity)), ptr(out))
+        I(gs.dtype == torch.float16), I(E), I(F), I(ACTIVATION_CODE[activation]), I(SPARSITY_CODE[sparsity]), ptr(out))
     assert ok == 1
     return out
 
@@ -212,25 +213,27 @@ def test_any4_reference_is_the_dense_op_on_dequantized_experts():
 @pytest.mark.parametrize("T", [1, 3, 40])
 @pytest.mark.parametrize("weights", ["fp32", "bf16", "any4"])
 def test_reglu_neuron_sparsity_is_exact(kernels, weights, T):
-    """Skipping the up (and float down) rows of neurons with relu(gate) = 0 changes nothing, bit for bit.
-    Random weights leave about half of the gates non-positive; T = 40 runs the tiled path (no skipping)."""
+    """Not reading the up (and float down) rows of neurons with relu(gate) = 0 changes nothing, bit for bit: kernel
+    sparsity always / auto vs off. Random weights leave about half of the gates non-positive; T = 40 runs the tiled
+    path (no skipping) for its crowded experts."""
     E, F, H, k = 8, 64, 128, 4
     gen = torch.Generator().manual_seed(T)
     x = torch.randn(T, H, generator=gen)
     ids, w = routing(T, k, E, E, gen)
     if weights == "any4":
         packed = any4_experts(E, F, H, 32, 32, gen)
-        run = lambda sparse: kernel_any4(kernels, x, ids, w, packed, "reglu", sparse)  # noqa: E731
+        run = lambda sparsity: kernel_any4(kernels, x, ids, w, packed, "reglu", sparsity)  # noqa: E731
         gate = torch.stack([any4_dequantize(*(t[e] for t in packed[:4]), 32) for e in range(E)])
     else:
         gate, up, down_t = float_experts(E, F, H, torch.float32 if weights == "fp32" else torch.bfloat16, gen)
-        run = lambda sparse: kernel_float(kernels, x, ids, w, gate, up, down_t, "reglu", sparse)  # noqa: E731
+        run = lambda sparsity: kernel_float(kernels, x, ids, w, gate, up, down_t, "reglu", sparsity)  # noqa: E731
     pre = torch.einsum("th,tkfh->tkf", x, gate.float()[ids])  # gate pre-activations of the routed experts
     inactive = (pre <= 0).float().mean().item()
     assert 0.3 < inactive < 0.7  # the sparse path really skips neurons
-    sparse, dense = run(True), run(False)
+    dense = run("off")
     assert torch.isfinite(dense).all()
-    assert torch.equal(sparse, dense)
+    assert torch.equal(run("always"), dense)
+    assert torch.equal(run("auto"), dense)
 
 
 @pytest.mark.parametrize("T", [1, 2, 33])
@@ -272,7 +275,7 @@ def test_expert_id_out_of_range_is_refused(kernels):
         ids = torch.tensor(bad)
         out = torch.full((2, 32), 7.0)
         ok = kernels.pocketllm_moe_ffn(ptr(x), ptr(ids), ptr(w), I(2), I(2), I(32), ptr(gate), ptr(up), ptr(down_t),
-                                       I(0), I(4), I(16), I(0), I(1), ptr(out))
+                                       I(0), I(4), I(16), I(0), I(SPARSITY_CODE["auto"]), ptr(out))
         assert ok == 0 and (out == 7.0).all()  # refused, nothing written
         with pytest.raises(PocketllmError, match=r"expert_ids must lie in \[0, 4\)"):
             moe_ffn_reference(x, ids, w, gate, up, down_t, "reglu")

@@ -141,24 +141,36 @@ def build_programs(fp32, any4, routed, tmp: Path) -> dict[str, tuple[Path, list]
     return out
 
 
-def interleaved(calls: dict, iters: int, rounds: int, flush=None) -> dict[str, float]:
-    """Median over rounds of the mean call time (ms), variants interleaved round-robin. flush (cold): run before
-    every call, outside the timed region."""
+def interleaved(calls: dict, iters: int, rounds: int, flush=None) -> dict[str, dict[str, float]]:
+    """Per variant: median over rounds of the mean wall time per call (ms) and of the calling thread's CPU time
+    ("cpu_ms": with one thread all work runs on it, and CPU time does not count the time other processes hold the
+    core: the steadier number on a shared machine). Variants interleaved round-robin; flush (cold) runs before every
+    call, outside the timed region."""
     for f in calls.values():
         for _ in range(3):
             f()
-    times: dict[str, list[float]] = {v: [] for v in calls}
+    wall: dict[str, list[float]] = {v: [] for v in calls}
+    cpu: dict[str, list[float]] = {v: [] for v in calls}
     for _ in range(rounds):
         for v, f in calls.items():
-            total = 0.0
+            tw = tc = 0.0
             for _ in range(iters):
                 if flush is not None:
                     flush()
-                t0 = time.perf_counter()
+                w0, c0 = time.perf_counter(), time.thread_time()
                 f()
-                total += time.perf_counter() - t0
-            times[v].append(total / iters)
-    return {v: statistics.median(t) * 1e3 for v, t in times.items()}
+                tc += time.thread_time() - c0
+                tw += time.perf_counter() - w0
+            wall[v].append(tw / iters)
+            cpu[v].append(tc / iters)
+    return {v: {"ms": statistics.median(wall[v]) * 1e3, "cpu_ms": statistics.median(cpu[v]) * 1e3} for v in calls}
+
+
+def show(title: str, ms: dict, threads: int) -> None:
+    print(f"\n{title}")
+    for v, t in ms.items():
+        extra = f"   cpu {t['cpu_ms']:8.3f}" if threads == 1 else ""
+        print(f"  {v:28} {t['ms']:8.3f}{extra}")
 
 
 def cache_flush():
@@ -268,10 +280,8 @@ def main() -> None:
                 for mode, fl in modes.items():
                     ms = interleaved(calls, args.iters, args.rounds, fl)
                     result["pte_ms"].setdefault(str(n), {})[mode] = ms
-                    print(f"\n.pte, {n} thread(s), {mode} caches, ms per call (median of {args.rounds} rounds x "
-                          f"{args.iters}):")
-                    for v, t in ms.items():
-                        print(f"  {v:28} {t:8.3f}")
+                    show(f".pte, {n} thread(s), {mode} caches, ms per call (median of {args.rounds} rounds x "
+                         f"{args.iters}):", ms, n)
                 del methods, calls
 
     fractions = {"random": None, "25%": 0.25, "10%": 0.10}
@@ -293,9 +303,7 @@ def main() -> None:
             for mode, fl in modes.items():
                 ms = interleaved(variants, args.iters, args.rounds, fl)
                 result["kernel_ms"].setdefault(str(n), {}).setdefault(mode, {})[label] = ms
-                print(f"\nkernel (ctypes), {n} thread(s), {mode} caches, positive gates {label}:")
-                for v, t in ms.items():
-                    print(f"  {v:20} {t:8.3f}")
+                show(f"kernel (ctypes), {n} thread(s), {mode} caches, positive gates {label}:", ms, n)
         del keep
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")

@@ -375,7 +375,16 @@ class Any4MoE(torch.nn.Module):
                                                 *(getattr(self, n) for n in self.names), self.activation)
 
 
-@pytest.mark.parametrize("weights", ["bf16-reglu", "any4-swiglu"])
+def few_active_neurons(gate: torch.Tensor) -> torch.Tensor:
+    """gate rows made positive for the first F/8 neurons and negative for the rest: with inputs x >= 0, exactly
+    F/8 neurons per expert are active, so the kernel's automatic ReGLU skipping engages (kernels/moe_ffn.h)."""
+    F = gate.shape[1]
+    sign = torch.ones(F)
+    sign[F // 8:] = -1
+    return gate.abs() * sign[None, :, None]
+
+
+@pytest.mark.parametrize("weights", ["bf16-reglu", "fp32-reglu-few-active", "any4-swiglu"])
 def test_pte_runs_the_kernel_and_matches_the_reference(kernels, tmp_path, weights):
     """A tiny module calling the op, exported with a dynamic token count and lowered as the ExecuTorch target lowers
     (XNNPACK partitioner; the op stays whole), run by ExecuTorch's runtime with our kernel library: decode and
@@ -387,14 +396,20 @@ def test_pte_runs_the_kernel_and_matches_the_reference(kernels, tmp_path, weight
 
     E, F, H, k = 6, 64, 96, 2
     gen = torch.Generator().manual_seed(5)
-    if weights.startswith("bf16"):
+    inputs = lambda T: torch.randn(T, H, generator=gen)  # noqa: E731
+    if weights == "bf16-reglu":
         model = FloatMoE(*float_experts(E, F, H, torch.bfloat16, gen), "reglu")
         op = "pocketllm::moe_ffn.out"
+    elif weights == "fp32-reglu-few-active":
+        gate, up, down_t = float_experts(E, F, H, torch.float32, gen)
+        model = FloatMoE(few_active_neurons(gate), up, down_t, "reglu")
+        op = "pocketllm::moe_ffn.out"
+        inputs = lambda T: torch.randn(T, H, generator=gen).abs()  # noqa: E731
     else:
         model = Any4MoE(any4_experts(E, F, H, 32, 32, gen), "swiglu")
         op = "pocketllm::moe_ffn_any4.out"
     model.eval()
-    x, (ids, w) = torch.randn(2, H, generator=gen), routing(2, k, E, E, gen)
+    x, (ids, w) = inputs(2), routing(2, k, E, E, gen)
     T = Dim("T", min=1, max=32)
     ep = torch.export.export(model, (x, ids, w), dynamic_shapes=({0: T}, {0: T}, {0: T}), strict=False)
     program = lower(ep, {}).to_executorch()
@@ -404,7 +419,7 @@ def test_pte_runs_the_kernel_and_matches_the_reference(kernels, tmp_path, weight
 
     method = Runtime.get().load_program(str(path)).load_method("forward")
     for n_tokens in (1, 17):
-        x = torch.randn(n_tokens, H, generator=gen)
+        x = inputs(n_tokens)
         ids, w = routing(n_tokens, k, E, E - 1, gen)
         (out,) = method.execute([x, ids, w])
         close(out, model(x, ids, w))

@@ -356,9 +356,9 @@ void list_neurons(const Routing& r, float* h, int64_t F, int64_t skip_max, std::
 }
 
 // h[p, f] = act(h[p, f]) * up_dot(a, p, f) over the listed neurons of every decode-like pair; work items = (expert,
-// kUpChunk list positions). Rows are prefetched kPrefetchRows ahead in list order: a skipped row breaks the hardware
-// prefetcher's stream, and a row demanded without warning costs a DRAM latency (measured: without this, skipping
-// half the any4 up rows was slower than reading them all once the weights no longer fit in the caches).
+// kUpChunk list positions). Rows are prefetched kPrefetchRows ahead in list order, since skipped rows break the
+// hardware prefetcher's stream. (On the x86 machine measured this recovers little: scattered rows from DRAM stay
+// dearer than a streamed matrix, which is why kAuto skips only when few neurons are active.)
 template <typename UpDot, typename PrefetchRow>
 void up_pass(const Routing& r, float* h, int64_t F, MoeActivation act, const std::vector<int32_t>& list,
              const std::vector<int64_t>& count, const UpDot& up_dot, const PrefetchRow& prefetch_row) {

@@ -38,7 +38,7 @@ def build_programs(n: int, k: int, group_size: int, tmp: Path) -> dict[str, Path
     from pocketllm.export.nn.quant_linear import Any4Linear
     from pocketllm.export.quant import any4 as any4q
     from pocketllm.export.quant.format import TensorQuant
-    from pocketllm.export.targets import executorch as et
+    from pocketllm.export.targets.executorch import lower as et
 
     class One(nn.Module):
         def __init__(self, lin: nn.Module):

@@ -40,7 +40,7 @@ def build_programs(n: int, k: int, group_size: int, tokens: int, tmp: Path) -> d
     from pocketllm.export.ops.any4_linear_w4a8 import w4a8_pack
     from pocketllm.export.quant import any4 as any4q
     from pocketllm.export.quant.format import TensorQuant
-    from pocketllm.export.targets import executorch as et
+    from pocketllm.export.targets.executorch import lower as et
 
     class One(nn.Module):
         def __init__(self, lin: nn.Module):

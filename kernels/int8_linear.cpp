@@ -1,0 +1,177 @@
+// pocketllm::int8_linear.out: int8-per-channel weights x fp32 activations (exact; the LM head's kernel).
+//
+//   decode (M == 1): 4 rows at a time share each x load; int8 -> int32 -> fp32 widening (exact) and fp32 multiply-
+//                    adds (AVX-512: 16 weights per vpmovsxbd + vcvtdq2ps + vfmadd; AVX2: 8; NEON: 8 per
+//                    sxtl/sxtl/scvtf/fmla); the row sum is multiplied by the row's scale at the end. Memory-bound on
+//                    the LM head (one byte per weight).
+//   prefill (M > 1): panels of W rows widened to fp32 (exact), then panel_gemm.h's register tiles, then the scale.
+// Blocks of rows go to ExecuTorch's threadpool, handed out dynamically.
+#include "int8_linear.h"
+
+#include <vector>
+
+#include <executorch/extension/kernel_util/make_boxed_from_unboxed_functor.h>
+
+#include "any4_decode.h"
+#include "common.h"
+#include "panel_gemm.h"
+
+#if defined(__AVX2__) || defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+namespace pocketllm {
+
+using executorch::aten::ScalarType;
+using executorch::aten::Tensor;
+using executorch::runtime::Error;
+using executorch::runtime::KernelRuntimeContext;
+
+namespace {
+
+// sum_j x[j] * q[r][j] for R rows (R <= 4), fp32 accumulation.
+template <int R>
+inline void dot_rows(const float* x, const int8_t* const* q, int64_t K, float* out) {
+  int64_t j = 0;
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+  __m512 acc[R], acc2[R];
+  for (int r = 0; r < R; ++r) acc[r] = acc2[r] = _mm512_setzero_ps();
+  for (; j + 32 <= K; j += 32) {
+    const __m512 x0 = _mm512_loadu_ps(x + j), x1 = _mm512_loadu_ps(x + j + 16);
+    for (int r = 0; r < R; ++r) {
+      const __m512 w0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(q[r] + j))));
+      const __m512 w1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(q[r] + j + 16))));
+      acc[r] = _mm512_fmadd_ps(w0, x0, acc[r]);
+      acc2[r] = _mm512_fmadd_ps(w1, x1, acc2[r]);
+    }
+  }
+  for (int r = 0; r < R; ++r) out[r] = _mm512_reduce_add_ps(_mm512_add_ps(acc[r], acc2[r]));
+#elif defined(__AVX2__) && defined(__FMA__)
+  __m256 acc[R], acc2[R];
+  for (int r = 0; r < R; ++r) acc[r] = acc2[r] = _mm256_setzero_ps();
+  for (; j + 16 <= K; j += 16) {
+    const __m256 x0 = _mm256_loadu_ps(x + j), x1 = _mm256_loadu_ps(x + j + 8);
+    for (int r = 0; r < R; ++r) {
+      const __m256 w0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(q[r] + j))));
+      const __m256 w1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(q[r] + j + 8))));
+      acc[r] = _mm256_fmadd_ps(w0, x0, acc[r]);
+      acc2[r] = _mm256_fmadd_ps(w1, x1, acc2[r]);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    const __m256 a = _mm256_add_ps(acc[r], acc2[r]);
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    out[r] = _mm_cvtss_f32(s);
+  }
+#elif defined(__aarch64__) && defined(__ARM_NEON)
+  float32x4_t acc[R][2];
+  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = vdupq_n_f32(0.0f);
+  for (; j + 8 <= K; j += 8) {
+    const float32x4_t x0 = vld1q_f32(x + j), x1 = vld1q_f32(x + j + 4);
+    for (int r = 0; r < R; ++r) {
+      const int16x8_t w = vmovl_s8(vld1_s8(q[r] + j));
+      acc[r][0] = vfmaq_f32(acc[r][0], vcvtq_f32_s32(vmovl_s16(vget_low_s16(w))), x0);
+      acc[r][1] = vfmaq_f32(acc[r][1], vcvtq_f32_s32(vmovl_high_s16(w)), x1);
+    }
+  }
+  for (int r = 0; r < R; ++r) out[r] = vaddvq_f32(vaddq_f32(acc[r][0], acc[r][1]));
+#else
+  for (int r = 0; r < R; ++r) out[r] = 0.0f;
+#endif
+  for (; j < K; ++j)
+    for (int r = 0; r < R; ++r) out[r] += x[j] * static_cast<float>(q[r][j]);
+}
+
+void decode_rows(const float* x, const int8_t* qweight, const float* scales, int64_t b, int64_t e, int64_t K,
+                 float* y) {
+  int64_t i = b;
+  for (; i + 4 <= e; i += 4) {
+    const int8_t* q[4] = {qweight + i * K, qweight + (i + 1) * K, qweight + (i + 2) * K, qweight + (i + 3) * K};
+    float d[4];
+    dot_rows<4>(x, q, K, d);
+    for (int r = 0; r < 4; ++r) y[i + r] = d[r] * scales[i + r];
+  }
+  for (; i < e; ++i) {
+    const int8_t* q[1] = {qweight + i * K};
+    float d;
+    dot_rows<1>(x, q, K, &d);
+    y[i] = d * scales[i];
+  }
+}
+
+}  // namespace
+
+void int8_linear_f32(const float* x, const int8_t* qweight, const float* scales, int64_t M, int64_t N, int64_t K,
+                     float* y) {
+  if (M == 1) {
+    parallel_dynamic(N, 64, [&](int64_t b, int64_t e) { decode_rows(x, qweight, scales, b, e, K, y); });
+    return;
+  }
+  constexpr int64_t NP = gemm::kPanel;
+  parallel_dynamic((N + NP - 1) / NP, 1, [&](int64_t b, int64_t e) {
+    std::vector<float> panel(K * NP, 0.0f);
+    for (int64_t p = b; p < e; ++p) {
+      const int64_t n0 = p * NP, nr = std::min(NP, N - n0);
+      if (nr < NP) std::fill(panel.begin(), panel.end(), 0.0f);
+      for (int64_t r = 0; r < nr; ++r) {
+        const int8_t* q = qweight + (n0 + r) * K;
+        for (int64_t k = 0; k < K; ++k) panel[k * NP + r] = static_cast<float>(q[k]);
+      }
+      gemm::panel_multiply(x, M, K, panel.data(), y + n0, N, nr);
+      for (int64_t m = 0; m < M; ++m)
+        for (int64_t r = 0; r < nr; ++r) y[m * N + n0 + r] *= scales[n0 + r];
+    }
+  });
+}
+
+Tensor& int8_linear_out(KernelRuntimeContext& ctx, const Tensor& x, const Tensor& qweight, const Tensor& scales,
+                        Tensor& out) {
+  ET_KERNEL_CHECK_MSG(ctx, x.scalar_type() == ScalarType::Float, InvalidArgument, out,
+                      "int8_linear: x must be float32");
+  ET_KERNEL_CHECK_MSG(ctx, qweight.dim() == 2 && qweight.scalar_type() == ScalarType::Char, InvalidArgument, out,
+                      "int8_linear: qweight must be int8 [N, K]");
+  const int64_t N = qweight.size(0), K = qweight.size(1);
+  ET_KERNEL_CHECK_MSG(ctx, x.dim() >= 1 && x.size(x.dim() - 1) == K, InvalidArgument, out,
+                      "int8_linear: x's last dimension must equal K");
+  ET_KERNEL_CHECK_MSG(ctx, scales.numel() == N, InvalidArgument, out, "int8_linear: scales must be [N, 1]");
+  executorch::aten::SizesType sizes[16];
+  ET_KERNEL_CHECK(ctx, x.dim() <= 16, InvalidArgument, out);
+  for (int64_t d = 0; d + 1 < x.dim(); ++d) sizes[d] = x.size(d);
+  sizes[x.dim() - 1] = static_cast<executorch::aten::SizesType>(N);
+  ET_KERNEL_CHECK(ctx,
+                  executorch::runtime::resize_tensor(out, {sizes, static_cast<size_t>(x.dim())}) == Error::Ok,
+                  InvalidArgument, out);
+  // The scales widened to fp32 once per call (N values; the calling thread's buffer is reused across calls).
+  thread_local std::vector<float> s32;
+  s32.resize(N);
+  if (scales.scalar_type() == ScalarType::Half) {
+    const auto* h = static_cast<const uint16_t*>(scales.const_data_ptr());
+    int64_t i = 0;
+#if defined(__F16C__)
+    for (; i + 8 <= N; i += 8)
+      _mm256_storeu_ps(s32.data() + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(h + i))));
+#endif
+    for (; i < N; ++i) s32[i] = any4::half_to_float(h[i]);
+  } else if (scales.scalar_type() == ScalarType::Float) {
+    std::copy(scales.const_data_ptr<float>(), scales.const_data_ptr<float>() + N, s32.begin());
+  } else if (scales.scalar_type() == ScalarType::BFloat16) {
+    const auto* h = static_cast<const uint16_t*>(scales.const_data_ptr());
+    for (int64_t i = 0; i < N; ++i) s32[i] = any4::bf16_to_float(h[i]);
+  } else {
+    ET_KERNEL_CHECK_MSG(ctx, false, InvalidArgument, out, "int8_linear: scales must be float16, bfloat16 or float32");
+  }
+  int8_linear_f32(x.const_data_ptr<float>(), qweight.const_data_ptr<int8_t>(), s32.data(), x.numel() / K, N, K,
+                  out.mutable_data_ptr<float>());
+  return out;
+}
+
+}  // namespace pocketllm
+
+EXECUTORCH_LIBRARY(pocketllm, "int8_linear.out", pocketllm::int8_linear_out);
+
+extern "C" void pocketllm_int8_linear(const float* x, const int8_t* qweight, const float* scales, int64_t M,
+                                      int64_t N, int64_t K, float* y) {
+  pocketllm::int8_linear_f32(x, qweight, scales, M, N, K, y);
+}

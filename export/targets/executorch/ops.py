@@ -7,4 +7,6 @@ LOWERINGS = {
     "infllm_attention": Lowering("kernel", "kernels/infllm_attention.cpp"),
     "lightning_attention": Lowering("kernel", "kernels/lightning_attention.cpp"),
     "any4_linear": Lowering("kernel", "kernels/any4_linear.cpp"),
+    "any4_linear_w4a8": Lowering("kernel", "kernels/any4_linear_w4a8.cpp"),
+    "int8_linear": Lowering("kernel", "kernels/int8_linear.cpp"),
 }

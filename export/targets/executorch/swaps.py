@@ -89,11 +89,11 @@ def any4_luts_to_bf16(model: nn.Module) -> dict[str, int]:
     """Carry each any4 LUT as bf16 when that is lossless (always for LUTs `pocketllm quantize` writes, see
     export/quant/any4.lut_grid): the kernel then widens entries with a shift instead of vcvtph2ps (1.4x faster
     decode on x86). Other LUTs stay fp16 (the kernel's slower fp16 path). Returns {dtype: layers}."""
-    from pocketllm.export.nn.quant_linear import Any4Linear
+    from pocketllm.export.nn.quant_linear import Any4Linear, QuantEmbedding
 
     counts: dict[str, int] = {}
     for m in model.modules():
-        if isinstance(m, Any4Linear):
+        if isinstance(m, Any4Linear) or (isinstance(m, QuantEmbedding) and m.scheme == "any4"):
             as_bf16 = m.lut.to(torch.bfloat16)
             exact = torch.equal(as_bf16.to(torch.float32), m.lut.to(torch.float32))
             if exact:

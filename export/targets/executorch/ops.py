@@ -9,4 +9,6 @@ LOWERINGS = {
     "any4_linear": Lowering("kernel", "kernels/any4_linear.cpp"),
     "any4_linear_w4a8": Lowering("kernel", "kernels/any4_linear_w4a8.cpp"),
     "int8_linear": Lowering("kernel", "kernels/int8_linear.cpp"),
+    "moe_ffn": Lowering("kernel", "kernels/moe_ffn.cpp"),
+    "moe_ffn_any4": Lowering("kernel", "kernels/moe_ffn.cpp"),
 }

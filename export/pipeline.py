@@ -120,7 +120,7 @@ def quant_summary(ckpt, quant: str = "none") -> dict:
                 "lm_head": "fp32", "embedding": "fp32", "tied_embedding": tied}
     emb = q.modules.get("model.embed_tokens")
     head = emb if tied else q.modules.get("lm_head")
-    return {"scheme": q.scheme, "group_size": q.group_size, "bits_per_weight": round(q.bits_per_weight(), 4),
+    return {"scheme": q.scheme, "group_size": q.group_size or None, "bits_per_weight": round(q.bits_per_weight(), 4),
             "modules": len(q.modules), "calibration": q.calibration, "variant": quant, "activations": activations,
             "lm_head": head.scheme if head else "fp32", "embedding": emb.scheme if emb else "fp32",
             "tied_embedding": tied}

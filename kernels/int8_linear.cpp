@@ -20,6 +20,13 @@
 #include <immintrin.h>
 #endif
 
+// GCC 12 warns about its own AVX-512 intrinsics (_mm512_undefined_*) once they are inlined here.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#endif
+
 namespace pocketllm {
 
 using executorch::aten::ScalarType;
@@ -168,6 +175,11 @@ Tensor& int8_linear_out(KernelRuntimeContext& ctx, const Tensor& x, const Tensor
 }
 
 }  // namespace pocketllm
+
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic pop
+#endif
+
 
 EXECUTORCH_LIBRARY(pocketllm, "int8_linear.out", pocketllm::int8_linear_out);
 

@@ -20,6 +20,13 @@
 
 #include "common.h"
 
+// GCC 12 warns about its own AVX-512 intrinsics (_mm512_undefined_*) once they are inlined here.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#endif
+
 namespace pocketllm::gemm {
 
 #if defined(__AVX512F__)
@@ -98,3 +105,8 @@ inline void panel_multiply(const float* x, int64_t M, int64_t K, const float* pa
 }
 
 }  // namespace pocketllm::gemm
+
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic pop
+#endif
+

@@ -92,8 +92,9 @@ class CausalLM(nn.Module):
         base = 0 if start_pos is None else start_pos
         positions = base + torch.arange(T)
         h = self.model.embed_tokens(tokens) * self.spec.scale_emb
+        rotary = self.model.rotary.at(positions)  # cos/sin rows gathered once for every layer
         for layer in self.model.layers:
-            h = layer(h, self.model.rotary, positions, start_pos)
+            h = layer(h, rotary, positions, start_pos)
         h = self.model.norm(h) * self.spec.logit_scale
         return self.head(h.float() if self.spec.lm_head_fp32 else h).float()
 

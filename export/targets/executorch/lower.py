@@ -28,7 +28,7 @@ from torch import nn
 from pocketllm.export.spec import ModelSpec
 from pocketllm.export.targets.executorch.options import W4A8, ExecutorchOptions
 from pocketllm.export.targets.executorch.swaps import (any4_luts_to_bf16, embedding_table_to_bf16, quantize_torchao,
-                                                      use_llama_ops)
+                                                      use_llama_ops, use_xnnpack_norms_and_rope)
 
 PTE_FILE = "model.pte"
 FORMAT_VERSION = 1  # of the .pte contract above; bumped when methods or inputs change
@@ -145,6 +145,7 @@ def export_executorch(model: nn.Module, spec: ModelSpec, options: ExecutorchOpti
     timings: dict[str, float] = {}
     quant_info: dict[str, Any] = {}
     n_swapped = use_llama_ops(model) if options.llama_sdpa else 0
+    use_xnnpack_norms_and_rope(model)
     if options.quant == W4A8:
         from pocketllm.export.nn.quant_linear import use_w4a8
 

@@ -88,3 +88,27 @@ def test_int8_kernel_one_hot_returns_the_dequantized_weight(kernels, M):
         kernels.pocketllm_int8_linear(ptr(x), ptr(q), ptr(sf), I(M), I(N), I(K), ptr(out))
         y[r0:r0 + M] = out
     assert torch.equal(y.T, w)
+
+
+def test_kernel_calls_from_several_threads_at_once(kernels):
+    """kernels/common.h's WorkShare runs one job at a time; concurrent callers (ctypes releases the GIL) run inline
+    and every result is still right."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    N, K = 3000, 256
+    gen = torch.Generator().manual_seed(11)
+    q = torch.randint(-127, 128, (N, K), dtype=torch.int8, generator=gen)
+    s = (torch.rand(N, generator=gen) * 0.02).contiguous()
+    xs = [torch.randn(1 if i % 2 else 5, K, generator=gen) for i in range(8)]
+
+    def run(x):
+        y = torch.zeros(x.shape[0], N)
+        for _ in range(20):
+            kernels.pocketllm_int8_linear(ptr(x), ptr(q), ptr(s), I(x.shape[0]), I(N), I(K), ptr(y))
+        return y
+
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(run, xs))
+    for x, y in zip(xs, results):
+        ref = int8_linear_reference(x, q, s[:, None].half().float())
+        torch.testing.assert_close(y, x @ (q.float() * s[:, None]).T, atol=2e-6 * ref.abs().max().item(), rtol=1e-5)

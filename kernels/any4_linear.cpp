@@ -160,7 +160,7 @@ void any4_decode(const float* x, const uint8_t* qweight, const uint16_t* lut16, 
   std::vector<float> xp(K), xsum(G, 0.0f);
   any4::permute_x(x, K, xp.data(), kind);
   for (int64_t j = 0; j < K; ++j) xsum[j / g] += x[j];
-  parallel_dynamic(N, 16, [&](int64_t b, int64_t e) {
+  parallel_dynamic(N, decode_rows_per_block(N), [&](int64_t b, int64_t e) {
     for (int64_t i = b; i < e; ++i)
       y[i] = any4::row_dot<kind>(qweight + i * (K / 2), lut16 + i * 16, scales + i * G, zeros + i * G, xp.data(),
                                  xsum.data(), K, g, G);

@@ -253,6 +253,16 @@ class WorkShare {
   size_t helpers_ = 0;
 };
 
+// Rows per block for a decode (one token) pass over n weight rows: at least 4 blocks per thread so a late helper
+// costs little, at most 128 rows so each thread streams long contiguous runs of the weight (blocks of 16 rows
+// alternating between threads read 8 KB pieces and write the outputs of neighbouring blocks into shared cache
+// lines: W4A8 decode ran slower on 2 threads than on 1), a multiple of 16 (the kernels' row tiles).
+inline int64_t decode_rows_per_block(int64_t n) {
+  const int64_t threads = std::max<int64_t>(1, ::executorch::extension::get_thread_count());
+  const int64_t b = (n / (threads * 4) + 15) / 16 * 16;
+  return std::min<int64_t>(128, std::max<int64_t>(16, b));
+}
+
 // Blocks of `block` rows over [0, n): see WorkShare. Threads: ExecuTorch's thread count (what the app or
 // _unsafe_reset_threadpool set), so one setting sizes XNNPACK and our kernels alike.
 template <typename F>

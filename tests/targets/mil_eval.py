@@ -45,6 +45,7 @@ class MILEvaluator:
         self.states: dict[str, np.ndarray] = {}
         self.op_types_seen: set[str] = set()
         self.max_abs_seen = 0.0
+        self.max_abs_input: dict[str, float] = {}  # op type -> largest |first input| seen (e.g. what norms get)
 
     @classmethod
     def from_package(cls, package: Path, mode: str = "fp32") -> "MILEvaluator":
@@ -109,6 +110,9 @@ class MILEvaluator:
         t = op.op_type
         self.op_types_seen.add(t)
         a = {name: self._get(v, env) for name, v in op.inputs.items()}
+        first = a.get("x")
+        if isinstance(first, np.ndarray) and first.dtype.kind == "f" and first.size:
+            self.max_abs_input[t] = max(self.max_abs_input.get(t, 0.0), float(np.nanmax(np.abs(first))))
         fn = getattr(self, f"op_{t}", None)
         if t == "cond":
             return self._cond(op, a, env)
@@ -240,6 +244,13 @@ class MILEvaluator:
     def op_concat(self, op, a):
         vals = [np.atleast_1d(v) for v in a["values"]]
         return np.concatenate(vals, axis=int(a["axis"]))
+
+    def op_split(self, op, a):
+        x, axis = a["x"], int(a["axis"])
+        if a.get("split_sizes") is not None:
+            cuts = np.cumsum([int(v) for v in a["split_sizes"]])[:-1]
+            return tuple(np.split(x, cuts, axis=axis))
+        return tuple(np.split(x, int(a["num_splits"]), axis=axis))
 
     def op_range_1d(self, op, a): return np.arange(a["start"], a["end"], a["step"]).astype(np.int32)
     def op_fill(self, op, a): return np.full([int(s) for s in a["shape"]], a["value"])

@@ -232,3 +232,380 @@ def test_lightning_padding_leaves_state_alone():
                                                        torch.from_numpy(state), torch.from_numpy(decay), 8)
     np.testing.assert_allclose(out[:, :n], ref_out.numpy(), rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(new_state, ref_state.numpy(), rtol=1e-4, atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------- whole exports
+def make_checkpoint(out: Path, config: dict, seed: int, hot_tokens: int = 0) -> Path:
+    """A random fp32 checkpoint whose every value is an fp16 number (what the fp16 package can hold exactly), so
+    the reference and the package run the same weights. hot_tokens: the last ids get embedding rows ~300x larger
+    (activations whose squares overflow fp16)."""
+    from export.init_checkpoint import SPECIALS, atomic_directory, build_tokenizer, random_tensors, write_tokenizer, \
+        write_weights
+    from export.init_checkpoint import BUILTIN_TEXT
+    from export.spec import spec_from_config
+
+    config = dict(config, torch_dtype="float32")
+    spec = spec_from_config(config)
+    tensors, total = random_tensors(config, torch.float32, seed)
+
+    def fp16_valued():
+        for name, t in tensors:
+            if hot_tokens and name == "model.embed_tokens.weight":
+                t = t.clone()
+                t[-hot_tokens:] *= HOT_SCALE
+            yield name, t.to(torch.float16).to(torch.float32)
+
+    with atomic_directory(out) as tmp:
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        write_tokenizer(tmp, spec.family, build_tokenizer(spec.vocab_size, SPECIALS[spec.family][0],
+                                                          [BUILTIN_TEXT] * 4))
+        write_weights(tmp, fp16_valued(), total_bytes=total)
+    return out
+
+
+HOT, HOT_SCALE = 4, 300  # hot embedding rows of the dense MiniCPM4 checkpoint, and their scale
+
+
+def configs() -> dict[str, tuple[dict, str, int]]:
+    """name -> (config, quant scheme, group size)."""
+    mc = preset_config("minicpm4", "tiny")
+    dense = dict(mc, num_hidden_layers=1)
+    dense.pop("sparse_config")
+    # InfLLM v2: blocks of 64, 1 init + 1 local + 1 chosen of the rest (topk 3); dense below 160 tokens, so one
+    # prompt crosses from the dense fallback into sparse selection that drops blocks.
+    sparse = dict(mc, num_hidden_layers=1, sparse_config=dict(mc["sparse_config"], window_size=64, topk=3,
+                                                             dense_len=160))
+    st = preset_config("smallthinker", "tiny")
+    st = dict(st, num_hidden_layers=2, rope_layout=[0, 1], sliding_window_layout=[0, 1])  # NoPE global, SWA+RoPE
+    mm = preset_config("minimax", "tiny")
+    mm = dict(mm, num_hidden_layers=2, layer_types=["linear_attention", "full_attention"])
+    return {"minicpm4_dense": (dense, "none", 0), "minicpm4_infllm_any4": (sparse, "any4", 32),
+            "smallthinker_int4": (st, "int4", 16), "minimax_int8": (mm, "int8", 0)}
+
+
+class Case:
+    def __init__(self, ckpt: Path, out: Path, entry: dict):
+        from export.checkpoint import open_checkpoint
+
+        self.ckpt, self.out, self.entry = ckpt, out, entry
+        self.package = out / "model.mlpackage"
+        self.spec = open_checkpoint(ckpt).spec
+
+    def reference(self):
+        from runtime_py import ReferenceModel
+
+        return ReferenceModel.from_checkpoint(self.ckpt, max_context=MAX_CONTEXT)
+
+    def runner(self, mode="fp32") -> CoreMLProgramRunner:
+        return CoreMLProgramRunner(self.package, self.entry, mode)
+
+
+def export_case(root: Path, name: str, cfg: dict, scheme: str, group: int, seed: int) -> Case:
+    from export.nn.load import load_model
+    from export.quant.quantize import quantize_checkpoint
+    from export.targets.coreml import CoreMLOptions, export
+
+    ckpt = make_checkpoint(root / f"{name}-fp", cfg, seed, hot_tokens=HOT if name == "minicpm4_dense" else 0)
+    if scheme != "none":
+        qdir = root / f"{name}-{scheme}"
+        quantize_checkpoint(ckpt, qdir, scheme, group_size=group)
+        ckpt = qdir
+    model, opened = load_model(ckpt, max_context=MAX_CONTEXT, dtype="fp32")
+    out = root / f"{name}-coreml"
+    out.mkdir()
+    entry = export(model, opened.spec, CoreMLOptions(max_context=MAX_CONTEXT, quant=scheme, prefill_chunk=CHUNK), out)
+    (out / "entry.json").write_text(json.dumps(entry, indent=1))
+    return Case(ckpt, out, entry)
+
+
+@pytest.fixture(scope="module")
+def cases(tmp_path_factory) -> dict[str, Case]:
+    root = tmp_path_factory.mktemp("coreml")
+    return {name: export_case(root, name, cfg, scheme, group, seed=20 + i)
+            for i, (name, (cfg, scheme, group)) in enumerate(configs().items())}
+
+
+NAMES = list(configs())
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_manifest_entry_is_the_package_interface(cases, name):
+    """Functions, inputs, outputs and states in the entry are exactly what the saved package declares (read back
+    with coremltools), shaped as the manifest v2 contract says; both functions declare the same states."""
+    from coremltools.proto import FeatureTypes_pb2 as ft
+
+    case = cases[name]
+    entry, V = case.entry, case.spec.vocab_size
+    spec = ct.utils.load_spec(str(case.package))
+    assert spec.specificationVersion >= 9  # iOS 18
+    assert spec.description.defaultFunctionName == entry["default_function"] == "decode"
+    dtypes = {ft.ArrayFeatureType.FLOAT32: "float32", ft.ArrayFeatureType.FLOAT16: "float16",
+              ft.ArrayFeatureType.INT32: "int32"}
+
+    def described(features, state=False):
+        out = []
+        for f in features:
+            t = f.type.stateType.arrayType if state else f.type.multiArrayType
+            out.append({"name": f.name, "dtype": dtypes[t.dataType], "shape": list(t.shape)})
+        return out
+
+    declared = {f.name: f for f in spec.description.functions}
+    assert set(declared) == set(entry["functions"]) == {"prefill", "decode"}
+    for fname, T in (("prefill", CHUNK), ("decode", 1)):
+        f, e = declared[fname], entry["functions"][fname]
+        assert e["name"] == fname
+        strip = lambda items: [{k: d[k] for k in ("name", "dtype", "shape")} for d in items]  # noqa: E731
+        assert strip(e["inputs"]) == described(f.input) == [
+            {"name": "tokens", "dtype": "int32", "shape": [1, T]}, {"name": "position", "dtype": "int32", "shape": [1]}]
+        assert [d["role"] for d in e["inputs"]] == ["tokens", "position"]
+        assert strip(e["outputs"]) == described(f.output) == [{"name": "logits", "dtype": "float32", "shape": [1, T, V]}]
+        assert e["outputs"][0]["role"] == "logits"
+        assert entry["states"] == described(f.state, state=True)
+    assert entry["deployment_target"] == "iOS18" and entry["compute_precision"] == "float16"
+    assert entry["file"] == "model.mlpackage" and entry["requires_kernels"] == []
+    assert entry["prefill_chunk"] == CHUNK and entry["pad_token_id"] == -1
+
+
+def expected_states(spec) -> dict[str, list[int]]:
+    from export.targets.coreml.swaps import kernel_count
+
+    out = {}
+    Hkv, D = spec.num_kv_heads, spec.head_dim
+    for i, layer in enumerate(spec.layers):
+        p = f"model_layers_{i}_self_attn_"
+        if layer.attention == "lightning":
+            out[p + "state"] = [1, spec.num_heads, D, D]
+            continue
+        out[p + "cache_k_cache"] = out[p + "cache_v_cache"] = [1, MAX_CONTEXT, Hkv, D]
+        if layer.attention == "infllm":
+            s = spec.sparse
+            out[p + "core_kc_cache"] = [1, kernel_count(MAX_CONTEXT, s.kernel_size, s.kernel_stride), Hkv, D]
+    return out
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_every_cache_is_a_state(cases, name):
+    """KV caches, InfLLM v2 compressed keys and lightning states are fp16 states of both functions, each read once
+    and written back through coreml_update_state; nothing else is a state."""
+    from export.targets.coreml.lower import load_program
+
+    case = cases[name]
+    want = expected_states(case.spec)
+    assert {s["name"]: s["shape"] for s in case.entry["states"]} == want
+    assert all(s["dtype"] == "float16" for s in case.entry["states"])
+    prog = load_program(case.package)
+    for fname, fn in prog.functions.items():
+        states = {n for n, v in fn.inputs.items() if n not in ("tokens", "position")}
+        assert states == set(want), fname
+        ops = list(fn.operations)
+        read = sorted(op.inputs["input"].name for op in ops if op.op_type == "read_state")
+        written = {op.inputs["state"].name for op in ops if op.op_type == "coreml_update_state"}
+        assert read == sorted(want) and written == set(want), fname
+
+
+def weight_source(var):
+    op = var.op
+    while op is not None and op.op_type in ("cast", "reshape", "transpose"):
+        op = op.inputs["x"].op
+    return op
+
+
+@pytest.mark.parametrize("name", [n for n in NAMES if configs()[n][1] != "none"])
+def test_every_quantized_linear_reads_a_constexpr(cases, name):
+    """Each quantized module of the checkpoint is one constexpr op per function (any4: uint4 LUT with per-row
+    tables; int4/int8: blockwise shift-scale of int4/int8 data), and every other weight a linear reads is an fp16
+    const only for the embedding/LM head or an MoE router. Stored bits per weight match the checkpoint's."""
+    from export.checkpoint import open_checkpoint
+    from export.targets.coreml.lower import load_program
+    from coremltools.converters.mil.mil import types
+
+    case = cases[name]
+    quant = open_checkpoint(case.ckpt).quantization
+    scheme = configs()[name][1]
+    spec = case.spec
+    float_shapes = {(spec.vocab_size, spec.hidden_size)}
+    if spec.moe is not None:
+        float_shapes.add((spec.moe.num_experts, spec.hidden_size))
+    prog = load_program(case.package)
+    for fname, fn in prog.functions.items():
+        constexpr = [op for op in fn.operations if op.op_type.startswith("constexpr_")]
+        assert len(constexpr) == len(quant.modules), fname
+        for op in constexpr:
+            if scheme == "any4":
+                assert op.op_type == "constexpr_lut_to_dense"
+                assert types.builtin_to_string(op.indices.dtype) == "uint4"
+                G, N, g = op.indices.shape
+                assert tuple(op.lut.shape) == (1, N, 1, 16, 1)  # one 16-entry table per output row
+            else:
+                assert op.op_type == "constexpr_blockwise_shift_scale"
+                assert types.builtin_to_string(op.data.dtype) == ("int4" if scheme == "int4" else "int8")
+
+        def all_ops(block):
+            for op in block.operations:
+                yield op
+                for b in op.blocks:
+                    yield from all_ops(b)
+
+        for op in all_ops(fn):
+            if op.op_type == "linear":
+                src = weight_source(op.inputs["weight"])
+                if not src.op_type.startswith("constexpr_"):
+                    assert tuple(src.outputs[0].shape) in float_shapes, (fname, op.name, src.outputs[0].shape)
+            if op.op_type == "matmul":
+                src = weight_source(op.inputs["y"])
+                if src is not None and src.op_type == "const":
+                    assert src.outputs[0].rank <= 2 and min(src.outputs[0].shape) <= 8, \
+                        f"{op.name} multiplies by a dense constant {src.outputs[0].shape}"  # zeros/scales only
+    bits = case.entry["quantization"]["stored_bits_per_weight"]
+    assert bits == pytest.approx(quant.bits_per_weight(), abs=1e-3)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_only_ios18_ops(cases, name):
+    """Every op the saved package holds (its protobuf program, nested blocks included) is a core MIL op available at
+    iOS 18 (`write_state` is the iOS 18 state write that coremltools models as coreml_update_state); both
+    functions are CoreML8 (iOS 18) programs."""
+    from coremltools.converters.mil.mil.ops.registry import SSAOpRegistry
+
+    spec = ct.utils.load_spec(str(cases[name].package))
+
+    def op_types(block):
+        for op in block.operations:
+            yield op.type
+            for b in op.blocks:
+                yield from op_types(b)
+
+    seen = set()
+    for fname, f in spec.mlProgram.functions.items():
+        assert f.opset == "CoreML8", fname
+        seen |= set(op_types(f.block_specializations[f.opset]))
+    for t in seen - {"write_state"}:
+        assert t in SSAOpRegistry.core_ops and t not in SSAOpRegistry.dialect_ops, t
+        assert min(SSAOpRegistry.core_ops[t]) <= ct.target.iOS18, t
+    assert {"read_state", "write_state", "slice_update"} <= seen
+    if cases[name].spec.moe is not None:
+        assert "cond" in seen  # routed experts
+
+
+def drive(engine, rng, spec, dropped=None):
+    """An app session, chunked the way the package is called (prefill chunks of CHUNK tokens, the last one padded;
+    single tokens through decode): a 300-token prompt, 12 decode steps, a rewind into the middle (not for lightning
+    models: a running state cannot rewind), a new sequence. Returns the logits of every call in order. dropped: list
+    collecting, for the reference, whether the InfLLM v2 selection of a call left out a valid block."""
+    a = rng.integers(3, spec.vocab_size - HOT, 320)
+    b = rng.integers(3, spec.vocab_size - HOT, 80)
+    rewind = [(b[:45], 100), (b[45:46], 145)] if spec.lightning is None else []
+    session = [(a[:300], 0)] + [(a[300 + i:301 + i], 300 + i) for i in range(12)] + rewind + [
+        (b[:70], 0), (b[70:71], 70)]
+    out = []
+    for tokens, start in session:
+        for s in range(0, len(tokens), CHUNK):
+            out.append(engine.forward(tokens[s:s + CHUNK], start + s))
+            sel = getattr(engine, "last_selection", [None])[0]  # [Hkv, T, n_blocks], reference only
+            if dropped is not None and sel is not None:
+                T, B = sel.shape[1], engine.spec.sparse.block_size
+                valid = (start + s + np.arange(T)) // B + 1  # blocks 0 .. b_q of each query
+                dropped.append(bool((sel.sum(axis=-1) < valid[None]).any()))
+    return out
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_program_matches_reference(cases, name):
+    """The saved program, run in fp32 on its stored (fp16) weights, gives the numpy reference's logits through
+    chunked prefill with padding, decode, rewinds and a new sequence (InfLLM v2 dense and sparse, sliding window,
+    NoPE, MoE, lightning)."""
+    case = cases[name]
+    ref, eng = case.reference(), case.runner("fp32")
+    dropped = []
+    got = drive(eng, np.random.default_rng(1), case.spec)
+    want = drive(ref, np.random.default_rng(1), case.spec, dropped)
+    # the HOT ids of the dense MiniCPM4 checkpoint have 300x embeddings, hence 300x logits (tied head): 300x tolerance
+    worst = max(float(np.abs(g - w)[:, :-HOT].max()) for g, w in zip(got, want))
+    worst_hot = max(float(np.abs(g - w)[:, -HOT:].max()) for g, w in zip(got, want)) / HOT_SCALE
+    assert worst <= 5e-3 and worst_hot <= 5e-3, (worst, worst_hot)
+    if case.spec.sparse is not None:
+        assert any(dropped), "no call made InfLLM v2 drop a block"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_fp16_program_agrees_on_top1(cases, name):
+    """fp16 emulation (every op rounded to fp16, like the device): the same greedy token at >= 95% of steps."""
+    case = cases[name]
+    got = np.concatenate(drive(case.runner("fp16"), np.random.default_rng(2), case.spec))
+    want = np.concatenate(drive(case.reference(), np.random.default_rng(2), case.spec))
+    assert np.isfinite(got).all()
+    assert (got.argmax(-1) == want.argmax(-1)).mean() >= 0.95
+
+
+def test_fp16_norms_survive_activations_that_overflow_naive_fp16(cases):
+    """A prompt of the HOT ids (embeddings x scale_emb reach |x| > 256, so a naive fp16 RMSNorm's x^2 is inf): the
+    fp16 program's norms divide by max|x| first (RescaledRMSNorm), so every logit stays finite and the greedy tokens
+    are the reference's. The test reads the largest |x| any norm received, proving the prompt is past the limit."""
+    case = cases["minicpm4_dense"]
+    V = case.spec.vocab_size
+    prompt = np.array([3, V - 1, 7, V - 2, V - 3, 9, V - 4, 11] * 4)
+    runner, ref = case.runner("fp16"), case.reference()
+    got, want = runner.forward(prompt, 0), ref.forward(prompt, 0)
+    norm_input = runner.eval.max_abs_input["abs"]  # |x| entering RescaledRMSNorm (its first op is abs)
+    assert norm_input > 256, norm_input  # (naive fp16: x^2 > 65504 = inf)
+    assert np.isfinite(got).all()
+    assert (got.argmax(-1) == want.argmax(-1)).all()
+    np.testing.assert_allclose(got, want, rtol=2e-2, atol=0.25)
+
+
+def test_bad_options_are_one_line_errors():
+    from export.targets.coreml import CoreMLOptions
+
+    bad = [dict(deployment_target="iOS17"), dict(deployment_target="iOS99"), dict(quant="8da4w"),
+           dict(quant="fp8"), dict(prefill_chunk=400), dict(prefill_chunk=1), dict(compute_precision="int8"),
+           dict(infllm_score_rule="approximate")]
+    for kwargs in bad:
+        with pytest.raises(PocketllmError) as e:
+            CoreMLOptions(max_context=320, **kwargs)
+        assert "\n" not in str(e.value)
+    with pytest.raises(PocketllmError, match="iOS18"):
+        CoreMLOptions(max_context=320, deployment_target="iOS17")
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    from export.init_checkpoint import init_checkpoint
+
+    return init_checkpoint("smallthinker", "tiny", tmp_path_factory.mktemp("st") / "ckpt", seed=3, dtype="fp32")
+
+
+def test_weight_file_over_limit_is_refused_before_writing(tiny_model_dir, tmp_path):
+    from export.nn.load import load_model
+    from export.targets.coreml import CoreMLOptions, export
+
+    model, ckpt = load_model(tiny_model_dir, max_context=64, dtype="fp32")
+    out = tmp_path / "bundle"
+    out.mkdir()
+    with pytest.raises(PocketllmError, match="GiB") as e:
+        export(model, ckpt.spec, CoreMLOptions(max_context=64, prefill_chunk=16, max_weight_file_bytes=100_000), out)
+    assert "\n" not in str(e.value)
+    assert list(out.iterdir()) == []
+
+
+def test_quantized_lm_head_is_refused(tiny_model_dir, tmp_path):
+    from export.nn.load import load_model
+    from export.quant.quantize import quantize_checkpoint
+    from export.targets.coreml import CoreMLOptions, export
+
+    qdir = tmp_path / "q"
+    quantize_checkpoint(tiny_model_dir, qdir, "int8", quantize_lm_head=True)
+    model, ckpt = load_model(qdir, max_context=64, dtype="fp32")
+    out = tmp_path / "bundle"
+    out.mkdir()
+    with pytest.raises(PocketllmError, match="LM head") as e:
+        export(model, ckpt.spec, CoreMLOptions(max_context=64, prefill_chunk=16, quant="int8"), out)
+    assert "\n" not in str(e.value)
+    assert list(out.iterdir()) == []
+
+
+def test_weights_are_shared_between_functions(cases):
+    """save_multifunction stores one copy of every weight for both functions: the weight file is the size of the
+    model's weights once (estimate: fp16 floats + packed quantized tensors), not twice."""
+    for case in cases.values():
+        entry = case.entry
+        assert entry["weights_bytes"] < 1.3 * entry["weights_estimate_bytes"], case.out.name

@@ -106,6 +106,9 @@ def convert_function(ep, tokens: int, vocab: int, options: CoreMLOptions, path: 
             compute_precision=precision,
             skip_model_load=True,
         )
+    # coremltools 9 bug: MLModel.save of a torch.export conversion walks the program for ExecuTorch debug handles
+    # and raises on any op with nested blocks (our MoE `cond`); the handles only feed an ExecuTorch debug file.
+    mlmodel._mil_program = None
     mlmodel.save(str(path))
     del mlmodel
 
@@ -155,28 +158,30 @@ def load_program(package: Path):
 
 
 def stored_weight_bits(program) -> dict[str, Any]:
-    """Bits per weight as stored, over the quantized linears: every constexpr weight op plus the scale/zero consts
-    its linear reads (named `<linear>_scales` / `<linear>_zeros` by ops.py)."""
+    """Bits per weight as stored, over the quantized linears of one function: each constexpr op's inputs plus the
+    fp16 group scales / zeros ops.py applies to its partial sums (their shapes follow from the op: LUT indices
+    [G, N, g] -> scales [G, N] (+ zeros [G, N] unless the LUT is the one shared nf4 table); int4 data with scales
+    [N, G] -> zeros [N, G]; int8: nothing beyond its inputs)."""
     from coremltools.converters.mil.mil import types
 
     def bits_of(var) -> int:
-        width = types.type_mapping.builtin_to_string(var.dtype)
+        width = types.builtin_to_string(var.dtype)
         per = {"uint4": 4, "int4": 4, "uint8": 8, "int8": 8, "fp16": 16, "fp32": 32, "int32": 32}[width]
         return int(np.prod(var.shape)) * per
 
-    fn = next(iter(program.functions.values()))
+    fn = program.functions[DEFAULT_FUNCTION]
     weights = bits = 0
-    consts = {op.name: op for op in fn.operations if op.op_type == "const"}
     for op in fn.operations:
-        if not op.op_type.startswith("constexpr_"):
-            continue
-        out = op.outputs[0]
-        weights += int(np.prod(out.shape))
-        bits += sum(bits_of(v) for v in op.inputs.values() if v.op is not None and v.op.op_type == "const")
-        base = op.name[:-len("_weight")] if op.name.endswith("_weight") else op.name
-        for suffix in ("_scales", "_zeros"):
-            if base + suffix in consts:
-                bits += bits_of(consts[base + suffix].outputs[0])
+        if op.op_type == "constexpr_lut_to_dense":
+            G, N, g = op.indices.shape
+            shared_lut = op.lut.shape[1] == 1
+            bits += bits_of(op.indices) + bits_of(op.lut) + G * N * 16 * (1 if shared_lut else 2)
+            weights += G * N * g
+        elif op.op_type == "constexpr_blockwise_shift_scale":
+            N, K = op.data.shape
+            has_zeros = types.builtin_to_string(op.data.dtype) == "int4"
+            bits += bits_of(op.data) + bits_of(op.scale) + (bits_of(op.scale) if has_zeros else 0)
+            weights += N * K
     return {"quantized_weights": weights, "bits_per_weight": round(bits / weights, 4) if weights else None}
 
 

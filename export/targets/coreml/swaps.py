@@ -124,7 +124,7 @@ class StaticDenseCore(nn.Module):
         key_pos = torch.arange(S)
         mask = key_pos[None, :] <= positions[:, None]  # [T, S]
         if self.window is not None:
-            mask = mask & (positions[:, None] - key_pos[None, :] < self.window)
+            mask = torch.logical_and(mask, positions[:, None] - key_pos[None, :] < self.window)  # (`&` has no converter)
         qg = q[0].reshape(T, Hkv, G, D).permute(1, 0, 2, 3).reshape(Hkv, T * G, D)  # row t * G + g
         k = k_all[0].transpose(0, 1)  # [Hkv, S, D]
         v = v_all[0].transpose(0, 1)
@@ -188,7 +188,10 @@ def swap_attention(module: Attention, call: CallContext, score_rule: str) -> Non
     del module.k_cache, module.v_cache  # now owned by module.cache (state names: ...self_attn.cache.k_cache)
     module.__class__ = CoreMLAttention
     module.cache = cache
-    if module.sparse is not None:
+    if module.sparse is not None and module.sparse.dense_len != -1 and S < module.sparse.dense_len:
+        # every call has at most S < dense_len tokens: InfLLM v2 always takes its dense fallback at this context
+        module.core = StaticDenseCore(None)
+    elif module.sparse is not None:
         s = module.sparse
         nk = kernel_count(S, s.kernel_size, s.kernel_stride)
         if nk == 0:
@@ -224,7 +227,7 @@ def linear_tensors(linear: nn.Module) -> tuple[str, list[torch.Tensor]]:
     """(storage descriptor "scheme:group", tensors) of a Linear or packed linear, in the order ops.py reads them."""
     if isinstance(linear, nn.Linear):
         return "none:0", [linear.weight]
-    if isinstance(linear, _Packed):
+    if isinstance(linear, (_Packed, CoreMLQuantLinear)):
         names = {"any4": ("qweight", "lut", "scales", "zeros"), "int4": ("qweight", "scales", "zeros"),
                  "nf4": ("qweight", "scales"), "int8": ("qweight", "scales")}[linear.scheme]
         return f"{linear.scheme}:{linear.group_size}", [getattr(linear, n) for n in names]
@@ -300,7 +303,8 @@ def apply_swaps(model: CausalLM, score_rule: str = "exact_softmax") -> dict[str,
         raise PocketllmError("Core ML stores the LM head in fp16; export a checkpoint quantized without "
                              "--quantize-lm-head")
     call = CallContext()
-    counts = {"norms": 0, "attention": 0, "infllm": 0, "lightning": 0, "moe": 0, "quantized_linears": 0}
+    counts = {"norms": 0, "attention": 0, "infllm": 0, "infllm_always_dense": 0, "lightning": 0, "moe": 0,
+              "quantized_linears": 0}
     for name, module in list(model.named_modules()):
         if isinstance(module, (Int4Linear, Int8Linear)):
             parent_name, _, attr = name.rpartition(".")
@@ -315,7 +319,8 @@ def apply_swaps(model: CausalLM, score_rule: str = "exact_softmax") -> dict[str,
         elif type(module) is Attention:
             swap_attention(module, call, score_rule)
             counts["attention"] += 1
-            counts["infllm"] += module.sparse is not None
+            counts["infllm"] += isinstance(module.core, StaticInfLLMCore)
+            counts["infllm_always_dense"] += module.sparse is not None and isinstance(module.core, StaticDenseCore)
         elif type(module) is LightningAttention:
             module.__class__ = CoreMLLightning
             module.call = call

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -80,9 +79,11 @@ def test_quantized_linear_is_the_checkpoints_weight(scheme, group):
     np.testing.assert_allclose(y, x @ w16.T, atol=2e-3, rtol=1e-3)
     ops = [op.op_type for op in prog.functions["main"].operations]
     assert ("constexpr_lut_to_dense" if scheme in ("any4", "nf4") else "constexpr_blockwise_shift_scale") in ops
-    # stored bits: the checkpoint's own (docs/quantization.md), except nf4's one shared 16-entry table
+    # stored bits: the checkpoint's own (docs/quantization.md), except nf4's one shared 16-entry table, and any4
+    # with one group per row, whose scale and zero fold into its per-row table (4 + 256/K)
     arrays = quantized_weight_arrays(scheme, g, tensors)
-    expected = tq.bits_per_weight(N, K) if scheme != "nf4" else 4 + 16 / g + 256 / (N * K)
+    expected = {"nf4": 4 + 16 / g + 256 / (N * K), "any4": 4 + 256 / K if group == 0 else None}.get(scheme)
+    expected = expected or tq.bits_per_weight(N, K)
     assert weight_bits(arrays) / (N * K) == pytest.approx(expected)
 
 
@@ -300,32 +301,79 @@ class Case:
         return CoreMLProgramRunner(self.package, self.entry, mode)
 
 
-def export_case(root: Path, name: str, cfg: dict, scheme: str, group: int, seed: int) -> Case:
-    from export.nn.load import load_model
+def make_case_checkpoint(root: Path, name: str, cfg: dict, scheme: str, group: int, seed: int) -> Path:
     from export.quant.quantize import quantize_checkpoint
-    from export.targets.coreml import CoreMLOptions, export
 
     ckpt = make_checkpoint(root / f"{name}-fp", cfg, seed, hot_tokens=HOT if name == "minicpm4_dense" else 0)
-    if scheme != "none":
-        qdir = root / f"{name}-{scheme}"
-        quantize_checkpoint(ckpt, qdir, scheme, group_size=group)
-        ckpt = qdir
+    if scheme == "none":
+        return ckpt
+    quantize_checkpoint(ckpt, root / f"{name}-{scheme}", scheme, group_size=group)
+    return root / f"{name}-{scheme}"
+
+
+def export_case(root: Path, name: str, ckpt: Path) -> Case:
+    from export.nn.load import load_model
+    from export.targets.coreml import CoreMLOptions, export
+
     model, opened = load_model(ckpt, max_context=MAX_CONTEXT, dtype="fp32")
     out = root / f"{name}-coreml"
     out.mkdir()
+    scheme = configs()[name][1]
     entry = export(model, opened.spec, CoreMLOptions(max_context=MAX_CONTEXT, quant=scheme, prefill_chunk=CHUNK), out)
     (out / "entry.json").write_text(json.dumps(entry, indent=1))
     return Case(ckpt, out, entry)
 
 
 @pytest.fixture(scope="module")
-def cases(tmp_path_factory) -> dict[str, Case]:
-    root = tmp_path_factory.mktemp("coreml")
-    return {name: export_case(root, name, cfg, scheme, group, seed=20 + i)
+def checkpoints(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("coreml-ckpt")
+    return {name: make_case_checkpoint(root, name, cfg, scheme, group, seed=20 + i)
             for i, (name, (cfg, scheme, group)) in enumerate(configs().items())}
 
 
+@pytest.fixture(scope="module")
+def cases(checkpoints, tmp_path_factory) -> dict[str, Case]:
+    root = tmp_path_factory.mktemp("coreml")
+    return {name: export_case(root, name, ckpt) for name, ckpt in checkpoints.items()}
+
+
 NAMES = list(configs())
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_swapped_model_is_its_eager_twin(checkpoints, name):
+    """Before any export: the model with the Core ML swaps applied (padded fixed-size chunks with token -1, static
+    caches with masks, compressed-key state, padding-aware lightning, routed MoE decode, marker linears) computes
+    the eager model's logits for the real tokens, through chunks, decode steps and (but lightning) a rewind."""
+    from export.nn.load import load_model
+    from export.targets.coreml.swaps import apply_swaps
+
+    eager, _ = load_model(checkpoints[name], max_context=MAX_CONTEXT, dtype="fp32")
+    swapped, _ = load_model(checkpoints[name], max_context=MAX_CONTEXT, dtype="fp32")
+    apply_swaps(swapped)
+
+    class Padded:  # the swapped model driven like the package: fixed CHUNK-token prefill calls, 1-token decode
+        spec = eager.spec
+
+        def forward(self, tokens, start):
+            n = len(tokens)
+            T = 1 if n == 1 else CHUNK
+            ids = torch.full((1, T), -1, dtype=torch.int32)
+            ids[0, :n] = torch.as_tensor(np.asarray(tokens), dtype=torch.int32)
+            with torch.no_grad():
+                return swapped(ids, torch.tensor([start], dtype=torch.int32))[0, :n].numpy()
+
+    class Eager:
+        spec = eager.spec
+
+        def forward(self, tokens, start):
+            with torch.no_grad():
+                return eager(torch.as_tensor(np.asarray(tokens)).long()[None], start)[0].numpy()
+
+    got = drive(Padded(), np.random.default_rng(4), eager.spec)
+    want = drive(Eager(), np.random.default_rng(4), eager.spec)
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4 * (HOT_SCALE if name == "minicpm4_dense" else 1))
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -358,7 +406,8 @@ def test_manifest_entry_is_the_package_interface(cases, name):
         assert strip(e["inputs"]) == described(f.input) == [
             {"name": "tokens", "dtype": "int32", "shape": [1, T]}, {"name": "position", "dtype": "int32", "shape": [1]}]
         assert [d["role"] for d in e["inputs"]] == ["tokens", "position"]
-        assert strip(e["outputs"]) == described(f.output) == [{"name": "logits", "dtype": "float32", "shape": [1, T, V]}]
+        logits = [{"name": "logits", "dtype": "float32", "shape": [1, T, V]}]
+        assert strip(e["outputs"]) == described(f.output) == logits
         assert e["outputs"][0]["role"] == "logits"
         assert entry["states"] == described(f.state, state=True)
     assert entry["deployment_target"] == "iOS18" and entry["compute_precision"] == "float16"
@@ -489,12 +538,13 @@ def test_only_ios18_ops(cases, name):
 
 def drive(engine, rng, spec, dropped=None):
     """An app session, chunked the way the package is called (prefill chunks of CHUNK tokens, the last one padded;
-    single tokens through decode): a 300-token prompt, 12 decode steps, a rewind into the middle (not for lightning
+    single tokens through decode): a 300-token prompt, 12 decode steps, a rewind to 230 (not for lightning
     models: a running state cannot rewind), a new sequence. Returns the logits of every call in order. dropped: list
     collecting, for the reference, whether the InfLLM v2 selection of a call left out a valid block."""
     a = rng.integers(3, spec.vocab_size - HOT, 320)
     b = rng.integers(3, spec.vocab_size - HOT, 80)
-    rewind = [(b[:45], 100), (b[45:46], 145)] if spec.lightning is None else []
+    # rewind to 230 (InfLLM v2: the compressed keys of the rewritten rows must be recomputed; sparse from 160 on)
+    rewind = [(b[:45], 230), (b[45:46], 275)] if spec.lightning is None else []
     session = [(a[:300], 0)] + [(a[300 + i:301 + i], 300 + i) for i in range(12)] + rewind + [
         (b[:70], 0), (b[70:71], 70)]
     out = []

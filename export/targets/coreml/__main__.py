@@ -52,7 +52,9 @@ def main(argv=None) -> int:
             def timed():
                 s = time.perf_counter()
                 yield
-                print(f"  {name:<18} {time.perf_counter() - s:8.1f} s", file=sys.stderr, flush=True)
+                peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+                print(f"  {name:<18} {time.perf_counter() - s:8.1f} s   peak RSS so far {peak:7.0f} MiB",
+                      file=sys.stderr, flush=True)
 
             return timed()
 

@@ -22,7 +22,6 @@ fix C at load time and cannot switch per call.
 
 from __future__ import annotations
 
-import json
 import shutil
 import tempfile
 import time
@@ -61,7 +60,7 @@ def weight_file_estimate(model: nn.Module) -> int:
                 continue
             seen.add(id(t))
             if packed and name == "qweight":
-                total += t.numel() * (1 if t.dtype == torch.int8 else 1)  # uint8 holds 2 codes, int8 one
+                total += t.numel()  # bytes as packed: uint8 holds two 4-bit codes, int8 one code
             elif packed:
                 total += t.numel() * 2
             elif t.is_floating_point():
@@ -87,7 +86,7 @@ def export_function(model: nn.Module, tokens: int) -> "torch.export.ExportedProg
         return ep.run_decompositions({})
 
 
-def convert_function(ep, tokens: int, vocab: int, options: CoreMLOptions, path: Path):
+def convert_function(ep, tokens: int, options: CoreMLOptions, path: Path):
     """ct.convert one exported program to a single-function package at `path`; states come from the mutated
     buffers (fp16)."""
     import coremltools as ct
@@ -139,7 +138,7 @@ def package_interface(package: Path) -> dict[str, Any]:
     import coremltools as ct
 
     spec = ct.utils.load_spec(str(package))
-    functions, states = {}, None
+    functions = {}
     for f in spec.description.functions:
         functions[f.name] = {"inputs": [_array_desc(i) for i in f.input],
                              "outputs": [_array_desc(o) for o in f.output],
@@ -161,7 +160,7 @@ def stored_weight_bits(program) -> dict[str, Any]:
     """Bits per weight as stored, over the quantized linears of one function: each constexpr op's inputs plus the
     fp16 group scales / zeros ops.py applies to its partial sums (their shapes follow from the op: LUT indices
     [G, N, g] -> scales [G, N] (+ zeros [G, N] unless the LUT is the one shared nf4 table); int4 data with scales
-    [N, G] -> zeros [N, G]; int8: nothing beyond its inputs)."""
+    [N, G] -> zeros [N, G]; per-row LUT [N, K] (any4 with one group per row) or int8: nothing beyond its inputs)."""
     from coremltools.converters.mil.mil import types
 
     def bits_of(var) -> int:
@@ -172,7 +171,10 @@ def stored_weight_bits(program) -> dict[str, Any]:
     fn = program.functions[DEFAULT_FUNCTION]
     weights = bits = 0
     for op in fn.operations:
-        if op.op_type == "constexpr_lut_to_dense":
+        if op.op_type == "constexpr_lut_to_dense" and op.indices.rank == 2:  # per-row LUT, nothing else
+            bits += bits_of(op.indices) + bits_of(op.lut)
+            weights += int(np.prod(op.indices.shape))
+        elif op.op_type == "constexpr_lut_to_dense":
             G, N, g = op.indices.shape
             shared_lut = op.lut.shape[1] == 1
             bits += bits_of(op.indices) + bits_of(op.lut) + G * N * 16 * (1 if shared_lut else 2)
@@ -193,10 +195,6 @@ def export_coreml(model: nn.Module, spec: ModelSpec, options: CoreMLOptions, out
     `model` is a loaded CausalLM (quantized already for any4/int4/int8/nf4 by export/quant), swapped in place.
     Refuses (one line, nothing written) a weight file over options.max_weight_file_bytes."""
     stage = stage or (lambda name: nullcontext())
-    have = getattr(getattr(model, "lm_head", None), "scheme", None)
-    if have is not None:
-        raise PocketllmError("Core ML stores the LM head in fp16; export a checkpoint quantized without "
-                             "--quantize-lm-head")
     if options.max_context != model.max_context:
         raise PocketllmError(f"Core ML options say --max-context {options.max_context} but the model was built "
                              f"with {model.max_context} cache rows")
@@ -219,7 +217,7 @@ def export_coreml(model: nn.Module, spec: ModelSpec, options: CoreMLOptions, out
             with stage(f"convert {function}"):
                 t0 = time.perf_counter()
                 parts[function] = work / f"{function}.mlpackage"
-                convert_function(ep, tokens, spec.vocab_size, options, parts[function])
+                convert_function(ep, tokens, options, parts[function])
                 del ep
                 timings[f"convert_{function}_s"] = time.perf_counter() - t0
         with stage("multifunction"):
@@ -238,7 +236,18 @@ def export_coreml(model: nn.Module, spec: ModelSpec, options: CoreMLOptions, out
         shutil.move(str(package), str(out_dir / PACKAGE))
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    return manifest_entry(spec, options, interface, stored, weight_bytes, estimate, swaps, quant_info, timings)
+    entry = manifest_entry(spec, options, interface, stored, weight_bytes, estimate, swaps, quant_info, timings)
+    entry["files"] = package_files(out_dir)  # for the bundle's top-level `files` map
+    return entry
+
+
+def package_files(bundle: Path) -> dict[str, dict[str, Any]]:
+    """Every file of BUNDLE/model.mlpackage as the manifest's `files` map wants it: relative POSIX path -> sha256,
+    size (the package is a directory; apps verify each file)."""
+    from export.bundle import file_entry
+
+    root = Path(bundle)
+    return {p.relative_to(root).as_posix(): file_entry(p) for p in sorted((root / PACKAGE).rglob("*")) if p.is_file()}
 
 
 ROLES = {"tokens": "tokens", "position": "position", "logits": "logits"}
@@ -279,6 +288,3 @@ def manifest_entry(spec: ModelSpec, options: CoreMLOptions, interface: dict, sto
         "timings": {k: round(v, 2) for k, v in timings.items()},
     }
 
-
-def describe(entry: dict) -> str:
-    return json.dumps({k: entry[k] for k in ("functions", "states")}, indent=1)

@@ -17,8 +17,9 @@ Weights as stored (bits per weight as stored = docs/quantization.md's, everythin
     int4   constexpr_blockwise_shift_scale(int4 c-8 [N, K], scale fp16 [N, G])  -> linear, + zeros term
     any4   constexpr_lut_to_dense(uint4 [G, N, g], lut fp16 [1, N, 1, 16, 1]) -> per-group matmul [G, M, N],
            scaled by s [G, 1, N] and summed over groups, + zeros term
+           (one group per row: the LUT is lut * s + z, uint4 [N, K] + lut [N, 1, 16, 1] -> linear; 4 + 256/K bits)
     nf4    as any4 with one shared LUT [1, 1, 1, 16, 1] (the NF4 codebook in fp16), no zeros
-    zeros term: sum_g z[n, g] * sum(x over group g)   (exact: W = base + z per group, so x.W = x.base + sum_g z_g sum x_g)
+    zeros term: sum_g z[n, g] * sum(x over group g)  (exact: W = base + z per group, x.W = x.base + sum_g z_g sum x_g)
 The zeros cannot ride inside constexpr_blockwise_shift_scale exactly (its offset is in code units: z / s is not an
 fp16 value in general), and folding any4's scales into per-group LUTs costs 16 fp16 per (row, group), +2 bits per
 weight at g = 128: partial sums keep the stored weights at the checkpoint's own size.
@@ -105,6 +106,12 @@ def quantized_weight_arrays(scheme: str, group: int, tensors: list[np.ndarray]) 
         s, z = _fp16(tensors[1]).reshape(N, G), _fp16(tensors[2]).reshape(N, G)
         data = (codes.astype(np.int8) - 8).astype(types.np_int4_dtype)
         return {"data": data, "scale": s, "zeros": z}
+    if scheme == "any4" and G == 1:
+        # one group per row: lut * s + z is still a 16-entry table per row (computed as the checkpoint does, fp32
+        # multiply then add, rounded once to fp16): plain per-row palettization, 4 + 256/K bits, a plain linear
+        lut = tensors[1].astype(np.float32).reshape(N, 16)
+        folded = lut * tensors[2].astype(np.float32).reshape(N, 1) + tensors[3].astype(np.float32).reshape(N, 1)
+        return {"indices": codes.astype(types.np_uint4_dtype), "lut": _fp16(folded).reshape(N, 1, 16, 1)}
     if scheme == "any4":
         lut = _fp16(tensors[1]).reshape(N, 16)
         s, z = _fp16(tensors[2]).reshape(N, G), _fp16(tensors[3]).reshape(N, G)
@@ -130,8 +137,9 @@ def quantized_weight_vars(scheme: str, group: int, tensors: list[np.ndarray], na
         out["weight"] = mb.constexpr_blockwise_shift_scale(data=arr["data"], scale=arr["scale"], name=f"{name}_weight")
     else:
         out["weight"] = mb.constexpr_lut_to_dense(indices=arr["indices"], lut=arr["lut"], name=f"{name}_weight")
-        G, _, N = arr["indices"].shape[0], None, arr["scale"].shape[0]
-        out["scales"] = mb.const(val=np.ascontiguousarray(arr["scale"].T).reshape(G, 1, N), name=f"{name}_scales")
+        if "scale" in arr:  # per-group scales, applied to the partial sums
+            G, N = arr["indices"].shape[0], arr["scale"].shape[0]
+            out["scales"] = mb.const(val=np.ascontiguousarray(arr["scale"].T).reshape(G, 1, N), name=f"{name}_scales")
     if "zeros" in arr:
         out["zeros"] = mb.const(val=np.ascontiguousarray(arr["zeros"].T), name=f"{name}_zeros")  # [G, N]
     return out
@@ -145,7 +153,7 @@ def quantized_matmul_mil(x, scheme: str, group: int, w: dict, name: str):
     if scheme == "none":
         return mb.linear(x=x, weight=w["weight"], name=name)
     x2 = mb.reshape(x=x, shape=[M, K])
-    if scheme in ("int8", "int4"):
+    if scheme in ("int8", "int4") or "scales" not in w:  # [N, K] weight (blockwise, or any4 folded per row)
         y = mb.linear(x=x2, weight=_f32(w["weight"]))
     else:
         G, _, N = w["scales"].shape

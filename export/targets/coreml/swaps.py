@@ -124,7 +124,8 @@ class StaticDenseCore(nn.Module):
         key_pos = torch.arange(S)
         mask = key_pos[None, :] <= positions[:, None]  # [T, S]
         if self.window is not None:
-            mask = torch.logical_and(mask, positions[:, None] - key_pos[None, :] < self.window)  # (`&` has no converter)
+            # torch.logical_and: aten.__and__ has no coremltools converter
+            mask = torch.logical_and(mask, positions[:, None] - key_pos[None, :] < self.window)
         qg = q[0].reshape(T, Hkv, G, D).permute(1, 0, 2, 3).reshape(Hkv, T * G, D)  # row t * G + g
         k = k_all[0].transpose(0, 1)  # [Hkv, S, D]
         v = v_all[0].transpose(0, 1)

@@ -413,6 +413,9 @@ def test_manifest_entry_is_the_package_interface(cases, name):
     assert entry["deployment_target"] == "iOS18" and entry["compute_precision"] == "float16"
     assert entry["file"] == "model.mlpackage" and entry["requires_kernels"] == []
     assert entry["prefill_chunk"] == CHUNK and entry["pad_token_id"] == -1
+    on_disk = {p.relative_to(case.out).as_posix(): p.stat().st_size for p in case.package.rglob("*") if p.is_file()}
+    assert {k: v["size"] for k, v in entry["files"].items()} == on_disk  # relative POSIX paths, sha256 + size
+    assert "model.mlpackage/Manifest.json" in on_disk
 
 
 def expected_states(spec) -> dict[str, list[int]]:

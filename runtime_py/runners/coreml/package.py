@@ -67,6 +67,17 @@ class Op:
     inputs: dict[str, list[tuple[str, Any]]]
     outputs: list[tuple[str, TensorType]]
     values: dict[str, Any] = field(default_factory=dict)  # const / constexpr attributes ("val", ...)
+    blocks: list["Block"] = field(default_factory=list)  # nested blocks (`cond`: the true and false branches)
+
+
+@dataclass
+class Block:
+    """A nested block of a control-flow op: its ops (which may read any value defined before the op) and the names
+    of the values it returns."""
+
+    inputs: list[tuple[str, TensorType]]
+    ops: list[Op]
+    outputs: list[str]
 
 
 @dataclass
@@ -294,8 +305,11 @@ def _function(name: str, f, blobs: BlobStore, model_file: Path) -> Function:
 def _op(o, blobs: BlobStore, where: str) -> Op:
     name = o.attributes["name"].immediateValue.tensor.strings.values[0] if "name" in o.attributes else ""
     here = f"{where}, op '{name or o.type}' ({o.type})"
-    if len(o.blocks):
-        raise PocketllmError(f"{here}: ops with nested blocks (control flow) are not supported")
+    blocks = []
+    for k, b in enumerate(o.blocks):
+        block_inputs = [(i.name, _tensor_type(i.type, f"{here} block {k} input '{i.name}'")) for i in b.inputs]
+        blocks.append(Block(block_inputs, [_op(x, blobs, f"{here} block {k}") for x in b.operations],
+                            list(b.outputs)))
     inputs = {}
     for param, arg in o.inputs.items():
         bindings = []
@@ -307,4 +321,4 @@ def _op(o, blobs: BlobStore, where: str) -> Op:
         inputs[param] = bindings
     outputs = [(out.name, _tensor_type(out.type, f"{here} output '{out.name}'")) for out in o.outputs]
     values = {k: _value(v, blobs, f"{here} attribute '{k}'") for k, v in o.attributes.items() if k != "name"}
-    return Op(o.type, name, inputs, outputs, values)
+    return Op(o.type, name, inputs, outputs, values, blocks)

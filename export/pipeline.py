@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from pocketllm.export.atomic import atomic_directory
-from pocketllm.export.defaults import DEFAULT_PREFILL_CHUNK, resolve_max_context
+from pocketllm.export.defaults import resolve_max_context
 from pocketllm.export.errors import PocketllmError
 from pocketllm.export.quant.format import SCHEMES
 
@@ -34,10 +34,11 @@ class ExportRequest:
     targets: str = "executorch"  # comma-separated target names
     quant: str = "none"
     max_context: int | None = None
-    prefill_chunk: int = DEFAULT_PREFILL_CHUNK
+    prefill_chunk: int | None = None  # None: each target's default (ExecuTorch 256, Core ML 64)
     group_size: int | None = None
     calibration: Path | None = None
     force: bool = False
+    target_options: tuple[str, ...] = ()  # "TARGET.KEY=VALUE": options of one target beyond the common ones
 
 
 @dataclass
@@ -74,13 +75,58 @@ def plan(request: ExportRequest) -> ExportPlan:
                              "(or quantize the floating-point checkpoint)")
     max_context = resolve_max_context(ckpt.spec, request.max_context)
     quant = have or request.quant
+    extra = parse_target_options(request.target_options, targets)
+    common = {"max_context": max_context, "quant": quant, "group_size": request.group_size}
+    if request.prefill_chunk is not None:
+        common["prefill_chunk"] = request.prefill_chunk
     chosen = []
     for target in targets:
-        options = target.options(max_context=max_context, quant=quant, prefill_chunk=request.prefill_chunk,
-                                 group_size=request.group_size)
+        options = target.options(**common, **extra.get(target.name, {}))
         target.check_sdk()
+        target.check(ckpt, options)
         chosen.append((target, options))
     return ExportPlan(request=request, ckpt=ckpt, max_context=max_context, targets=chosen)
+
+
+COMMON_OPTIONS = ("max_context", "quant", "prefill_chunk", "group_size")  # set by their own flags
+
+
+def parse_target_options(values, targets) -> dict[str, dict[str, Any]]:
+    """["coreml.deployment_target=iOS18", ...] -> {"coreml": {"deployment_target": "iOS18"}}, each value converted
+    to its option's type (int, bool or str). One PocketllmError line per bad entry."""
+    import dataclasses
+
+    by_name = {t.name: t for t in targets}
+    out: dict[str, dict[str, Any]] = {}
+    for raw in values or ():
+        key, eq, value = raw.partition("=")
+        name, dot, field = key.strip().partition(".")
+        if not eq or not dot or not field:
+            raise PocketllmError(f"--target-option {raw!r}: expected TARGET.KEY=VALUE (e.g. "
+                                 "coreml.deployment_target=iOS18)")
+        if name not in by_name:
+            raise PocketllmError(f"--target-option {raw!r}: {name!r} is not among --target "
+                                 f"({', '.join(by_name)})")
+        fields = {f.name: f for f in dataclasses.fields(by_name[name].options_class)
+                  if f.name not in COMMON_OPTIONS}
+        if field not in fields:
+            raise PocketllmError(f"--target-option {raw!r}: {name} has no option {field!r} (options: "
+                                 f"{', '.join(fields) or 'none'})")
+        kind = str(fields[field].type)
+        value = value.strip()
+        try:
+            if kind.startswith("bool"):
+                if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                    raise ValueError
+                converted: Any = value.lower() in ("true", "1", "yes")
+            elif kind.startswith("int"):
+                converted = int(value)
+            else:
+                converted = value
+        except ValueError:
+            raise PocketllmError(f"--target-option {raw!r}: {field} expects {kind}, got {value!r}") from None
+        out.setdefault(name, {})[field] = converted
+    return out
 
 
 def quant_summary(ckpt) -> dict:

@@ -9,10 +9,17 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from pocketllm.export.defaults import DEFAULT_GROUP_SIZE, DEFAULT_MAX_CONTEXT, DEFAULT_PREFILL_CHUNK
+from pocketllm.export.defaults import DEFAULT_GROUP_SIZE, DEFAULT_MAX_CONTEXT
 from pocketllm.export.cli.common import console, set_threads, user_errors
 from pocketllm.export.pipeline import ExportRequest, run_export
 from pocketllm.export.targets import targets
+
+
+def _chunk_defaults() -> str:
+    import dataclasses
+
+    return ", ".join(f"{t.name} {f.default}" for t in targets().values()
+                     for f in dataclasses.fields(t.options_class) if f.name == "prefill_chunk")
 
 
 def export(
@@ -26,9 +33,12 @@ def export(
     force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
     calibration: Path = typer.Option(None, "--calibration", help="Text file calibrating any4 (default: built in)."),
     group_size: int = typer.Option(None, "--group-size", help=f"any4/int4/nf4/8da4w group along K (default {DEFAULT_GROUP_SIZE})."),
-    prefill_chunk: int = typer.Option(DEFAULT_PREFILL_CHUNK, "--prefill-chunk",
-                                      help="Most tokens per forward call (get_max_seq_len); longer prompts are "
-                                           "prefilled in chunks."),
+    prefill_chunk: int = typer.Option(None, "--prefill-chunk",
+                                      help="Most tokens per prefill call; longer prompts are prefilled in chunks "
+                                           f"(default per target: {_chunk_defaults()})."),
+    target_option: list[str] = typer.Option(None, "--target-option",
+                                            help="TARGET.KEY=VALUE, repeatable: an option of one target, e.g. "
+                                                 "coreml.deployment_target=iOS18 (docs/coreml.md)."),
     threads: int = typer.Option(None, "--threads", help="CPU threads for torch."),
 ):
     """Export a checkpoint to a bundle: OUT/<artifacts>, tokenizer files, reference/ weights, manifest.json.
@@ -37,7 +47,8 @@ def export(
     `pocketllm parity` runs through the numpy reference. 8da4w is torchao/XNNPACK's scheme (ExecuTorch only).
     """
     _export(ExportRequest(checkpoint=checkpoint, out=out, targets=target, quant=quant, max_context=max_context,
-                          prefill_chunk=prefill_chunk, group_size=group_size, calibration=calibration, force=force),
+                          prefill_chunk=prefill_chunk, group_size=group_size, calibration=calibration, force=force,
+                          target_options=tuple(target_option or ())),
             threads)
 
 

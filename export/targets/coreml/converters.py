@@ -1,16 +1,14 @@
-"""How Core ML runs each pocketllm op: one coremltools converter per op, emitting MIL (this file imports coremltools;
-import it only from lower.py).
+"""The coremltools converters of the Core ML target: one per op it lowers (ops.py says which), each emitting MIL.
+This file imports coremltools: import it only from lower.py (registration happens on import).
 
-Lowering table (`LOWERING`):
-- pocketllm::any4_linear            converter: constexpr_lut_to_dense (uint4 codes, per-row LUT) + group scales and
-                                    zeros applied to per-group partial sums (`quantized_linear_mil`)
-- pocketllm::infllm_attention       converter: composite MIL, compressed keys recomputed from the K cache each call
-                                    (the swapped model uses the stateful marker op below instead)
-- pocketllm::lightning_attention    converter: block form in MIL, state in and out
-- pocketllm_coreml::quantized_linear   (int8 / int4 / nf4) constexpr_blockwise_shift_scale or constexpr_lut_to_dense
-- pocketllm_coreml::infllm_attention   composite MIL with the compressed keys kept in a state
-- pocketllm_coreml::lightning_attention  block form that leaves padding out of the state
-- pocketllm_coreml::moe_routed_experts   one `cond` per expert: only the routed experts run
+    pocketllm::any4_linear                  constexpr_lut_to_dense (per-row LUT) + group scales and zeros applied to
+                                            per-group partial sums (`quantized_linear_mil`)
+    pocketllm::infllm_attention             composite MIL, compressed keys recomputed from the K cache each call
+                                            (the swapped model calls the stateful marker below instead)
+    pocketllm::lightning_attention          block form in MIL, state in and out
+    pocketllm_coreml::quantized_linear      (int8 / int4 / nf4) constexpr_blockwise_shift_scale / constexpr_lut_to_dense
+    pocketllm_coreml::infllm_attention      composite MIL with the compressed keys kept in a state
+    pocketllm_coreml::moe_routed_experts    one `cond` per expert: only the routed experts run
 
 Weights as stored (bits per weight as stored = docs/quantization.md's, everything included):
     int8   constexpr_blockwise_shift_scale(int8 [N, K], scale fp16 [N, 1])                       -> linear
@@ -35,19 +33,13 @@ from coremltools.converters.mil.frontend.torch.ops import _get_inputs
 from coremltools.converters.mil.frontend.torch.torch_op_registry import register_torch_op
 from coremltools.converters.mil.mil import types
 
-from export.errors import PocketllmError
-from export.nn.quant_linear import NF4_TABLE
-from export.targets.coreml.swaps import MASKED, compressed_key_window, split_expert_tensors
+from pocketllm.export.errors import PocketllmError
+from pocketllm.export.nn.quant_linear import NF4_TABLE
+from pocketllm.export.ops.infllm_attention import SCORE_RULE_CODES
+from pocketllm.export.targets.coreml.swaps import MASKED, compressed_key_window, split_expert_tensors
 
-LOWERING = {
-    "pocketllm::any4_linear": "converter: constexpr_lut_to_dense (per-row LUT) + per-group partial sums",
-    "pocketllm::infllm_attention": "converter: composite MIL (compressed keys recomputed from the K cache)",
-    "pocketllm::lightning_attention": "converter: block form in MIL",
-    "pocketllm_coreml::quantized_linear": "converter: constexpr_blockwise_shift_scale / constexpr_lut_to_dense",
-    "pocketllm_coreml::infllm_attention": "converter: composite MIL, compressed keys in a state",
-    "pocketllm_coreml::lightning_attention": "converter: block form in MIL, padding kept out of the state",
-    "pocketllm_coreml::moe_routed_experts": "converter: one cond per expert (only routed experts run)",
-}
+RULES = {code: name for name, code in SCORE_RULE_CODES.items()}  # op argument -> "upstream" / "exact"
+NO_COARSE_SCORE = 1.0e4  # upstream rule, query that sees no coarse kernel yet: every visible kernel ties (+inf)
 
 
 # ---------------------------------------------------------------------------------------------- small helpers
@@ -214,29 +206,29 @@ def update_compressed_keys_mil(k_cache, kc_state, start, T: int, kernel_size: in
 
 
 def kernel_scores(logits, visible, rule: str, coarse=None):
-    """THE scoring step (the only place the InfLLM v2 rule lives). Per KV head group:
+    """THE scoring step (the only place the InfLLM v2 rule lives; docs/infllm_v2.md step 3). Per KV head group:
 
     logits [Hkv, T, G, NK] = q . Kc1 / sqrt(d); visible [T, NK] bool (kernel j complete before query t).
-    rule "exact_softmax" (docs/infllm_v2.md, today's reference): p = softmax over the visible kernels.
-    rule "upstream_lse" (MODELS.md section 2, what upstream trains and serves): p = exp(logit - LSE), LSE the
-    log-sum-exp of q . Kc2 / sqrt(d) over the visible coarse kernels (coarse = (coarse_logits [Hkv, T, G, NK2],
-    coarse_visible [T, NK2])); a query that sees no coarse kernel yet normalises over its visible Kc1 instead.
+    rule "exact": p = softmax over the visible kernels.
+    rule "upstream" (what upstream trains and serves): p = exp(logit - LSE), LSE the log-sum-exp of q . Kc2 / sqrt(d)
+    over the visible coarse kernels (coarse = (coarse_logits [Hkv, T, G, NK2], coarse_visible [T, NK2])); a query
+    that sees no coarse kernel yet scores every visible kernel alike (the reference's +inf: ties to the lower block;
+    with init + local blocks forced such queries have every valid block selected anyway).
     Returns the group score [Hkv, T, NK]: sum over the G query heads (invisible kernels: ignore, masked later).
     """
     vis = mb.expand_dims(x=mb.expand_dims(x=visible, axes=[0]), axes=[2])  # [1, T, 1, NK]
     masked = mb.select(cond=vis, a=logits, b=np.float32(MASKED))
-    if rule == "exact_softmax":
+    if rule == "exact":
         p = mb.softmax(x=masked, axis=-1)
-    elif rule == "upstream_lse":
+    elif rule == "upstream":
         coarse_logits, coarse_visible = coarse
         cvis = mb.expand_dims(x=mb.expand_dims(x=coarse_visible, axes=[0]), axes=[2])  # [1, T, 1, NK2]
-        lse_coarse = mb.reduce_log_sum_exp(x=mb.select(cond=cvis, a=coarse_logits, b=np.float32(MASKED)),
-                                           axes=[-1], keep_dims=True)
-        lse_fine = mb.reduce_log_sum_exp(x=masked, axes=[-1], keep_dims=True)
+        lse = mb.reduce_log_sum_exp(x=mb.select(cond=cvis, a=coarse_logits, b=np.float32(MASKED)),
+                                    axes=[-1], keep_dims=True)
         any_coarse = mb.reduce_max(x=mb.cast(x=coarse_visible, dtype="fp32"), axes=[-1], keep_dims=True)  # [T, 1]
         has = mb.greater(x=mb.expand_dims(x=mb.expand_dims(x=any_coarse, axes=[0]), axes=[2]), y=np.float32(0.5))
-        lse = mb.select(cond=has, a=lse_coarse, b=lse_fine)
-        p = mb.select(cond=vis, a=mb.exp(x=mb.sub(x=masked, y=lse)), b=np.float32(0.0))
+        p = mb.select(cond=has, a=mb.exp(x=mb.sub(x=masked, y=lse)), b=np.float32(NO_COARSE_SCORE))
+        p = mb.select(cond=vis, a=p, b=np.float32(0.0))
     else:
         raise PocketllmError(f"unknown InfLLM v2 score rule {rule!r}")
     return mb.reduce_sum(x=p, axes=[2], keep_dims=False)
@@ -282,7 +274,7 @@ def infllm_attention_mil(q, k_cache, v_cache, kc, start, n_valid, p: dict, rule:
     logits = mb.reshape(x=mb.matmul(x=qh, y=kch, transpose_y=True), shape=[Hkv, T, G, NK])
     visible = mb.less_equal(x=_i32(st * np.arange(NK) + ks - 1)[None, :], y=pos_col)  # [T, NK]
     coarse = None
-    if rule == "upstream_lse":
+    if rule == "upstream":
         coarse = _coarse_scores(qh, kc, pos_col, p, T, G)
     score = kernel_scores(logits, visible, rule, coarse)
 
@@ -344,7 +336,7 @@ def _coarse_scores(qh, kc, pos_col, p: dict, T: int, G: int):
     ks, st = p["kernel_size"], p["kernel_stride"]
     ks2, st2 = 4 * ks, 4 * st
     if ks % st or st2 % st:
-        raise PocketllmError("InfLLM v2 upstream_lse scoring needs kernel_size to be a multiple of kernel_stride")
+        raise PocketllmError("InfLLM v2 upstream scoring needs kernel_size to be a multiple of kernel_stride")
     NK, Hkv = kc.shape[1], kc.shape[2]
     n2 = (st * (NK - 1) + ks - ks2) // st2 + 1  # coarse kernels inside the rows the fine ones cover
     if n2 <= 0:
@@ -400,7 +392,7 @@ def pocketllm_coreml_infllm_attention(context, node):
     inputs = _get_inputs(context, node, expected=14)
     q, k_cache, v_cache, kc, start, n_valid = inputs[:6]
     p = _sparse_params(inputs[6:13])
-    rule = inputs[13] if isinstance(inputs[13], str) else str(inputs[13].val)
+    rule = RULES[int(inputs[13].val)]
     start, n_valid = _scalar_i32(start), _scalar_i32(n_valid)
     T = q.shape[1]
     kc_new = update_compressed_keys_mil(k_cache, kc, start, T, p["kernel_size"], p["kernel_stride"])
@@ -411,9 +403,10 @@ def pocketllm_coreml_infllm_attention(context, node):
 @register_torch_op(torch_alias=["pocketllm::infllm_attention"], override=True)
 def pocketllm_infllm_attention(context, node):
     """The shared op (no compressed-key state): recompute every kernel from the K cache on each call."""
-    inputs = _get_inputs(context, node, expected=11)
+    inputs = _get_inputs(context, node, expected=[11, 12])
     q, k_cache, v_cache, start = inputs[:4]
     p = _sparse_params(inputs[4:11])
+    rule = RULES[int(inputs[11].val) if len(inputs) > 11 else 0]
     start = _scalar_i32(start)
     S = k_cache.shape[1]
     nk = (S - p["kernel_size"]) // p["kernel_stride"] + 1
@@ -422,7 +415,7 @@ def pocketllm_infllm_attention(context, node):
     kc = mb.expand_dims(x=compressed_keys_from_rows(mb.squeeze(x=k_cache, axes=[0]), nk, p["kernel_size"],
                                                     p["kernel_stride"]), axes=[0])
     n_valid = mb.const(val=np.int32(q.shape[1]))
-    context.add(infllm_attention_mil(q, k_cache, v_cache, kc, start, n_valid, p, "exact_softmax", node.name),
+    context.add(infllm_attention_mil(q, k_cache, v_cache, kc, start, n_valid, p, rule, node.name),
                 torch_name=node.name)
 
 
@@ -461,13 +454,6 @@ def lightning_attention_mil(q, k, v, state, decay: np.ndarray, block_size: int, 
     out = outs[0] if len(outs) == 1 else mb.concat(values=outs, axis=1)
     out = mb.expand_dims(x=mb.transpose(x=out, perm=[1, 0, 2]), axes=[0], name=name)
     return out, mb.expand_dims(x=S, axes=[0])
-
-
-@register_torch_op(torch_alias=["pocketllm_coreml::lightning_attention"], override=True)
-def pocketllm_coreml_lightning_attention(context, node):
-    q, k, v, state, decay, block, n_valid = _get_inputs(context, node, expected=7)
-    out = lightning_attention_mil(q, k, v, state, _np(decay), int(block.val), _scalar_i32(n_valid), node.name)
-    context.add(out, torch_name=node.name)
 
 
 @register_torch_op(torch_alias=["pocketllm::lightning_attention"], override=True)

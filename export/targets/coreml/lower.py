@@ -8,10 +8,11 @@
 How an app drives it: `MLModel(contentsOf:configuration:)` once per function (`MLModelConfiguration.functionName`
 "prefill" / "decode"), ONE `MLState` from either (`makeState()`; the state descriptions are identical), passed to
 every call of both. A prompt of n tokens starting at position p: prefill chunks of C tokens at p, p + C, ...; the
-last chunk is padded with token id -1 after its real tokens (logits of the last real token: row (n - 1) % C).
-Then decode one token at a time at the next position. A chunk needs position + C <= max_context (finish a prompt
-that ends closer to the end with decode calls). Position 0 starts a new sequence (caches are overwritten, lightning
-states reset); any position <= the current length rewinds.
+last chunk is padded with token id -1 after its real tokens (logits of the last real token: row (n - 1) % C);
+packages with lightning layers (entry `pads_prefill: false`) are never padded: the tail runs through decode. Then
+decode one token at a time at the next position. A chunk needs position + C <= max_context (finish a prompt that
+ends closer to the end with decode calls). Position 0 starts a new sequence (caches are overwritten, lightning
+states reset); any position <= the current length rewinds (not with lightning layers: `rewinds: false`).
 
 Multifunction + states: `ct.utils.save_multifunction` merges the two converted programs and deduplicates their
 constants across functions (shared `weight_id`: one copy of every weight in the weight file); each function
@@ -26,7 +27,7 @@ import shutil
 import tempfile
 import time
 import warnings
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, Callable
 
@@ -34,10 +35,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from export.errors import PocketllmError
-from export.spec import ModelSpec
-from export.targets.coreml.options import CoreMLOptions
-from export.targets.coreml.swaps import PAD_TOKEN_ID, apply_swaps
+from pocketllm.export.errors import PocketllmError
+from pocketllm.export.spec import ModelSpec
+from pocketllm.export.targets.coreml.options import CoreMLOptions
+from pocketllm.export.targets.coreml.swaps import PAD_TOKEN_ID, apply_swaps
 
 PACKAGE = "model.mlpackage"
 WEIGHTS_REL = Path("Data") / "com.apple.CoreML" / "weights"
@@ -49,7 +50,7 @@ FORMAT_VERSION = 1
 def weight_file_estimate(model: nn.Module) -> int:
     """Bytes the weight file will hold (upper estimate, before converting): fp16 for float tensors, the packed
     sizes of quantized linears, caches and states excluded. Tied tensors count once."""
-    from export.nn.quant_linear import _Packed
+    from pocketllm.export.nn.quant_linear import _Packed
 
     seen, total = set(), 0
     state_names = ("k_cache", "v_cache", "kc_cache", "state")
@@ -77,6 +78,33 @@ def check_fits(model: nn.Module, options: CoreMLOptions) -> int:
     return estimate
 
 
+@contextmanager
+def quiet_coremltools():
+    """coremltools' progress bars and INFO/WARNING chatter off (per-op warnings such as "Recklessly broadcast" or
+    "cast to fp16 states" are expected here); errors still raise."""
+    import logging
+    from functools import partial
+
+    import coremltools.converters.mil.frontend.torch.ops as torch_ops
+    import coremltools.converters.mil.mil.passes.pass_pipeline as pass_pipeline
+
+    patched = [(torch_ops, "_tqdm"), (pass_pipeline, "tqdm")]
+    saved = [getattr(m, a) for m, a in patched]
+    log = logging.getLogger("coremltools")
+    level = log.level
+    try:
+        for (m, a), bar in zip(patched, saved):
+            setattr(m, a, partial(bar, disable=True))
+        log.setLevel(logging.ERROR)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for (m, a), bar in zip(patched, saved):
+            setattr(m, a, bar)
+        log.setLevel(level)
+
+
 def export_function(model: nn.Module, tokens: int) -> "torch.export.ExportedProgram":
     """torch.export of forward(tokens int32 [1, tokens], position int32 [1]), fixed shapes, ATen dialect."""
     example = (torch.zeros(1, tokens, dtype=torch.int32), torch.zeros(1, dtype=torch.int32))
@@ -91,11 +119,10 @@ def convert_function(ep, tokens: int, options: CoreMLOptions, path: Path):
     buffers (fp16)."""
     import coremltools as ct
 
-    import export.targets.coreml.ops  # noqa: F401  (registers the converters)
+    import pocketllm.export.targets.coreml.converters  # noqa: F401  (registers the converters)
 
     precision = ct.precision.FLOAT16 if options.compute_precision == "float16" else ct.precision.FLOAT32
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with quiet_coremltools():
         mlmodel = ct.convert(
             ep,
             inputs=[ct.TensorType(name="tokens", shape=(1, tokens), dtype=np.int32),
@@ -119,8 +146,7 @@ def save_multifunction(parts: dict[str, Path], out: Path) -> None:
     for function, path in parts.items():
         desc.add_function(str(path), src_function_name="main", target_function_name=function)
     desc.default_function_name = DEFAULT_FUNCTION
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with quiet_coremltools():
         ct.utils.save_multifunction(desc, str(out))
 
 
@@ -158,7 +184,7 @@ def load_program(package: Path):
 
 def stored_weight_bits(program) -> dict[str, Any]:
     """Bits per weight as stored, over the quantized linears of one function: each constexpr op's inputs plus the
-    fp16 group scales / zeros ops.py applies to its partial sums (their shapes follow from the op: LUT indices
+    fp16 group scales / zeros converters.py applies to its partial sums (their shapes follow from the op: LUT indices
     [G, N, g] -> scales [G, N] (+ zeros [G, N] unless the LUT is the one shared nf4 table); int4 data with scales
     [N, G] -> zeros [N, G]; per-row LUT [N, K] (any4 with one group per row) or int8: nothing beyond its inputs)."""
     from coremltools.converters.mil.mil import types
@@ -189,22 +215,23 @@ def stored_weight_bits(program) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------------------------- export
 def export_coreml(model: nn.Module, spec: ModelSpec, options: CoreMLOptions, out_dir: Path,
-                  stage: Callable[[str], Any] | None = None, quant_info: dict[str, Any] | None = None) -> dict:
-    """Write `out_dir/model.mlpackage`; returns the manifest's `targets.coreml` entry (manifest v2 shape).
+                  stage: Callable[[str], Any] | None = None) -> dict:
+    """Write `out_dir/model.mlpackage`; returns the manifest's `targets.coreml` entry (manifest v2).
 
     `model` is a loaded CausalLM (quantized already for any4/int4/int8/nf4 by export/quant), swapped in place.
-    Refuses (one line, nothing written) a weight file over options.max_weight_file_bytes."""
+    Refuses (one line) a weight file over options.max_weight_file_bytes: before converting from an estimate, after
+    from the file itself (the pipeline's atomic bundle directory then leaves nothing behind)."""
     stage = stage or (lambda name: nullcontext())
     if options.max_context != model.max_context:
         raise PocketllmError(f"Core ML options say --max-context {options.max_context} but the model was built "
                              f"with {model.max_context} cache rows")
     timings: dict[str, float] = {}
     estimate = check_fits(model, options)
-    swaps = apply_swaps(model, options.infllm_score_rule)
+    swaps = apply_swaps(model)
     for p in model.parameters():
         p.requires_grad_(False)
     model.eval()
-    chunk = options.prefill_chunk
+    chunk = options.chunk
     out_dir = Path(out_dir)
     work = Path(tempfile.mkdtemp(prefix=".coreml-", dir=out_dir))
     try:
@@ -225,8 +252,7 @@ def export_coreml(model: nn.Module, spec: ModelSpec, options: CoreMLOptions, out
             package = work / PACKAGE
             save_multifunction(parts, package)
             timings["multifunction_s"] = time.perf_counter() - t0
-        weight_files = sorted((package / WEIGHTS_REL).glob("*"))
-        weight_bytes = sum(f.stat().st_size for f in weight_files)
+        weight_bytes = sum(f.stat().st_size for f in (package / WEIGHTS_REL).glob("*"))
         if weight_bytes > options.max_weight_file_bytes:
             raise PocketllmError(f"Core ML: the weight file is {weight_bytes / 2**30:.2f} GiB, over the "
                                  f"{options.max_weight_file_bytes / 2**30:.2f} GiB a package may hold; quantize "
@@ -236,25 +262,16 @@ def export_coreml(model: nn.Module, spec: ModelSpec, options: CoreMLOptions, out
         shutil.move(str(package), str(out_dir / PACKAGE))
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    entry = manifest_entry(spec, options, interface, stored, weight_bytes, estimate, swaps, quant_info, timings)
-    entry["files"] = package_files(out_dir)  # for the bundle's top-level `files` map
-    return entry
-
-
-def package_files(bundle: Path) -> dict[str, dict[str, Any]]:
-    """Every file of BUNDLE/model.mlpackage as the manifest's `files` map wants it: relative POSIX path -> sha256,
-    size (the package is a directory; apps verify each file)."""
-    from export.bundle import file_entry
-
-    root = Path(bundle)
-    return {p.relative_to(root).as_posix(): file_entry(p) for p in sorted((root / PACKAGE).rglob("*")) if p.is_file()}
+    return manifest_entry(spec, options, interface, stored, weight_bytes, estimate, swaps, timings)
 
 
 ROLES = {"tokens": "tokens", "position": "position", "logits": "logits"}
 
 
 def manifest_entry(spec: ModelSpec, options: CoreMLOptions, interface: dict, stored: dict, weight_bytes: int,
-                   estimate: int, swaps: dict, quant_info: dict | None, timings: dict) -> dict[str, Any]:
+                   estimate: int, swaps: dict, timings: dict) -> dict[str, Any]:
+    """The manifest's `targets.coreml` (schema: export/bundle/manifest.schema.json `coreml_target`). Function,
+    input, output and state names, shapes and dtypes are read back from the saved package."""
     functions, states = {}, None
     for name in FUNCTIONS:
         f = interface["functions"][name]
@@ -265,26 +282,29 @@ def manifest_entry(spec: ModelSpec, options: CoreMLOptions, interface: dict, sto
             states = f["states"]
         elif f["states"] != states:
             raise PocketllmError("Core ML: the prefill and decode functions declare different states")
-    quant = dict(quant_info or {"scheme": options.quant})
-    quant.update({"stored_bits_per_weight": stored["bits_per_weight"], "stored_quantized_weights":
-                  stored["quantized_weights"], "embedding": "fp16", "lm_head": "fp16"})
+    quant = {"scheme": options.quant, "stored_bits_per_weight": stored["bits_per_weight"],
+             "stored_quantized_weights": stored["quantized_weights"], "embedding": "fp16", "lm_head": "fp16"}
     return {
         "file": PACKAGE,
         "format_version": FORMAT_VERSION,
         "deployment_target": options.deployment_target,
         "compute_precision": options.compute_precision,
+        # floating-point weights as stored: parity runs the reference on the bundle's weights rounded to this
+        "float_weights": options.compute_precision,
         "functions": functions,
         "default_function": interface["default_function"],
         "states": states,
-        "prefill_chunk": options.prefill_chunk,
-        "max_context": options.max_context,
+        "prefill_chunk": options.chunk,
         "pad_token_id": PAD_TOKEN_ID,
+        # a lightning (recurrent) state cannot tell padding from tokens: such packages are prefilled in full chunks
+        # only, the rest of a prompt through decode
+        "pads_prefill": swaps["lightning"] == 0,
+        "rewinds": swaps["lightning"] == 0,
         "requires_kernels": [],
         "weights_bytes": weight_bytes,
         "weights_estimate_bytes": estimate,
-        "infllm_score_rule": options.infllm_score_rule if swaps.get("infllm") else None,
+        "infllm_score_rule": spec.sparse.score_rule if swaps["infllm"] else None,
         "swaps": swaps,
         "quantization": quant,
         "timings": {k: round(v, 2) for k, v in timings.items()},
     }
-

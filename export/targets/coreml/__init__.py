@@ -49,10 +49,12 @@ class CoreMLTarget(Target):
             packed = q is not None and q.is_packed(name)
             total += n * ({"U8": 1, "I8": 1}.get(ckpt.dtypes[name], 2) if packed else 2)
         if total > options.max_weight_file_bytes:
-            raise PocketllmError(f"--target coreml: the weights need about {total / 2**30:.2f} GiB in the package's "
-                                 f"one weight file, over the {options.max_weight_file_bytes / 2**30:.2f} GiB a "
-                                 "package may hold (the Neural Engine refuses larger files; splitting is not "
-                                 "supported): quantize (--quant any4 or int4)")
+            from pocketllm.export.targets.coreml.lower import size_text  # (no coremltools import at module level)
+
+            raise PocketllmError(f"--target coreml: the weights need about {size_text(total)} in the package's one "
+                                 f"weight file, over the {size_text(options.max_weight_file_bytes)} it may hold (the "
+                                 "Neural Engine refuses larger files; splitting is not supported): quantize (--quant "
+                                 "any4 or int4)")
 
     def export(self, model, spec, options, out_dir, stage):
         from pocketllm.export.targets.coreml.lower import export_coreml

@@ -119,10 +119,13 @@ def quantized_weight_arrays(scheme: str, group: int, tensors: list[np.ndarray]) 
     return out
 
 
-def quantized_weight_vars(scheme: str, group: int, tensors: list[np.ndarray], name: str) -> dict:
-    """The weight ops of one linear: constexpr ops (quantized) or a const (none), plus the scale/zero consts."""
+def quantized_weight_vars(scheme: str, group: int, tensors: list[np.ndarray], name: str, dtype: str = "fp32") -> dict:
+    """The weight ops of one linear: constexpr ops (quantized) or a const (none), plus the scale/zero consts.
+    dtype: of the plain consts (the fp32 frontend graph's, or fp16 for consts read inside a `cond` block: a cast of
+    a const there would be folded into a new const inside the block, which the functions cannot share)."""
+    np_dtype = np.float16 if dtype == "fp16" else np.float32
     if scheme == "none":
-        return {"weight": mb.const(val=np.asarray(tensors[0], dtype=np.float32), name=f"{name}_weight")}
+        return {"weight": mb.const(val=np.asarray(tensors[0], dtype=np.float32).astype(np_dtype), name=f"{name}_weight")}
     arr = quantized_weight_arrays(scheme, group, tensors)
     out = {}
     if scheme in ("int8", "int4"):
@@ -131,31 +134,37 @@ def quantized_weight_vars(scheme: str, group: int, tensors: list[np.ndarray], na
         out["weight"] = mb.constexpr_lut_to_dense(indices=arr["indices"], lut=arr["lut"], name=f"{name}_weight")
         if "scale" in arr:  # per-group scales, applied to the partial sums
             G, N = arr["indices"].shape[0], arr["scale"].shape[0]
-            out["scales"] = mb.const(val=np.ascontiguousarray(arr["scale"].T).reshape(G, 1, N), name=f"{name}_scales")
+            scales = np.ascontiguousarray(arr["scale"].T).reshape(G, 1, N)
+            out["scales"] = mb.const(val=scales.astype(np_dtype), name=f"{name}_scales")
     if "zeros" in arr:
-        out["zeros"] = mb.const(val=np.ascontiguousarray(arr["zeros"].T), name=f"{name}_zeros")  # [G, N]
+        out["zeros"] = mb.const(val=np.ascontiguousarray(arr["zeros"].T).astype(np_dtype), name=f"{name}_zeros")  # [G, N]
     return out
 
 
-def quantized_matmul_mil(x, scheme: str, group: int, w: dict, name: str):
-    """y = x @ W.T for x [..., K] (fp32 frontend var) with W from `quantized_weight_vars`."""
+def quantized_matmul_mil(x, scheme: str, group: int, w: dict, name: str, dtype: str = "fp32"):
+    """y = x @ W.T for x [..., K] with W from `quantized_weight_vars(..., dtype)`, computed in dtype (x is cast to
+    it; the result is dtype)."""
     shape = list(x.shape)
     K = shape[-1]
     M = int(np.prod(shape[:-1]))
-    if scheme == "none":
-        return mb.linear(x=x, weight=w["weight"], name=name)
+    if x.dtype != (types.fp16 if dtype == "fp16" else types.fp32):
+        x = mb.cast(x=x, dtype=dtype)
+    wide = (lambda v: v) if dtype == "fp16" else _f32  # constexpr outputs are fp16
     x2 = mb.reshape(x=x, shape=[M, K])
-    if scheme in ("int8", "int4") or "scales" not in w:  # [N, K] weight (blockwise, or any4 folded per row)
-        y = mb.linear(x=x2, weight=_f32(w["weight"]))
+    if scheme == "none":
+        y = mb.matmul(x=x2, y=w["weight"], transpose_y=True)
+    elif scheme in ("int8", "int4") or "scales" not in w:  # [N, K] weight (blockwise, or any4 folded per row)
+        y = mb.matmul(x=x2, y=wide(w["weight"]), transpose_y=True) if dtype == "fp16" else \
+            mb.linear(x=x2, weight=wide(w["weight"]))
     else:
         G, _, N = w["scales"].shape
         xg = mb.transpose(x=mb.reshape(x=x2, shape=[M, G, group]), perm=[1, 0, 2])  # [G, M, g]
-        partial = mb.matmul(x=xg, y=_f32(w["weight"]), transpose_y=True)  # [G, M, N]: one dot per group
-        y = mb.reduce_sum(x=mb.mul(x=partial, y=_f32(w["scales"])), axes=[0], keep_dims=False)  # [M, N]
+        partial = mb.matmul(x=xg, y=wide(w["weight"]), transpose_y=True)  # [G, M, N]: one dot per group
+        y = mb.reduce_sum(x=mb.mul(x=partial, y=w["scales"]), axes=[0], keep_dims=False)  # [M, N]
     if "zeros" in w:  # sum_g z[n, g] * sum(x over group g)
         G = w["zeros"].shape[0]
         xs = mb.reduce_sum(x=mb.reshape(x=x2, shape=[M, G, group]), axes=[-1], keep_dims=False)  # [M, G]
-        y = mb.add(x=y, y=mb.matmul(x=xs, y=_f32(w["zeros"])))
+        y = mb.add(x=y, y=mb.matmul(x=xs, y=w["zeros"]))
     return mb.reshape(x=y, shape=shape[:-1] + [y.shape[-1]], name=name)
 
 
@@ -473,27 +482,36 @@ def pocketllm_coreml_moe_routed_experts(context, node):
     layout = layout if isinstance(layout, str) else str(layout.val)
     activation, experts = split_expert_tensors(layout, [_np(t) for t in tensors])
     ids = _scalar_free_i32(ids)
+    dtype = BLOCK_DTYPE[0]
+    u_in = mb.cast(x=u, dtype=dtype) if dtype == "fp16" else u
     out = None
     for e, linears in enumerate(experts):
         prefix = f"{node.name}_e{e}"
-        # weights outside the branch (constexpr ops at function level); the branch only computes
-        wv = [quantized_weight_vars(sch, g, ts, f"{prefix}_{part}")
+        # weights outside the branch (constexpr / const ops at function level, shared by both functions); the
+        # branch only computes, in the package's precision
+        wv = [quantized_weight_vars(sch, g, ts, f"{prefix}_{part}", dtype)
               for (sch, g, ts), part in zip(linears, ("gate", "up", "down"))]
         hit = mb.equal(x=ids, y=np.int32(e))  # [M, k]
         w_e = mb.reduce_sum(x=mb.select(cond=hit, a=weights, b=np.float32(0.0)), axes=[-1], keep_dims=True)
+        w_e = mb.cast(x=w_e, dtype=dtype) if dtype == "fp16" else w_e
         pred = mb.greater(x=mb.reduce_sum(x=mb.cast(x=hit, dtype="int32"), axes=[0, 1], keep_dims=False),
                           y=np.int32(0))
 
         def run(linears=linears, wv=wv, w_e=w_e, prefix=prefix):
             (gs, gg, _), (us, ug, _), (ds, dg, _) = linears
-            g = quantized_matmul_mil(u, gs, gg, wv[0], f"{prefix}_gate")
+            g = quantized_matmul_mil(u_in, gs, gg, wv[0], f"{prefix}_gate", dtype)
             a = mb.relu(x=g) if activation == "reglu" else mb.silu(x=g)
-            h = mb.mul(x=a, y=quantized_matmul_mil(u, us, ug, wv[1], f"{prefix}_up"))
-            return mb.mul(x=quantized_matmul_mil(h, ds, dg, wv[2], f"{prefix}_down"), y=w_e)
+            h = mb.mul(x=a, y=quantized_matmul_mil(u_in, us, ug, wv[1], f"{prefix}_up", dtype))
+            return mb.mul(x=quantized_matmul_mil(h, ds, dg, wv[2], f"{prefix}_down", dtype), y=w_e)
 
-        y = mb.cond(pred=pred, _true_fn=run, _false_fn=lambda: mb.mul(x=u, y=np.float32(0.0)))
+        zero = np.float16(0.0) if dtype == "fp16" else np.float32(0.0)
+        y = mb.cond(pred=pred, _true_fn=run, _false_fn=lambda: mb.mul(x=u_in, y=zero))
         out = y if out is None else mb.add(x=out, y=y)
-    context.add(out, torch_name=node.name)
+    context.add(mb.cast(x=out, dtype="fp32") if dtype == "fp16" else out, torch_name=node.name)
+
+
+# Precision of the routed experts' blocks: the package's compute precision (lower.convert_function sets it)
+BLOCK_DTYPE = ["fp16"]
 
 
 def _scalar_free_i32(var):

@@ -69,12 +69,17 @@ def weight_file_estimate(model: nn.Module) -> int:
     return total
 
 
+def size_text(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**28 else f"{n / 2**20:.2f} MiB"
+
+
 def check_fits(model: nn.Module, options: CoreMLOptions) -> int:
     estimate = weight_file_estimate(model)
     if estimate > options.max_weight_file_bytes:
-        raise PocketllmError(f"Core ML: the weights need about {estimate / 2**30:.2f} GiB in one weight file, over "
-                             f"the {options.max_weight_file_bytes / 2**30:.2f} GiB a package may hold (the Neural "
-                             "Engine refuses larger files); quantize (--quant any4 / int4) or split the model")
+        raise PocketllmError(f"--target coreml: the weights need about {size_text(estimate)} in the package's one "
+                             f"weight file, over the {size_text(options.max_weight_file_bytes)} it may hold (the "
+                             "Neural Engine refuses larger files; splitting is not supported): quantize (--quant "
+                             "any4 or int4)")
     return estimate
 
 
@@ -119,9 +124,10 @@ def convert_function(ep, tokens: int, options: CoreMLOptions, path: Path):
     buffers (fp16)."""
     import coremltools as ct
 
-    import pocketllm.export.targets.coreml.converters  # noqa: F401  (registers the converters)
+    from pocketllm.export.targets.coreml import converters  # registers the converters
 
     precision = ct.precision.FLOAT16 if options.compute_precision == "float16" else ct.precision.FLOAT32
+    converters.BLOCK_DTYPE[0] = "fp16" if options.compute_precision == "float16" else "fp32"
     with quiet_coremltools():
         mlmodel = ct.convert(
             ep,
@@ -254,9 +260,9 @@ def export_coreml(model: nn.Module, spec: ModelSpec, options: CoreMLOptions, out
             timings["multifunction_s"] = time.perf_counter() - t0
         weight_bytes = sum(f.stat().st_size for f in (package / WEIGHTS_REL).glob("*"))
         if weight_bytes > options.max_weight_file_bytes:
-            raise PocketllmError(f"Core ML: the weight file is {weight_bytes / 2**30:.2f} GiB, over the "
-                                 f"{options.max_weight_file_bytes / 2**30:.2f} GiB a package may hold; quantize "
-                                 "or split the model")
+            raise PocketllmError(f"--target coreml: the weight file is {size_text(weight_bytes)}, over the "
+                                 f"{size_text(options.max_weight_file_bytes)} a package may hold (splitting is not "
+                                 "supported): quantize (--quant any4 or int4)")
         interface = package_interface(package)
         stored = stored_weight_bits(load_program(package))
         shutil.move(str(package), str(out_dir / PACKAGE))

@@ -90,24 +90,26 @@ def quiet_coremltools():
     import logging
     from functools import partial
 
-    import coremltools.converters.mil.frontend.torch.ops as torch_ops
-    import coremltools.converters.mil.mil.passes.pass_pipeline as pass_pipeline
-
-    patched = [(torch_ops, "_tqdm"), (pass_pipeline, "tqdm")]
-    saved = [getattr(m, a) for m, a in patched]
-    log = logging.getLogger("coremltools")
-    level = log.level
-    try:
-        for (m, a), bar in zip(patched, saved):
-            setattr(m, a, partial(bar, disable=True))
+    logs = [logging.getLogger(name) for name in ("coremltools", "torchao")]  # incl. import-time notices
+    levels = [log.level for log in logs]
+    for log in logs:
         log.setLevel(logging.ERROR)
+    patched = []
+    try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
+            import coremltools.converters.mil.frontend.torch.ops as torch_ops
+            import coremltools.converters.mil.mil.passes.pass_pipeline as pass_pipeline
+
+            patched = [(torch_ops, "_tqdm", torch_ops._tqdm), (pass_pipeline, "tqdm", pass_pipeline.tqdm)]
+            for m, a, bar in patched:
+                setattr(m, a, partial(bar, disable=True))
             yield
     finally:
-        for (m, a), bar in zip(patched, saved):
+        for m, a, bar in patched:
             setattr(m, a, bar)
-        log.setLevel(level)
+        for log, level in zip(logs, levels):
+            log.setLevel(level)
 
 
 def export_function(model: nn.Module, tokens: int) -> "torch.export.ExportedProgram":
@@ -122,9 +124,10 @@ def export_function(model: nn.Module, tokens: int) -> "torch.export.ExportedProg
 def convert_function(ep, tokens: int, options: CoreMLOptions, path: Path):
     """ct.convert one exported program to a single-function package at `path`; states come from the mutated
     buffers (fp16)."""
-    import coremltools as ct
+    with quiet_coremltools():
+        import coremltools as ct
 
-    from pocketllm.export.targets.coreml import converters  # registers the converters
+        import pocketllm.export.targets.coreml.converters as converters  # registers the converters
 
     precision = ct.precision.FLOAT16 if options.compute_precision == "float16" else ct.precision.FLOAT32
     converters.BLOCK_DTYPE[0] = "fp16" if options.compute_precision == "float16" else "fp32"

@@ -94,7 +94,11 @@ class Interpreter:
         self.state_types = self._collect_states()
         self.states: dict[str, np.ndarray] = {}  # one store for all functions; compiled steps hold this dict
         self.reset_states()
+        # constants folded at load, shared by the functions: a multifunction package's functions read the same
+        # weight blobs (package.py hands out one array per blob), so their dequantised weights are computed once
+        self._folded: dict[tuple, Any] = {}
         self.functions = {name: self._compile(f) for name, f in self.package.functions.items()}
+        del self._folded
 
     # ------------------------------------------------------------------------------------------- states
     def _collect_states(self) -> dict[str, TensorType]:
@@ -147,7 +151,15 @@ class Interpreter:
                 declared.update(op.outputs)
                 if op.type == "const":
                     (out_name, t), = op.outputs
-                    consts[out_name] = finisher(t, self.mode)(self._const_value(op.values["val"]))
+                    val = op.values["val"]
+                    key = ("const", id(val), t) if isinstance(val, np.ndarray) and val.size > 1024 else None
+                    if key is None or key not in self._folded:
+                        value = finisher(t, self.mode)(self._const_value(val))
+                        if key is None:
+                            consts[out_name] = value
+                            continue
+                        self._folded[key] = (val, value)  # (val kept: its id stays its own)
+                    consts[out_name] = self._folded[key][1]
                     continue
                 if op.type in STATE_OPS:
                     steps.append(self._state_step(op, slots, consts, states, declared, where))
@@ -181,8 +193,14 @@ class Interpreter:
                 if index in in_place:  # x is the state's own array and the update already has the declared dtype
                     kernel, finishers = slice_update_in_place, [lambda v: v]
                 if not dynamic:  # constant folding, including constexpr_* dequantisation: done once here
-                    values = _call(kernel, static, where)
-                    for (out_name, _), value in zip(op.outputs, _finish(values, finishers, types_, where)):
+                    key = _fold_key(op.type, static, types_)
+                    if key is None or key not in self._folded:
+                        values = _finish(_call(kernel, static, where), finishers, types_, where)
+                        if key is not None:
+                            self._folded[key] = (static, values)  # (static kept: the ids in the key stay theirs)
+                    else:
+                        values = self._folded[key][1]
+                    for (out_name, _), value in zip(op.outputs, values):
                         consts[out_name] = value
                     continue
                 out_slots = []
@@ -407,6 +425,24 @@ def in_place_updates(f: Function) -> set[int]:
         if all(k < i or (k, param) == (i, "x") for k, param in uses):
             chosen.add(i)
     return chosen
+
+
+def _fold_key(op_type: str, static: dict, types_) -> tuple | None:
+    """Key of a constant-folded op whose result other functions may reuse: its type, declared outputs and inputs
+    (large arrays by identity: they are the shared blobs or earlier shared results). None for small results, not
+    worth sharing."""
+    if sum(int(np.prod([d or 0 for d in t.shape])) for t in types_) <= 1024:
+        return None
+    parts = []
+    for k in sorted(static):
+        v = static[k]
+        if isinstance(v, np.ndarray):
+            parts.append((k, "id", id(v)) if v.size > 64 else (k, v.dtype.str, v.shape, v.tobytes()))
+        elif isinstance(v, list) and any(isinstance(x, np.ndarray) for x in v):
+            parts.append((k, tuple(id(x) if isinstance(x, np.ndarray) else repr(x) for x in v)))
+        else:
+            parts.append((k, repr(v)))
+    return (op_type, tuple(types_), tuple(parts))
 
 
 def _call(kernel, kwargs, where):

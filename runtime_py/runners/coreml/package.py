@@ -246,13 +246,17 @@ class BlobStore:
 
     def __init__(self, model_dir: Path):
         self.model_dir, self.files = model_dir, {}
+        self.blobs: dict[tuple, np.ndarray] = {}  # one array per blob: functions of a multifunction package share it
 
     def read(self, file_name: str, offset: int, dtype: str, shape: tuple[int, ...]) -> np.ndarray:
         rel = file_name.replace("@model_path/", "", 1) if file_name.startswith("@model_path/") else file_name
         path = self.model_dir / rel
-        if path not in self.files:
-            self.files[path] = BlobFile(path)
-        return self.files[path].read(offset, dtype, shape)
+        key = (path, offset, dtype, tuple(shape))
+        if key not in self.blobs:
+            if path not in self.files:
+                self.files[path] = BlobFile(path)
+            self.blobs[key] = self.files[path].read(offset, dtype, shape)
+        return self.blobs[key]
 
 
 # ------------------------------------------------------------------------------------------------ program

@@ -53,7 +53,8 @@ def example_bundle(root: Path, name: str = "tiny-example") -> tuple[Path, dict[s
         "attention": {"per_layer": ["infllm", "infllm"], "rope_per_layer": [True, True],
                       "sliding_window_per_layer": [None, None],
                       "infllm_v2": {"kernel_size": 32, "kernel_stride": 16, "init_blocks": 1, "block_size": 64,
-                                    "window_size": 2048, "topk": 64, "use_nope": False, "dense_len": 8192}},
+                                    "window_size": 2048, "topk": 64, "use_nope": False, "dense_len": 8192,
+                                    "score_rule": "upstream"}},
         "targets": {"executorch": {
             "file": "model.pte", "format_version": 1,
             "methods": ["forward", "get_bos_id", "get_eos_ids", "get_max_seq_len", "get_max_context_len"],

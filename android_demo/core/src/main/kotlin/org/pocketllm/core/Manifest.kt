@@ -23,6 +23,7 @@ object ManifestSchema {
     val TOKENIZER_KINDS = listOf("huggingface", "sentencepiece")
     val QUANT_SCHEMES = listOf("none", "any4", "int4", "nf4", "int8", "8da4w")
     val ATTENTION_KINDS = listOf("dense", "infllm", "sliding", "lightning")
+    val INFLLM_SCORE_RULES = listOf("upstream", "exact")  // how the .pte scores InfLLM v2 blocks (docs/infllm_v2.md)
     val DTYPES = listOf("int32", "int64", "float16", "bfloat16", "float32", "bool", "uint8", "int8")
     val COMPUTE_PRECISIONS = listOf("float16", "float32")
     val NUM_BOS = listOf(0L, 1L)

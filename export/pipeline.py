@@ -4,6 +4,10 @@ parses flags.
     request = ExportRequest(...)      every argument checked before any weight is read (`plan`)
     manifest = run_export(request)    one atomic bundle directory with every target's artifact
 
+InfLLM v2 scoring: `infllm_scores` ("upstream", the default, or "exact"; docs/infllm_v2.md step 3) is an export
+option, not a config key: the plan's spec carries it (SparseSpec.score_rule), the artifacts are built with it, and
+the manifest records it (attention.infllm_v2.score_rule), where parity reads it for the reference.
+
 Quantization: `--quant any4|int4|int8` writes a quantized checkpoint (export/quant) straight into the bundle's
 `reference/` folder; every target exports those weights and parity runs the numpy reference on them. `8da4w` is
 torchao's in-graph scheme (ExecuTorch only); the reference then holds the floating-point weights.
@@ -12,6 +16,7 @@ torchao's in-graph scheme (ExecuTorch only); the reference then holds the floati
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import resource
 import time
@@ -23,6 +28,7 @@ from pocketllm.export.atomic import atomic_directory
 from pocketllm.export.defaults import DEFAULT_PREFILL_CHUNK, resolve_max_context
 from pocketllm.export.errors import PocketllmError
 from pocketllm.export.quant.format import SCHEMES
+from pocketllm.export.spec import SCORE_RULES, ModelSpec
 
 PROJECT_SCHEMES = SCHEMES  # written as quantized checkpoints by export/quant
 
@@ -38,16 +44,31 @@ class ExportRequest:
     group_size: int | None = None
     calibration: Path | None = None
     force: bool = False
+    infllm_scores: str | None = None  # InfLLM v2 score rule (SCORE_RULES); None: "upstream" where InfLLM v2 is used
 
 
 @dataclass
 class ExportPlan:
-    """A validated request: the opened checkpoint, the targets and their options."""
+    """A validated request: the opened checkpoint, the spec to export (the checkpoint's, with the export options
+    that live in it), the targets and their options."""
 
     request: ExportRequest
     ckpt: Any  # export.checkpoint.Checkpoint
     max_context: int
     targets: list  # [(Target, options)]
+    spec: ModelSpec | None = None
+
+
+def with_score_rule(spec: ModelSpec, infllm_scores: str | None) -> ModelSpec:
+    """`spec` with its InfLLM v2 score rule set; refused for a model without InfLLM v2 layers (it would be ignored)."""
+    if infllm_scores is None:
+        return spec
+    if infllm_scores not in SCORE_RULES:
+        raise PocketllmError(f"--infllm-scores must be one of {', '.join(SCORE_RULES)} (got {infllm_scores!r})")
+    if spec.sparse is None or not any(layer.attention == "infllm" for layer in spec.layers):
+        raise PocketllmError("--infllm-scores applies to InfLLM v2 attention (a MiniCPM4 config with sparse_config); "
+                             "this model has none")
+    return dataclasses.replace(spec, sparse=dataclasses.replace(spec.sparse, score_rule=infllm_scores))
 
 
 def peak_rss_mib() -> float:
@@ -68,6 +89,7 @@ def plan(request: ExportRequest) -> ExportPlan:
     if request.calibration is not None and not Path(request.calibration).is_file():
         raise PocketllmError(f"{request.calibration}: calibration text file not found")
     ckpt = open_checkpoint(request.checkpoint)
+    spec = with_score_rule(ckpt.spec, request.infllm_scores)
     have = ckpt.quantization.scheme if ckpt.quantization is not None else None
     if have is not None and request.quant not in ("none", have):
         raise PocketllmError(f"{ckpt.dir} is already quantized with {have}; export it with --quant {have} "
@@ -80,7 +102,7 @@ def plan(request: ExportRequest) -> ExportPlan:
                                  group_size=request.group_size)
         target.check_sdk()
         chosen.append((target, options))
-    return ExportPlan(request=request, ckpt=ckpt, max_context=max_context, targets=chosen)
+    return ExportPlan(request=request, ckpt=ckpt, max_context=max_context, targets=chosen, spec=spec)
 
 
 def quant_summary(ckpt) -> dict:
@@ -108,7 +130,7 @@ def run_export(request: ExportRequest, stage: Callable[[str], Any] = no_stages) 
     from pocketllm.export.nn.load import load_model
 
     p = plan(request)
-    ckpt, spec, out = p.ckpt, p.ckpt.spec, Path(request.out)
+    ckpt, spec, out = p.ckpt, p.spec, Path(request.out)
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
     with atomic_directory(out, force=request.force) as tmp:
@@ -124,6 +146,7 @@ def run_export(request: ExportRequest, stage: Callable[[str], Any] = no_stages) 
         else:
             copy_reference(ckpt, reference)
         weights = open_checkpoint(reference)  # the weights every target exports and parity checks
+        weights.spec = with_score_rule(weights.spec, request.infllm_scores)  # built into the artifacts
         quant = quant_summary(weights)
         entries = {}
         for target, options in p.targets:

@@ -8,6 +8,7 @@ written from MODELS.md and shares no code with export/.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 from pocketllm.runtime_py.families import model_class
@@ -26,14 +27,22 @@ class ReferenceModel:
         return model_class(spec.family)(spec, weights, max_context=max_context)
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, max_context: int | None = None):
-        """Validate a HF-style checkpoint directory (export.checkpoint) and load its weights as float32."""
+    def from_checkpoint(cls, path: str | Path, max_context: int | None = None, score_rule: str | None = None):
+        """Validate a HF-style checkpoint directory (export.checkpoint) and load its weights as float32.
+
+        score_rule: the InfLLM v2 score rule to run with ("upstream" | "exact"), for a bundle exported with
+        `--infllm-scores`: it is an export option recorded in the manifest (attention.infllm_v2.score_rule), never a
+        config.json key, so whoever reads the manifest passes it (runtime_py/parity.py). None: the spec's (upstream).
+        """
         from pocketllm.export.checkpoint import open_checkpoint
         from pocketllm.runtime_py.weights import load_weights
 
         ckpt = open_checkpoint(path)
+        spec = ckpt.spec
+        if score_rule is not None and spec.sparse is not None:
+            spec = replace(spec, sparse=replace(spec.sparse, score_rule=score_rule))
         if ckpt.quantization is not None:  # packed 4/8-bit weights, dequantized by runtime_py/quant.py
             from pocketllm.runtime_py.quant import quantized_weight_loader
 
             load_weights = quantized_weight_loader(ckpt.quantization)  # noqa: F811
-        return cls(ckpt.spec, load_weights(ckpt.dir, ckpt.weight_map), max_context=max_context)
+        return cls(spec, load_weights(ckpt.dir, ckpt.weight_map), max_context=max_context)

@@ -120,8 +120,21 @@ def compare_engines(reference, engine, prompt_ids: list[int], steps: int, block_
     }
 
 
+def manifest_score_rule(manifest: dict) -> str | None:
+    """The InfLLM v2 score rule the bundle's artifacts use (an export option, so the manifest is where it lives; the
+    reference weights' config.json cannot say it). None when no layer is InfLLM v2."""
+    sparse = manifest.get("attention", {}).get("infllm_v2")
+    if sparse is None:
+        return None
+    if "score_rule" not in sparse:  # written before the rule was an option (its kernels took no score_rule)
+        raise PocketllmError("manifest.json: attention.infllm_v2 does not record its score_rule (a bundle from "
+                             "before InfLLM v2 score rules); re-export it")
+    return sparse["score_rule"]
+
+
 def reference_for(bundle: Path, manifest: dict, checkpoint: Path | None, max_context: int):
-    """The numpy reference on the bundle's reference weights (or on `checkpoint` when given)."""
+    """The numpy reference on the bundle's reference weights (or on `checkpoint` when given), scoring InfLLM v2 blocks
+    with the rule the manifest records."""
     from pocketllm.runtime_py import ReferenceModel
 
     if checkpoint is None:
@@ -131,7 +144,8 @@ def reference_for(bundle: Path, manifest: dict, checkpoint: Path | None, max_con
         path = bundle / ref["dir"]
     else:
         path = Path(checkpoint)
-    return ReferenceModel.from_checkpoint(path, max_context=max_context), path
+    return ReferenceModel.from_checkpoint(path, max_context=max_context, score_rule=manifest_score_rule(manifest)), \
+        path
 
 
 def run_parity(bundle: Path, *, target: str | None = None, prompts_file: Path | None = None, steps: int = 64,

@@ -30,6 +30,9 @@ def export(
                                       help="Most tokens per forward call (get_max_seq_len); longer prompts are "
                                            "prefilled in chunks."),
     threads: int = typer.Option(None, "--threads", help="CPU threads for torch."),
+    infllm_scores: str = typer.Option(None, "--infllm-scores", help="InfLLM v2 block scores: upstream (default: "
+                                      "LSE over the coarse compressed keys, as MiniCPM4 is trained and served) or "
+                                      "exact (softmax over the compressed keys); docs/infllm_v2.md."),
 ):
     """Export a checkpoint to a bundle: OUT/<artifacts>, tokenizer files, reference/ weights, manifest.json.
 
@@ -37,7 +40,8 @@ def export(
     `pocketllm parity` runs through the numpy reference. 8da4w is torchao/XNNPACK's scheme (ExecuTorch only).
     """
     _export(ExportRequest(checkpoint=checkpoint, out=out, targets=target, quant=quant, max_context=max_context,
-                          prefill_chunk=prefill_chunk, group_size=group_size, calibration=calibration, force=force),
+                          prefill_chunk=prefill_chunk, group_size=group_size, calibration=calibration, force=force,
+                          infllm_scores=infllm_scores),
             threads)
 
 

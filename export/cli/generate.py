@@ -48,7 +48,8 @@ def _generate(checkpoint, prompt, max_new_tokens, greedy, temperature, top_p, se
     if not ids:
         raise PocketllmError("--prompt is empty after tokenization")
     need = len(ids) + max_new_tokens
-    ctx = max_context or min(spec.max_position_embeddings, max(need, 256))
+    ctx = max_context or (spec.max_position_embeddings if bundle is not None else  # the bundle's
+                          min(spec.max_position_embeddings, DEFAULT_MAX_CONTEXT))
     if need > ctx:
         raise PocketllmError(f"prompt ({len(ids)} tokens) + --max-new-tokens ({max_new_tokens}) exceeds the "
                              f"context ({ctx}); lower --max-new-tokens or raise --max-context")
@@ -63,7 +64,7 @@ def _generate(checkpoint, prompt, max_new_tokens, greedy, temperature, top_p, se
     def on_token(token: int) -> None:
         nonlocal shown
         generated.append(token)
-        text = tok.decode(generated)
+        text = tok.decode_continuation(ids, generated)  # in context: SentencePiece drops a text's leading space
         if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
             out.write(text[len(shown):])
             out.flush()

@@ -43,7 +43,8 @@ def _logits(checkpoint, tokens, mode, engine_name, out, max_context, dtype, thre
     set_threads(threads)
     ckpt = open_source(checkpoint, bundle, engine_name, threads)
     ids = parse_tokens(tokens, ckpt.spec.vocab_size)
-    max_context = max_context or max(len(ids), 1)
+    max_context = max_context or (ckpt.spec.max_position_embeddings if bundle is not None else  # the bundle's
+                                  min(ckpt.spec.max_position_embeddings, DEFAULT_MAX_CONTEXT))
     max_context = min(max(max_context, len(ids)), ckpt.spec.max_position_embeddings)
     if len(ids) > max_context:
         raise PocketllmError(f"--tokens has {len(ids)} ids, more than the model's context ({max_context})")

@@ -185,7 +185,32 @@ def write_sentencepiece_tokenizer(out: Path, family: str, texts: Iterable[str], 
     (out / ADDED_FILE).write_text(json.dumps(added, indent=2) + "\n")
     hf = sentencepiece_to_tokenizers(model, added)
     hf.save(str(out / HF_FILE))
-    _write_configs(out, get_family(family).tokenizer, "LlamaTokenizer")
+    _write_llama_configs(out, get_family(family).tokenizer, model, added)
+
+
+def _write_llama_configs(out: Path, spec, model, added: dict[str, int]) -> None:
+    """tokenizer_config.json and special_tokens_map.json as upstream's LlamaTokenizer checkpoints ship them (the
+    released MiniCPM4-0.5B's keys): the control pieces and added tokens in `added_tokens_decoder`, the added tokens as
+    `additional_special_tokens`, and the first added token (<|im_end|>, the chat turn's end) as `eos_token`."""
+    def entry(text: str) -> dict:
+        return {"content": text, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False}
+
+    names = [t for t, _ in sorted(added.items(), key=lambda kv: kv[1])]
+    specials = {i: p.piece for i, p in enumerate(model.pieces) if p.type in (2, 3)}  # UNKNOWN, CONTROL
+    specials.update({i: t for t, i in added.items()})
+    eos = names[0] if names else spec.eos
+    cfg = {
+        "add_bos_token": spec.bos is not None, "add_eos_token": False, "add_prefix_space": None,
+        "added_tokens_decoder": {str(i): {**entry(t), "special": True} for i, t in sorted(specials.items())},
+        "additional_special_tokens": names, "bos_token": spec.bos, "chat_template": spec.chat_template,
+        "clean_up_tokenization_spaces": False, "eos_token": eos, "legacy": True, "model_max_length": int(1e30),
+        "pad_token": None, "sp_model_kwargs": {}, "spaces_between_special_tokens": False,
+        "tokenizer_class": "LlamaTokenizer", "unk_token": spec.unk, "use_default_system_prompt": False,
+    }
+    (out / CONFIG_FILE).write_text(json.dumps(cfg, indent=2) + "\n")
+    special_map = {"additional_special_tokens": names, "bos_token": entry(spec.bos), "eos_token": entry(eos),
+                   "unk_token": entry(spec.unk)}
+    (out / "special_tokens_map.json").write_text(json.dumps(special_map, indent=2) + "\n")
 
 
 def sentencepiece_to_tokenizers(model, added: dict[str, int]):

@@ -43,6 +43,14 @@ MAX_CONTEXT = 256
 PROMPTS = ["It is a truth universally acknowledged", "The quick brown fox"]
 NEW_TOKENS = 24
 UPSTREAM_TOKENIZER_FILES = {"tokenizer.model", "added_tokens.json", "tokenizer_config.json", "special_tokens_map.json"}
+# The released tokenizer_config.json's keys (LlamaTokenizer), and its special tokens.
+UPSTREAM_TOKENIZER_CONFIG_KEYS = {
+    "add_bos_token", "add_eos_token", "add_prefix_space", "added_tokens_decoder", "additional_special_tokens",
+    "bos_token", "chat_template", "clean_up_tokenization_spaces", "eos_token", "legacy", "model_max_length",
+    "pad_token", "sp_model_kwargs", "spaces_between_special_tokens", "tokenizer_class", "unk_token",
+    "use_default_system_prompt"}
+ADDED = ["<|im_end|>", "<|im_start|>", "<|tool_call|>", "<|execute_start|>", "<|execute_end|>", "<|fim_prefix|>",
+         "<|fim_middle|>", "<|fim_suffix|>"]
 runner = CliRunner()
 
 
@@ -100,6 +108,13 @@ def test_checkpoint_is_the_released_config_and_tokenizer_files(released):
     assert config["eos_token_id"] == [2, VOCAB - 8]
     names = {p.name for p in released.iterdir()}
     assert UPSTREAM_TOKENIZER_FILES <= names and "tokenizer.json" not in names
+    tok_cfg = json.loads((released / "tokenizer_config.json").read_text())
+    assert set(tok_cfg) == UPSTREAM_TOKENIZER_CONFIG_KEYS and tok_cfg["tokenizer_class"] == "LlamaTokenizer"
+    assert (tok_cfg["bos_token"], tok_cfg["eos_token"], tok_cfg["unk_token"]) == ("<s>", "<|im_end|>", "<unk>")
+    assert tok_cfg["additional_special_tokens"] == ADDED and tok_cfg["add_bos_token"] is True
+    assert {int(i): t["content"] for i, t in tok_cfg["added_tokens_decoder"].items()} == \
+        {0: "<unk>", 1: "<s>", 2: "</s>", **{VOCAB - 8 + k: t for k, t in enumerate(ADDED)}}
+    assert json.loads((released / "added_tokens.json").read_text()) == {t: VOCAB - 8 + k for k, t in enumerate(ADDED)}
 
 
 def test_loads(released):

@@ -247,8 +247,9 @@ def test_item4_minicpm_muP_keys_default_to_upstreams_1():
 def test_item4_every_optional_key_defaults_as_upstreams_config_class():
     """Each key upstream's config class defaults, absent, reads as that default: MiniCPM rope_theta 10000,
     rms_norm_eps 1e-6, tie_word_embeddings true, bos 1, max_position_embeddings 2048; SmallThinker rope_theta 1e6 (not
-    the released 1.5e6), tie_word_embeddings true, bos 151643, eos [151643, 151645]. Before: SmallThinker's
-    rope_theta defaulted to 1.5e6, and its bos/eos to none."""
+    the released 1.5e6), tie_word_embeddings true, bos 151643, eos [151643, 151645]. Before: MiniCPM's
+    max_position_embeddings was required (error), SmallThinker's rope_theta defaulted to 1.5e6 and its bos/eos to
+    none."""
     for family, preset, defaults in (("minicpm4", "tiny", MINICPM_CONFIG_KEYS),
                                      ("smallthinker", "tiny", SMALLTHINKER_CONFIG_KEYS)):
         full = preset_config(family, preset)
@@ -286,7 +287,8 @@ def test_item5_every_written_config_carries_every_key_upstream_reads_and_loads_a
       asserts hold (heads % kv_heads == 0, one rope_layout and sliding_window_layout entry per layer).
     - MiniMax: every MiniMaxConfig key; transformers' own MiniMaxConfig(**config) holds every value as written.
     And pocketllm reads the file exactly as it reads the attributes upstream's class holds (our defaults are its).
-    Before: `init-checkpoint --arch smallthinker` wrote no output_router_logits (upstream: AttributeError)."""
+    Before: `init-checkpoint --arch smallthinker` wrote no output_router_logits (upstream: AttributeError), nor
+    model_name, pad_token_id, use_cache; MiniCPM4 and MiniMax configs had no use_cache."""
     if family == "minicpm4":
         allowed_absent = set(MINICPM_CONFIG_KEYS) - set(RELEASED_0_5B_CONFIG)
         missing = set(MINICPM_CONFIG_KEYS) - set(config) - allowed_absent
@@ -371,7 +373,8 @@ def test_item7_default_score_rule_is_upstreams_lse_over_coarse_keys_kernel_4x():
 
 def test_item7_export_option_sets_the_rule_in_the_plan_and_refuses_models_without_infllm(tiny_dirs, tmp_path):
     """`export --infllm-scores upstream|exact` sets SparseSpec.score_rule of the exported spec (upstream when not
-    given); on a model without InfLLM v2 it is refused (it would be ignored); a bad name is one line."""
+    given); on a model without InfLLM v2 it is refused (it would be ignored); a bad name is one line. Before: no
+    such option (and no export pipeline module)."""
     from pocketllm.export.pipeline import ExportRequest, plan
 
     ckpt = tiny_dirs["minicpm4_sparse"]
@@ -386,7 +389,8 @@ def test_item7_export_option_sets_the_rule_in_the_plan_and_refuses_models_withou
 
 def test_item7_parity_runs_the_reference_with_the_manifests_score_rule(tiny_dirs):
     """The rule is not a config key, so the bundle's reference/config.json cannot carry it: parity reads
-    manifest attention.infllm_v2.score_rule and passes it to the numpy reference."""
+    manifest attention.infllm_v2.score_rule and passes it to the numpy reference. Before: no score rule anywhere
+    (runtime_py had no parity module: parity lived in the CLI)."""
     from pocketllm.runtime_py.parity import manifest_score_rule, reference_for
 
     manifest = {"attention": {"infllm_v2": {"score_rule": "exact"}}}

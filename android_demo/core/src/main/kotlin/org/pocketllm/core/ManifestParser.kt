@@ -178,7 +178,7 @@ object ManifestParser {
             s.closed(*keys)
             s.long("kernel_size", 1); s.long("kernel_stride", 1); s.long("init_blocks", 0); s.long("block_size", 1)
             s.long("window_size", 0); s.long("topk", 1); s.bool("use_nope"); s.long("dense_len", -1)
-            s.oneOf("score_rule", ManifestSchema.INFLLM_SCORE_RULES)
+            s.oneOf("score_rule", ManifestSchema.SCORE_RULES)
         }
         var lightning: List<Long> = emptyList()
         if (o.has("lightning")) {

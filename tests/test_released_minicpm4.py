@@ -34,7 +34,7 @@ from pocketllm.export.families.minicpm4.presets import released_like
 from pocketllm.export.init_checkpoint import random_tensors, write_random_tokenizer
 from pocketllm.export.tokenizer import load_tokenizer
 from tests.families.test_upstream_fidelity import RELEASED_0_5B_CONFIG
-from tests.test_executorch_kernels import build_kernels
+from tests.kernels import build_kernels
 
 VOCAB = 608  # 600 SentencePiece pieces + the 8 added tokens
 SHAPE = dict(vocab_size=VOCAB, hidden_size=128, intermediate_size=256, num_hidden_layers=1, num_attention_heads=2,

@@ -355,13 +355,13 @@ def test_item6_smallthinker_4b_a0_6b_preset_is_the_released_config():
 
 # ------------------------------------------------------------------------------------------------ item 7
 # InfLLM v2 scores, upstream's rule p_h[j] = exp(q . Kc1[j] / sqrt(d) - LSE_h(q . Kc2 / sqrt(d))) by default, the
-# exact softmax over Kc1 kept as an option. Tests:
-#   tests/test_reference_infllm.py::test_upstream_scores_are_exp_q_kc1_minus_lse_of_q_kc2_and_pick_other_blocks_than_the_exact_softmax
-#   tests/test_reference_infllm.py::test_the_score_rule_is_ours_not_a_config_key
-#   tests/test_reference_infllm.py::test_vectorised_selection_equals_a_per_query_reading_of_the_doc (both rules)
-#   tests/test_executorch_kernels.py::test_infllm_block_scores_are_bit_identical_in_all_three_engines (C++ kernel,
-#     torch op, numpy reference: bit-identical scores on long random contexts, decode and prefill, GQA 2, 8, 16)
-#   tests/test_torch_vs_reference.py::test_selected_blocks_match_reference_exactly, ..._score_rules_select_differently
+# exact softmax over Kc1 kept as an option. Tests (tests/ops/test_infllm_attention.py):
+#   test_upstream_scores_are_exp_q_kc1_minus_lse_of_q_kc2_and_pick_other_blocks_than_the_exact_softmax
+#   test_the_score_rule_is_ours_not_a_config_key
+#   test_vectorised_selection_equals_a_per_query_reading_of_the_doc (both rules)
+#   test_infllm_block_scores_are_bit_identical_in_all_three_engines (C++ kernel, torch op, numpy reference:
+#     bit-identical scores on long random contexts, decode and prefill chunks, GQA groups of 2, 8 and 16)
+#   test_selected_blocks_match_reference_exactly, test_the_score_rules_select_differently_on_random_data
 # and below: the rule reaches bundles (export option, manifest, parity).
 def test_item7_default_score_rule_is_upstreams_lse_over_coarse_keys_kernel_4x():
     """Upstream's stage-1 normaliser LSE_h is taken over coarse compressed keys Kc2 of kernel 4 * 32 = 128 and stride
@@ -407,7 +407,7 @@ def test_item7_an_exact_scores_bundle_records_its_rule_and_passes_parity_on_it(t
     """End to end: `export --infllm-scores exact` builds the exact rule into the .pte (C++ kernel), records it in the
     manifest, and parity (reference on the exact rule too) passes with InfLLM v2 dropping blocks."""
     from tests.test_executorch_export import MAX_CONTEXT, configs, make_checkpoint
-    from tests.test_executorch_kernels import build_kernels
+    from tests.kernels import build_kernels
 
     build_kernels()
     ckpt = make_checkpoint(tmp_path / "ckpt", configs()["minicpm4_infllm"], seed=11)

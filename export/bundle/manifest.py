@@ -19,6 +19,7 @@ from pocketllm.export.atomic import write_json
 from pocketllm.export.bundle.reference import REFERENCE_DIR
 from pocketllm.export.bundle.tokenizer import adds_bos, chat_template
 from pocketllm.export.errors import PocketllmError
+from pocketllm.export.paths import require_dir
 from pocketllm.export.spec import ModelSpec
 
 SCHEMA_VERSION = 2
@@ -131,8 +132,7 @@ def read_manifest(bundle: str | Path, verify: bool = True, verify_reference: boo
     verify_reference: the reference weights' too (parity)."""
     bundle = Path(bundle)
     path = bundle / MANIFEST
-    if not bundle.is_dir():
-        raise PocketllmError(f"{bundle}: bundle directory not found")
+    require_dir(bundle, "bundle directory")
     if not path.is_file():
         raise PocketllmError(f"{path}: manifest not found (is {bundle} a bundle written by `pocketllm export`?)")
     try:

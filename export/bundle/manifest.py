@@ -15,6 +15,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from pocketllm.export import version
 from pocketllm.export.atomic import write_json
 from pocketllm.export.bundle.reference import REFERENCE_DIR
 from pocketllm.export.bundle.tokenizer import adds_bos, chat_template
@@ -25,7 +26,7 @@ from pocketllm.export.spec import ModelSpec
 SCHEMA_VERSION = 2
 MANIFEST = "manifest.json"
 PARITY_FILE = "parity.json"
-GENERATOR = {"name": "pocketllm", "version": "0.2.0"}
+GENERATOR = {"name": "pocketllm", "version": version()}
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:

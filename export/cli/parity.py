@@ -69,7 +69,7 @@ def _print_report(bundle: Path, report: dict) -> None:
     cut = [(i, p) for i, p in enumerate(report["prompts"]) if p["prompt_truncated"]]
     for i, p in cut:
         console.print(f"* prompt {i}: {p['prompt_tokens_full']} tokens, cut to its first {p['prompt_tokens']} to "
-                      f"fit the bundle's context with {p['steps']} steps", highlight=False)
+                      f"fit the bundle's context with {p['steps']} steps", highlight=False, soft_wrap=True)
     verdict = "PASS" if report["passed"] else "FAIL"
     if report.get("saved", True):
         where = f"wrote {Path(bundle) / 'parity.json'}"

@@ -27,9 +27,9 @@ class ExecutorchTarget(Target):
 
     def warnings(self, options) -> list[str]:
         if options.quant in IN_GRAPH_DEQUANT:
-            return [f"{options.quant} weights: ExecuTorch dequantizes them inside the graph on every call "
-                    "(portable kernels): correct, but decoding is ~40x slower than fp32; any4 (pocketllm's kernel) or "
-                    "8da4w (XNNPACK) are the fast 4-bit choices"]
+            return [f"{options.quant} weights: ExecuTorch dequantizes them inside the graph on every call (portable "
+                    "kernels): correct, but decoding is many times slower than fp32 (~40x on tiny-austen); any4 "
+                    "(pocketllm's kernel) or 8da4w (XNNPACK) are the fast 4-bit choices"]
         return []
 
     def export(self, model, spec, options, out_dir, stage):

@@ -80,8 +80,9 @@ def plan(request: ExportRequest) -> ExportPlan:
         from pocketllm.export.quant.recipe import default_recipe
 
         calibration_text(None if calibration is None else str(calibration))
-        recipe = default_recipe(request.quant, request.group_size, keep_float=get_family(ckpt.spec.family).float_modules)
-        recipe.plan(expected_tensors(ckpt.spec), "--group-size")
+        float_modules = get_family(ckpt.spec.family).float_modules
+        default_recipe(request.quant, request.group_size, keep_float=float_modules).plan(
+            expected_tensors(ckpt.spec), "--group-size")
     max_context = resolve_max_context(ckpt.spec, request.max_context)
     quant = have or request.quant
     chosen, warnings = [], []

@@ -14,8 +14,8 @@ from rich.table import Table
 from pocketllm.export.cli.common import console, set_threads, threads_option, user_errors
 from pocketllm.export.cli.engines import make_engine, open_source
 from pocketllm.export.cli.run_options import (DType, Engine, bundle_option, check_context, check_engine,
-                                              check_sampling, checkpoint_option, dtype_option, engine_option,
-                                              max_context_option)
+                                              compute_dtype, check_sampling, checkpoint_option, dtype_option,
+                                              engine_option, max_context_option)
 from pocketllm.export.defaults import DEFAULT_TEMPERATURE, DEFAULT_TOP_P
 from pocketllm.export.errors import PocketllmError
 from pocketllm.export.tokenizer import load_tokenizer
@@ -58,7 +58,7 @@ def _generate(checkpoint, prompt, max_new_tokens, greedy, temperature, top_p, se
     need = len(ids) + max_new_tokens
     ctx = check_context(source, max_context, need, f"the prompt ({len(ids)} tokens) + --max-new-tokens "
                         f"({max_new_tokens})", "lower --max-new-tokens or shorten the prompt", default=max(need, 256))
-    engine = make_engine(engine_name, source, ctx, None if dtype in (None, "auto") else dtype)
+    engine = make_engine(engine_name, source, ctx, compute_dtype(dtype))
 
     out = sys.stdout
     out.write(prompt)

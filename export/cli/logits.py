@@ -12,8 +12,8 @@ from pocketllm.export.atomic import atomic_write
 from pocketllm.export.cli.common import console, set_threads, threads_option, user_errors
 from pocketllm.export.cli.engines import make_engine, open_source
 from pocketllm.export.cli.run_options import (DType, Engine, bundle_option, check_context, check_engine,
-                                              checkpoint_option, dtype_option, engine_option, max_context_option,
-                                              parse_tokens)
+                                              compute_dtype, checkpoint_option, dtype_option, engine_option,
+                                              max_context_option, parse_tokens)
 from pocketllm.export.outputs import check_out_file
 from pocketllm.runtime_py.evaluate import run_logits
 
@@ -48,7 +48,7 @@ def _logits(checkpoint, tokens, mode, engine_name, out, max_context, dtype, thre
     ids = parse_tokens(tokens, source.spec.vocab_size)
     ctx = check_context(source, max_context, len(ids), f"--tokens ({len(ids)} ids)", "pass fewer --tokens",
                         default=len(ids))
-    engine = make_engine(engine_name, source, ctx, None if dtype in (None, "auto") else dtype)
+    engine = make_engine(engine_name, source, ctx, compute_dtype(dtype))
     result = run_logits(engine, ids, mode)
     atomic_write(out, lambda tmp: _save_npy(tmp, result))
     console.print(f"wrote {out} {list(result.shape)} float32 ({engine_name}, {mode})", highlight=False)

@@ -15,7 +15,7 @@ from pocketllm.export.atomic import atomic_write
 from pocketllm.export.cli.common import console, set_threads, threads_option, user_errors
 from pocketllm.export.cli.engines import make_engine, open_source
 from pocketllm.export.cli.run_options import (DType, Engine, bundle_option, check_context, check_engine,
-                                              checkpoint_option, dtype_option, engine_option)
+                                              compute_dtype, checkpoint_option, dtype_option, engine_option)
 from pocketllm.export.errors import PocketllmError
 from pocketllm.export.outputs import check_out_file
 from pocketllm.export.paths import read_text_file
@@ -57,7 +57,7 @@ def _perplexity(checkpoint, text, context, max_tokens, engine_name, dtype, json_
         ids = ids[:max_tokens]
     if len(ids) + (spec.bos_token_id is not None) < 2:
         raise PocketllmError(f"{text}: nothing to score ({len(ids)} token(s) after tokenization; a window needs 2)")
-    engine = make_engine(engine_name, source, context, None if dtype in (None, "auto") else dtype)
+    engine = make_engine(engine_name, source, context, compute_dtype(dtype))
     t0 = time.perf_counter()
     with Progress(console=console, transient=True) as bar:
         task = bar.add_task("scoring", total=len(ids))

@@ -65,6 +65,11 @@ def check_engine(engine: str, checkpoint: Path | None, bundle: Path | None, dtyp
         raise PocketllmError(f"--dtype {dtype} applies to the torch engine only ({what})")
 
 
+def compute_dtype(dtype: str | None) -> str | None:
+    """--dtype as the torch engine takes it: fp32 unless given; None (auto) = the checkpoint's."""
+    return "fp32" if dtype is None else None if dtype == "auto" else dtype
+
+
 def check_sampling(greedy: bool, temperature: float | None, top_p: float | None) -> tuple[float, float]:
     """(temperature, top_p) to sample with; --greedy with either is refused (they would be ignored)."""
     if greedy:

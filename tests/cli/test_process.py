@@ -58,3 +58,19 @@ def test_run_commands_print_no_third_party_noise(nf4_bundle):
         proc = pocketllm(*args, env={"OMP_NUM_THREADS": "1"})
         assert proc.returncode == 0, proc.stderr
         assert noise(proc.stderr) == [], args
+
+
+SDK_IMPORTS = """
+import pocketllm.export.cli.main
+import coremltools, onnxscript, torchao
+from pocketllm.runtime_py.runners.executorch import set_threads
+set_threads(1)  # creates ExecuTorch's thread pool: its CPU probe logs natively
+"""
+
+
+def test_sdk_imports_are_quiet():
+    """What the SDKs print when they load (coremltools' version checks, torchao's GPU libraries, torch's pytree
+    notes, ExecuTorch's CPU probe) is filtered once the CLI has started, for the targets to come too."""
+    proc = subprocess.run([sys.executable, "-c", SDK_IMPORTS], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == ""

@@ -50,11 +50,15 @@ def test_export_prints_no_third_party_noise(nf4_bundle):
     assert re.search(r"│ total\s+│\s+[\d.]+ │", stderr)
 
 
-def test_run_commands_print_no_third_party_noise(nf4_bundle):
-    _, bundle, _ = nf4_bundle
+def test_other_commands_print_no_third_party_noise(nf4_bundle, bundle_copy, tmp_path):
+    ckpt, bundle, _ = nf4_bundle
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("The quick brown fox\n")
     for args in (["generate", "--engine", "executorch", "--bundle", bundle, "--prompt", "The quick", "--greedy",
                   "--max-new-tokens", "4", "--threads", "1"],
-                 ["generate", "--checkpoint", TINY_AUSTEN, "--prompt", "It is", "--greedy", "--max-new-tokens", "4"]):
+                 ["generate", "--checkpoint", TINY_AUSTEN, "--prompt", "It is", "--greedy", "--max-new-tokens", "4"],
+                 ["parity", bundle_copy, "--prompts", prompts, "--steps", "2"],
+                 ["quantize", "--checkpoint", ckpt, "--scheme", "int8", "--out", tmp_path / "q"]):
         proc = pocketllm(*args, env={"OMP_NUM_THREADS": "1"})
         assert proc.returncode == 0, proc.stderr
         assert noise(proc.stderr) == [], args

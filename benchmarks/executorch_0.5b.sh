@@ -25,10 +25,10 @@ fi
 # The same quantized weights with dense attention (sparse_config removed): llama::custom_sdpa.
 if [ ! -f "$B/any4-dense/manifest.json" ]; then
   rm -rf "$B/any4-dense-ckpt" && mkdir "$B/any4-dense-ckpt"
-  for f in "$B"/any4.any4-checkpoint/*; do ln -s "$(realpath "$f")" "$B/any4-dense-ckpt/"; done
+  for f in "$B"/any4/reference/*; do ln -s "$(realpath "$f")" "$B/any4-dense-ckpt/"; done
   rm "$B/any4-dense-ckpt/config.json"
   .venv/bin/python -c "import json,sys; c=json.load(open(sys.argv[1])); c.pop('sparse_config'); \
-json.dump(c, open(sys.argv[2], 'w'), indent=2)" "$B/any4.any4-checkpoint/config.json" "$B/any4-dense-ckpt/config.json"
+json.dump(c, open(sys.argv[2], 'w'), indent=2)" "$B/any4/reference/config.json" "$B/any4-dense-ckpt/config.json"
   $P export --checkpoint "$B/any4-dense-ckpt" --target executorch --max-context 16640 --out "$B/any4-dense" \
       --force --threads 2
 fi

@@ -8,7 +8,7 @@ InfLLM v2 scoring: `infllm_scores` ("upstream", the default, or "exact"; docs/in
 option, not a config key: the plan's spec carries it (SparseSpec.score_rule), the artifacts are built with it, and
 the manifest records it (attention.infllm_v2.score_rule), where parity reads it for the reference.
 
-Quantization: `--quant any4|int4|int8` writes a quantized checkpoint (export/quant) straight into the bundle's
+Quantization: `--quant any4|int4|nf4|int8` writes a quantized checkpoint (export/quant) straight into the bundle's
 `reference/` folder; every target exports those weights and parity runs the numpy reference on them. `8da4w` is
 torchao's in-graph scheme (ExecuTorch only); the reference then holds the floating-point weights.
 """
@@ -27,6 +27,7 @@ from typing import Any, Callable
 from pocketllm.export.atomic import atomic_directory
 from pocketllm.export.defaults import DEFAULT_PREFILL_CHUNK, resolve_max_context
 from pocketllm.export.errors import PocketllmError
+from pocketllm.export.outputs import check_out_dir
 from pocketllm.export.quant.format import SCHEMES
 from pocketllm.export.spec import SCORE_RULES, ModelSpec
 
@@ -42,7 +43,7 @@ class ExportRequest:
     max_context: int | None = None
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK
     group_size: int | None = None
-    calibration: Path | None = None
+    calibration: str | Path | None = None  # any4 calibration: text, or a path to a UTF-8 text file (as quantize)
     force: bool = False
     infllm_scores: str | None = None  # InfLLM v2 score rule (SCORE_RULES); None: "upstream" where InfLLM v2 is used
 
@@ -56,6 +57,7 @@ class ExportPlan:
     ckpt: Any  # export.checkpoint.Checkpoint
     max_context: int
     targets: list  # [(Target, options)]
+    warnings: list[str]  # one line each, for the user before the export starts (e.g. slow in-graph dequantization)
     spec: ModelSpec | None = None
 
 
@@ -83,26 +85,36 @@ def plan(request: ExportRequest) -> ExportPlan:
     targets = parse_targets(request.targets)
     if request.quant == "8da4w" and [t.name for t in targets] != ["executorch"]:
         raise PocketllmError("--quant 8da4w is ExecuTorch's in-graph scheme: use it with --target executorch alone")
-    out = Path(request.out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not request.force:
-        raise PocketllmError(f"{out}: already exists and is not empty (pass --force to replace it)")
-    if request.calibration is not None and not Path(request.calibration).is_file():
-        raise PocketllmError(f"{request.calibration}: calibration text file not found")
+    calibration = request.calibration
+    calibration_file = Path(calibration) if calibration and Path(calibration).is_file() else None
+    check_out_dir(Path(request.out), force=request.force,
+                  inputs={"--checkpoint": request.checkpoint, "--calibration": calibration_file})
     ckpt = open_checkpoint(request.checkpoint)
     spec = with_score_rule(ckpt.spec, request.infllm_scores)
     have = ckpt.quantization.scheme if ckpt.quantization is not None else None
     if have is not None and request.quant not in ("none", have):
         raise PocketllmError(f"{ckpt.dir} is already quantized with {have}; export it with --quant {have} "
                              "(or quantize the floating-point checkpoint)")
+    if have is None and request.quant in PROJECT_SCHEMES:  # what quantize_checkpoint will check, before any weight
+        from pocketllm.export.checkpoint import expected_tensors
+        from pocketllm.export.families import get_family
+        from pocketllm.export.quant.calibrate import calibration_text
+        from pocketllm.export.quant.recipe import default_recipe
+
+        calibration_text(None if calibration is None else str(calibration))
+        float_modules = get_family(ckpt.spec.family).float_modules
+        default_recipe(request.quant, request.group_size, keep_float=float_modules).plan(
+            expected_tensors(ckpt.spec), "--group-size")
     max_context = resolve_max_context(ckpt.spec, request.max_context)
     quant = have or request.quant
-    chosen = []
+    chosen, warnings = [], []
     for target in targets:
         options = target.options(max_context=max_context, quant=quant, prefill_chunk=request.prefill_chunk,
                                  group_size=request.group_size)
         target.check_sdk()
         chosen.append((target, options))
-    return ExportPlan(request=request, ckpt=ckpt, max_context=max_context, targets=chosen, spec=spec)
+        warnings += target.warnings(options)
+    return ExportPlan(request=request, ckpt=ckpt, max_context=max_context, targets=chosen, warnings=warnings, spec=spec)
 
 
 def quant_summary(ckpt) -> dict:
@@ -119,9 +131,10 @@ def no_stages(name: str):
     yield
 
 
-def run_export(request: ExportRequest, stage: Callable[[str], Any] = no_stages) -> dict:
+def run_export(request: ExportRequest | ExportPlan, stage: Callable[[str], Any] = no_stages) -> dict:
     """Write the bundle `request.out` atomically; returns its manifest. stage(name) is a context-manager factory
-    for progress display ("quantize", "load", "export", "lower", ...)."""
+    for progress display ("quantize", "load", "export", "lower", ...). Takes a request, or the plan of one (the
+    CLI plans first, to show the plan's warnings before the long part)."""
     from pocketllm.export.bundle.chat import chat_for_manifest
     from pocketllm.export.bundle.manifest import write_manifest
     from pocketllm.export.bundle.reference import REFERENCE_DIR, copy_reference
@@ -129,7 +142,8 @@ def run_export(request: ExportRequest, stage: Callable[[str], Any] = no_stages) 
     from pocketllm.export.checkpoint import open_checkpoint
     from pocketllm.export.nn.load import load_model
 
-    p = plan(request)
+    p = request if isinstance(request, ExportPlan) else plan(request)
+    request = p.request
     ckpt, spec, out = p.ckpt, p.spec, Path(request.out)
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
@@ -140,8 +154,8 @@ def run_export(request: ExportRequest, stage: Callable[[str], Any] = no_stages) 
 
             t0 = time.perf_counter()
             with stage("quantize"):
-                text = Path(request.calibration).read_text(encoding="utf-8") if request.calibration else None
-                quantize_checkpoint(ckpt, reference, request.quant, group_size=request.group_size, calibration=text)
+                quantize_checkpoint(ckpt, reference, request.quant, group_size=request.group_size,
+                                    calibration=None if request.calibration is None else str(request.calibration))
             timings["quantize_s"] = time.perf_counter() - t0
         else:
             copy_reference(ckpt, reference)
@@ -166,7 +180,7 @@ def run_export(request: ExportRequest, stage: Callable[[str], Any] = no_stages) 
             targets=entries, chat=chat_for_manifest(tmp, spec.eos_token_ids)[1],
             source={"checkpoint": Path(request.checkpoint).resolve().name, "weight_dtype": ckpt.weight_dtype,
                     "config_sha256": config_sha,
-                    "calibration": Path(request.calibration).name if request.calibration else None},
+                    "calibration": (quant.get("calibration") or {}).get("source")},  # builtin | file:NAME | text
             extra={"export": {"timings": {k: round(v, 2) for k, v in timings.items()},
                               "peak_rss_mib": peak_rss_mib()}})
     return manifest

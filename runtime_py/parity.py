@@ -58,9 +58,10 @@ MIN_TOP1_UNMATCHED = 0.9
 def read_prompts(path: Path | None) -> list[str]:
     if path is None:
         return list(DEFAULT_PROMPTS)
-    if not Path(path).is_file():
-        raise PocketllmError(f"{path}: prompts file not found")
-    lines = [line.replace("\\n", "\n") for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    from pocketllm.export.paths import read_text_file
+
+    text = read_text_file(Path(path), "prompts file")
+    lines = [line.replace("\\n", "\n") for line in text.splitlines() if line.strip()]
     if not lines:
         raise PocketllmError(f"{path}: no prompts (one per line)")
     return lines
@@ -152,14 +153,24 @@ def run_parity(bundle: Path, *, target: str | None = None, prompts_file: Path | 
                checkpoint: Path | None = None, tolerance: float | None = None, threads: int | None = None,
                engine=None, progress=None) -> dict:
     """Compare the bundle's `target` artifact (default: its first) with the reference; writes BUNDLE/parity.json
-    (one section per target) and the summary into manifest.json. progress(done, total) after each prompt."""
+    (one section per target) and the summary into manifest.json. progress(done, total) after each prompt.
+
+    The bundle keeps its most thorough record per target: a run that compares fewer greedy steps in all (prompts x
+    steps) than the saved report is returned with `saved: False` and `kept` (the saved report's size), and
+    nothing in the bundle changes. Prompts longer than the bundle's context allows (with `steps`) keep their
+    beginning; each report says so (`prompt_truncated`, `prompt_tokens_full`)."""
     from pocketllm.export.atomic import write_json
-    from pocketllm.export.bundle.manifest import PARITY_FILE, add_parity, read_manifest
+    from pocketllm.export.bundle.manifest import MANIFEST, PARITY_FILE, add_parity, read_manifest
+    from pocketllm.export.outputs import check_out_file
     from pocketllm.export.tokenizer import load_tokenizer
     from pocketllm.runtime_py.runners import open_runner
 
     bundle = Path(bundle)
+    for name in (PARITY_FILE, MANIFEST):  # what parity rewrites must not be one of its inputs
+        check_out_file(bundle / name, f"parity's {name}",
+                       inputs={"--prompts": prompts_file, "--checkpoint": checkpoint})
     manifest = read_manifest(bundle, verify=True, verify_reference=checkpoint is None)
+    prompts = read_prompts(prompts_file)  # before any model is loaded
     target = target or next(iter(manifest.get("targets", {})), None)
     max_context = int(manifest["model"]["max_context"])
     engine = engine or open_runner(bundle, target, threads=threads, verify=False)
@@ -173,14 +184,14 @@ def run_parity(bundle: Path, *, target: str | None = None, prompts_file: Path | 
 
     t0 = time.perf_counter()
     results = []
-    prompts = read_prompts(prompts_file)
     for i, text in enumerate(prompts):
         ids = tok.encode(text)
         n = min(steps, max_context - 1)
         truncated = len(ids) + n > max_context
-        ids = ids[:max_context - n]  # a prompt longer than the bundle's context keeps its beginning
+        full = len(ids)
+        ids = ids[:max_context - n]  # a prompt longer than the bundle's context keeps its beginning (reported)
         r = compare_engines(reference, engine, ids, n, block)
-        r["prompt"], r["prompt_truncated"] = text[:80], truncated
+        r["prompt"], r["prompt_truncated"], r["prompt_tokens_full"] = text[:80], truncated, full
         results.append(r)
         if progress:
             progress(i + 1, len(prompts))
@@ -199,11 +210,36 @@ def run_parity(bundle: Path, *, target: str | None = None, prompts_file: Path | 
         "infllm_engaged": any(r["infllm_engaged"] for r in results) if block else None,
         "seconds": round(time.perf_counter() - t0, 2), "prompts": results,
     }
+    saved = _saved_report(bundle / PARITY_FILE, target)
+    report["compared_steps"] = _compared_steps(report)
+    if saved is not None and _compared_steps(saved) > report["compared_steps"]:
+        # a quicker check never replaces a more thorough record: it is returned, and the saved one stays
+        report["saved"] = False
+        report["kept"] = {"steps": saved.get("steps"), "prompts": len(saved.get("prompts", [])),
+                          "compared_steps": _compared_steps(saved), "passed": saved.get("passed")}
+        return report
+    report["saved"] = True
     write_json(bundle / PARITY_FILE, _merged_report(bundle / PARITY_FILE, target, report))
     add_parity(bundle, target, {k: report[k] for k in ("passed", "max_abs_delta", "top1_agreement",
                                                        "continuations_identical", "tolerance", "steps",
                                                        "infllm_engaged")} | {"prompts": len(results)})
     return report
+
+
+def _compared_steps(report: dict) -> int:
+    """How thorough a parity report is: greedy steps compared, summed over its prompts."""
+    return sum(int(p.get("steps", 0)) for p in report.get("prompts", []))
+
+
+def _saved_report(path: Path, target: str) -> dict | None:
+    import json
+
+    try:
+        reports = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    report = reports.get(target) if isinstance(reports, dict) else None
+    return report if isinstance(report, dict) else None
 
 
 def _merged_report(path: Path, target: str, report: dict) -> dict:

@@ -67,6 +67,10 @@ class Target:
     def check_sdk(self) -> None:
         """Fail with one line naming what to install when the target's SDK is missing."""
 
+    def warnings(self, options) -> list[str]:
+        """One-line notes the user should read before exporting with these options (valid but surprising)."""
+        return []
+
     def export(self, model, spec, options, out_dir: Path, stage: Callable[[str], Any]) -> dict[str, Any]:
         """Write the artifact into out_dir; return the manifest's `targets.<name>` entry."""
         raise NotImplementedError

@@ -11,7 +11,7 @@ from typing import Iterable
 
 import torch
 
-from pocketllm.export.checkpoint import CONFIG, INDEX_FILE, SINGLE_FILE
+from pocketllm.export.checkpoint import CHECKPOINT_MARK, CONFIG, INDEX_FILE, SINGLE_FILE
 
 DEFAULT_SHARD_BYTES = 2 * 1024**3
 
@@ -22,7 +22,8 @@ def write_config(out: Path, config: dict) -> None:
 
 def write_weights(out: Path, tensors: Iterable[tuple[str, torch.Tensor]], shard_bytes: int = DEFAULT_SHARD_BYTES,
                   total_bytes: int | None = None, progress=None) -> None:
-    """Save tensors as model.safetensors, or as numbered shards + index when they exceed `shard_bytes`."""
+    """Save tensors as model.safetensors, or as numbered shards + index when they exceed `shard_bytes`; every
+    shard's metadata carries CHECKPOINT_MARK (what `--force` recognises as a checkpoint pocketllm wrote)."""
     from safetensors.torch import save_file
 
     single = total_bytes is not None and total_bytes <= shard_bytes
@@ -37,7 +38,7 @@ def write_weights(out: Path, tensors: Iterable[tuple[str, torch.Tensor]], shard_
         if not pending:
             return
         name = f"shard-{len(tmp_names):05d}.tmp"
-        save_file(pending, str(out / name), metadata={"format": "pt"})
+        save_file(pending, str(out / name), metadata={"format": "pt", **CHECKPOINT_MARK})
         tmp_names.append(name)
         shards.append(list(pending))
         pending, pending_bytes = {}, 0

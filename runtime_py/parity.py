@@ -58,9 +58,10 @@ MIN_TOP1_UNMATCHED = 0.9
 def read_prompts(path: Path | None) -> list[str]:
     if path is None:
         return list(DEFAULT_PROMPTS)
-    if not Path(path).is_file():
-        raise PocketllmError(f"{path}: prompts file not found")
-    lines = [line.replace("\\n", "\n") for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    from pocketllm.export.paths import read_text_file
+
+    text = read_text_file(Path(path), "prompts file")
+    lines = [line.replace("\\n", "\n") for line in text.splitlines() if line.strip()]
     if not lines:
         raise PocketllmError(f"{path}: no prompts (one per line)")
     return lines
@@ -146,10 +147,23 @@ def compare_engines(reference, engine, prompt_ids: list[int], steps: int, block_
     }
 
 
+def manifest_score_rule(manifest: dict) -> str | None:
+    """The InfLLM v2 score rule the bundle's artifacts use (an export option, so the manifest is where it lives; the
+    reference weights' config.json cannot say it). None when no layer is InfLLM v2."""
+    sparse = manifest.get("attention", {}).get("infllm_v2")
+    if sparse is None:
+        return None
+    if "score_rule" not in sparse:  # written before the rule was an option (its kernels took no score_rule)
+        raise PocketllmError("manifest.json: attention.infllm_v2 does not record its score_rule (a bundle from "
+                             "before InfLLM v2 score rules); re-export it")
+    return sparse["score_rule"]
+
+
 def reference_for(bundle: Path, manifest: dict, checkpoint: Path | None, max_context: int,
                   float_weights: str | None = None):
-    """The numpy reference on the bundle's reference weights (or on `checkpoint` when given); float_weights
-    "float16" rounds them as an fp16 artifact stores them (ReferenceModel.from_checkpoint)."""
+    """The numpy reference on the bundle's reference weights (or on `checkpoint` when given), scoring InfLLM v2 blocks
+    with the rule the manifest records; float_weights "float16" rounds the weights as an fp16 artifact stores them
+    (ReferenceModel.from_checkpoint)."""
     from pocketllm.runtime_py import ReferenceModel
 
     if checkpoint is None:
@@ -159,7 +173,8 @@ def reference_for(bundle: Path, manifest: dict, checkpoint: Path | None, max_con
         path = bundle / ref["dir"]
     else:
         path = Path(checkpoint)
-    return ReferenceModel.from_checkpoint(path, max_context=max_context, float_weights=float_weights), path
+    return ReferenceModel.from_checkpoint(path, max_context=max_context, score_rule=manifest_score_rule(manifest),
+                                          float_weights=float_weights), path
 
 
 def runner_modes(target: str) -> dict[str, dict]:
@@ -197,14 +212,24 @@ def run_parity(bundle: Path, *, target: str | None = None, prompts_file: Path | 
     A runner with several modes (`PARITY_MODES`, e.g. Core ML's interpreter: fp32 = the program's math, fp16 = what
     a phone computes) runs in each (or in `mode` only), each with its own criteria; the report holds one section
     per mode under `modes` and passes when every mode passes. `tolerance` overrides the max |delta logit| of the
-    modes that bound it. The reference weights are rounded as the artifact stores them (entry `float_weights`)."""
+    modes that bound it. The reference weights are rounded as the artifact stores them (entry `float_weights`).
+
+    The bundle keeps its most thorough record per target: a run that compares fewer greedy steps in all (prompts x
+    steps, over its modes) than the saved report is returned with `saved: False` and `kept` (the saved report's
+    size), and nothing in the bundle changes. Prompts longer than the bundle's context allows (with `steps`) keep
+    their beginning; each report says so (`prompt_truncated`, `prompt_tokens_full`)."""
     from pocketllm.export.atomic import write_json
-    from pocketllm.export.bundle.manifest import PARITY_FILE, add_parity, read_manifest
+    from pocketllm.export.bundle.manifest import MANIFEST, PARITY_FILE, add_parity, read_manifest
+    from pocketllm.export.outputs import check_out_file
     from pocketllm.export.tokenizer import load_tokenizer
     from pocketllm.runtime_py.runners import open_runner
 
     bundle = Path(bundle)
+    for name in (PARITY_FILE, MANIFEST):  # what parity rewrites must not be one of its inputs
+        check_out_file(bundle / name, f"parity's {name}",
+                       inputs={"--prompts": prompts_file, "--checkpoint": checkpoint})
     manifest = read_manifest(bundle, verify=True, verify_reference=checkpoint is None)
+    prompts = read_prompts(prompts_file)  # before any model is loaded
     target = target or next(iter(manifest.get("targets", {})), None)
     max_context = int(manifest["model"]["max_context"])
     entry = manifest.get("targets", {}).get(target) or {}
@@ -220,20 +245,19 @@ def run_parity(bundle: Path, *, target: str | None = None, prompts_file: Path | 
     quant = manifest.get("quantization", {}).get("scheme", "none")
     sparse = manifest.get("attention", {}).get("infllm_v2")
     block = sparse["block_size"] if sparse else None
-    prompts = read_prompts(prompts_file)
     encoded = []
     for text in prompts:
         ids = tok.encode(text)
         n = min(steps, max_context - 1)
-        encoded.append((text, ids[:max_context - n], n, len(ids) + n > max_context))
+        encoded.append((text, ids[:max_context - n], n, len(ids)))  # a long prompt keeps its beginning (reported)
     recorded = [RecordedReference(reference, block) for _ in encoded]
 
     def run(engine) -> tuple[list[dict], float]:
         t0 = time.perf_counter()
         results = []
-        for i, (text, ids, n, truncated) in enumerate(encoded):
-            r = compare_engines(recorded[i], engine, ids, n, block)  # a prompt longer than the context keeps its start
-            r["prompt"], r["prompt_truncated"] = text[:80], truncated
+        for i, (text, ids, n, full) in enumerate(encoded):
+            r = compare_engines(recorded[i], engine, ids, n, block)
+            r["prompt"], r["prompt_truncated"], r["prompt_tokens_full"] = text[:80], len(ids) < full, full
             results.append(r)
             if progress:
                 progress(i + 1, len(prompts))
@@ -272,9 +296,44 @@ def run_parity(bundle: Path, *, target: str | None = None, prompts_file: Path | 
                    "prompts": len(encoded), "reference_weights": base["reference_weights"],
                    "modes": {m: {k: s[k] for k in keys if k in s} | {"criteria": s["criteria"]}
                              for m, s in sections.items()}}
+    saved = _saved_report(bundle / PARITY_FILE, target)
+    report["compared_steps"] = _compared_steps(report)
+    if saved is not None and _compared_steps(saved) > report["compared_steps"]:
+        # a quicker check never replaces a more thorough record: it is returned, and the saved one stays
+        report["saved"] = False
+        report["kept"] = {"steps": saved.get("steps"), "prompts": _prompt_count(saved),
+                          "compared_steps": _compared_steps(saved), "passed": saved.get("passed")}
+        return report
+    report["saved"] = True
     write_json(bundle / PARITY_FILE, _merged_report(bundle / PARITY_FILE, target, report))
     add_parity(bundle, target, summary)
     return report
+
+
+def _sections(report: dict) -> list[dict]:
+    """A report's runs: itself, or one per runner mode."""
+    modes = report.get("modes")
+    return list(modes.values()) if isinstance(modes, dict) else [report]
+
+
+def _compared_steps(report: dict) -> int:
+    """How thorough a parity report is: greedy steps compared, summed over its prompts (and modes)."""
+    return sum(int(p.get("steps", 0)) for s in _sections(report) for p in s.get("prompts", []))
+
+
+def _prompt_count(report: dict) -> int:
+    return max((len(s.get("prompts", [])) for s in _sections(report)), default=0)
+
+
+def _saved_report(path: Path, target: str) -> dict | None:
+    import json
+
+    try:
+        reports = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    report = reports.get(target) if isinstance(reports, dict) else None
+    return report if isinstance(report, dict) else None
 
 
 def _merged_report(path: Path, target: str, report: dict) -> dict:

@@ -66,16 +66,20 @@ def ordered_sum(x: torch.Tensor, dim: int) -> torch.Tensor:
 
 def exp_fixed(x: torch.Tensor) -> torch.Tensor:
     """float64 exp from IEEE +, -, * in the reference's order (export/ops/infllm_attention.exp_fixed), with 2^k as
-    a power of two instead of built from bits (ONNX has no bit cast)."""
-    xc = x.clamp(EXP_ZERO_BELOW, EXP_INF_ABOVE)
-    k = torch.round(xc * LOG2E)
-    r = (xc - k * LN2_HI) - k * LN2_LO
-    p = torch.full_like(r, EXP_TAYLOR[11])
-    for c in reversed(EXP_TAYLOR[:11]):
-        p = p * r + c
-    y = p * torch.pow(torch.full_like(k, 2.0), k)
-    y = torch.where(x > EXP_INF_ABOVE, torch.full_like(x, math.inf), y)
-    return torch.where(x < EXP_ZERO_BELOW, torch.zeros_like(x), y)
+    a power of two instead of built from bits (ONNX has no bit cast). Every constant is a float64 tensor: a Python
+    float becomes a float32 ONNX constant cast to double, which rounds LOG2E, LN2_HI, LN2_LO and 1/n!."""
+    def c(value: float) -> torch.Tensor:
+        return torch.tensor(value, dtype=torch.float64)
+
+    xc = torch.minimum(torch.maximum(x, c(EXP_ZERO_BELOW)), c(EXP_INF_ABOVE))
+    k = torch.round(xc * c(LOG2E))
+    r = (xc - k * c(LN2_HI)) - k * c(LN2_LO)
+    p = torch.zeros_like(r) + c(EXP_TAYLOR[11])
+    for coefficient in reversed(EXP_TAYLOR[:11]):
+        p = p * r + c(coefficient)
+    y = p * torch.pow(c(2.0), k)
+    y = torch.where(x > c(EXP_INF_ABOVE), c(math.inf), y)
+    return torch.where(x < c(EXP_ZERO_BELOW), c(0.0), y)
 
 
 def compressed_keys(k: torch.Tensor, size: int, stride: int) -> torch.Tensor:
@@ -104,7 +108,8 @@ def kernel_logits(q: torch.Tensor, kc: torch.Tensor, visible: torch.Tensor) -> t
     qg = q.double().reshape(T, Hkv, Hq // Hkv, D).permute(1, 2, 0, 3)  # [Hkv, G, T, D]
     kd = kc.double().permute(1, 0, 2)[:, None, None]  # [Hkv, 1, 1, n, D]
     dot = ordered_sum(qg[:, :, :, None, :] * kd, -1)  # [Hkv, G, T, n]
-    return (dot * (1.0 / math.sqrt(D))).masked_fill(~visible, -math.inf)
+    scale = torch.tensor(1.0 / math.sqrt(D), dtype=torch.float64)  # a Python float would become float32
+    return (dot * scale).masked_fill(~visible, -math.inf)
 
 
 def group_scores(x: torch.Tensor, x_norm: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:

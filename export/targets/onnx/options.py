@@ -18,6 +18,8 @@ EXTERNAL_DATA = ("auto", "always", "never")
 REFUSED_SCHEMES = {
     "8da4w": "8da4w is torchao/XNNPACK's ExecuTorch-only scheme (dynamic int8 activations inside XNNPACK); "
              "for ONNX use --quant int4 (MatMulNBits) or any4",
+    "any4-w4a8": "any4 with int8 activations runs on pocketllm's ExecuTorch kernel (any4_linear_w4a8); ONNX has no LUT "
+                 "op and MatMulInteger needs affine weights: use --quant any4 (exact) or int4 (MatMulNBits)",
     "nf4": "nf4 has no exact ONNX Runtime kernel (MatMulNBits is affine per block, NF4 needs a codebook); "
            "use --quant int4 (MatMulNBits) or any4",
 }

@@ -34,7 +34,8 @@ from torch import nn
 
 from pocketllm.export.errors import PocketllmError
 from pocketllm.export.spec import ModelSpec
-from pocketllm.export.targets.onnx import contrib, decompose
+from pocketllm.export.targets.onnx.contrib import CODES_DOMAIN, translation_table
+from pocketllm.export.targets.onnx.decompose import lightning_attention
 from pocketllm.export.targets.onnx.options import OnnxOptions
 from pocketllm.export.targets.onnx.swaps import CallInputs, SwapReport, apply_swaps
 
@@ -142,7 +143,7 @@ def io_spec(report: SwapReport, spec: ModelSpec) -> tuple[list[dict], list[dict]
 
 
 def _lightning_decomposition(q, k, v, state, decay, block_size):
-    return decompose.lightning_attention(q, k, v, state, decay)
+    return lightning_attention(q, k, v, state, decay)
 
 
 def export_program(graph: GenaiGraph, spec: ModelSpec, options: OnnxOptions):
@@ -159,7 +160,7 @@ def export_program(graph: GenaiGraph, spec: ModelSpec, options: OnnxOptions):
             ep = ep.run_decompositions({torch.ops.pocketllm.lightning_attention.default: _lightning_decomposition})
             program = torch.onnx.export(ep, args, dynamo=True, input_names=ins, output_names=outs,
                                         opset_version=options.opset, optimize=False,
-                                        custom_translation_table=contrib.translation_table(), verbose=False)
+                                        custom_translation_table=translation_table(), verbose=False)
         except PocketllmError:
             raise
         except Exception as e:  # the exporter raises many types; one line: its exception summary's first line
@@ -175,7 +176,7 @@ def rewrite_markers(model) -> None:
     import onnx_ir as ir
 
     graph = model.graph
-    for node in [n for n in graph if n.domain == contrib.CODES_DOMAIN]:
+    for node in [n for n in graph if n.domain == CODES_DOMAIN]:
         packed, one = node.inputs
         data = packed.const_value.numpy()  # uint8 [N, K/2], low nibble = even column (= ONNX's UINT4 packing)
         codes4 = ir.Value(name=f"{packed.name}.uint4", type=ir.TensorType(ir.DataType.UINT4),
@@ -189,7 +190,7 @@ def rewrite_markers(model) -> None:
         graph.remove(node, safe=True)
         if not packed.uses() and packed.name in graph.initializers:
             graph.initializers.pop(packed.name)
-    model.opset_imports.pop(contrib.CODES_DOMAIN, None)
+    model.opset_imports.pop(CODES_DOMAIN, None)
 
 
 def _summary(e: Exception) -> str:

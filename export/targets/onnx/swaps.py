@@ -28,7 +28,8 @@ from pocketllm.export.nn.attention_core import DenseCore, InfLLMCore, SlidingWin
 from pocketllm.export.nn.kv_cache import KVCache
 from pocketllm.export.nn.lightning import LightningAttention, RecurrentState
 from pocketllm.export.nn.moe import MoE
-from pocketllm.export.targets.onnx import contrib, decompose  # noqa: F401  (contrib registers pocketllm_onnx ops)
+from pocketllm.export.targets.onnx.contrib import LIB  # noqa: F401  (registers the pocketllm_onnx ops)
+from pocketllm.export.targets.onnx.decompose import causal_mask, infllm_attention, masked_attention
 from pocketllm.export.targets.onnx.options import ANY4_LUT_OPSET
 
 
@@ -84,8 +85,8 @@ class OnnxDenseCore(nn.Module):
         self.inputs, self.window = inputs, window
 
     def forward(self, q, keys, values, start_pos, positions):
-        mask = decompose.causal_mask(positions, keys.shape[1], self.window) & self.inputs.key_mask[None, :]
-        return decompose.masked_attention(q, keys, values, mask).to(q.dtype)
+        mask = causal_mask(positions, keys.shape[1], self.window) & self.inputs.key_mask[None, :]
+        return masked_attention(q, keys, values, mask).to(q.dtype)
 
 
 class OnnxInfLLMCore(nn.Module):
@@ -96,7 +97,7 @@ class OnnxInfLLMCore(nn.Module):
         self.inputs, self.sparse = inputs, sparse
 
     def forward(self, q, keys, values, start_pos, positions):
-        return decompose.infllm_attention(q, keys, values, positions, self.inputs.key_mask, self.sparse).to(q.dtype)
+        return infllm_attention(q, keys, values, positions, self.inputs.key_mask, self.sparse).to(q.dtype)
 
 
 def onnx_core(core: nn.Module, inputs: CallInputs, sparse) -> nn.Module:

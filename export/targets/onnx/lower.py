@@ -23,6 +23,7 @@ cannot express without copying the whole cache anyway.
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 import warnings
@@ -153,6 +154,8 @@ def export_program(graph: GenaiGraph, spec: ModelSpec, options: OnnxOptions):
 
     args, shapes = graph.example(spec)
     ins, outs = graph.io_names()
+    # "torchvision is not installed. Skipping torchvision::nms" x4 (torch's logging config resets earlier levels)
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.filterwarnings("ignore")
         try:

@@ -20,6 +20,20 @@ def write_config(out: Path, config: dict) -> None:
     (Path(out) / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
 
 
+def _sort_metadata(path: Path) -> None:
+    """Put the header's `__metadata__` keys in sorted order, in place: safetensors serialises metadata from a hash
+    map, so two writes of the same tensors would differ in bytes (and checksums) by the order of its keys."""
+    with open(path, "r+b") as f:
+        size = int.from_bytes(f.read(8), "little")
+        raw = f.read(size)
+        header = json.loads(raw)
+        header["__metadata__"] = dict(sorted(header.get("__metadata__", {}).items()))
+        new = json.dumps(header, separators=(",", ":")).encode()
+        if len(new) <= size:  # the same keys and values: the same length unless escaping differs (then leave it)
+            f.seek(8)
+            f.write(new + b" " * (size - len(new)))
+
+
 def write_weights(out: Path, tensors: Iterable[tuple[str, torch.Tensor]], shard_bytes: int = DEFAULT_SHARD_BYTES,
                   total_bytes: int | None = None, progress=None) -> None:
     """Save tensors as model.safetensors, or as numbered shards + index when they exceed `shard_bytes`; every
@@ -39,6 +53,7 @@ def write_weights(out: Path, tensors: Iterable[tuple[str, torch.Tensor]], shard_
             return
         name = f"shard-{len(tmp_names):05d}.tmp"
         save_file(pending, str(out / name), metadata={"format": "pt", **CHECKPOINT_MARK})
+        _sort_metadata(out / name)
         tmp_names.append(name)
         shards.append(list(pending))
         pending, pending_bytes = {}, 0

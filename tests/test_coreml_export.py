@@ -123,11 +123,20 @@ def test_parity_both_modes(bundles, name):
     assert "fp32 PASS" in r.output.replace("mode ", "") and "fp16 PASS" in r.output.replace("mode ", "")
 
 
-def test_parity_one_mode_and_bad_mode(bundles):
-    bundle = bundles["minimax"]
+def test_parity_one_mode_and_bad_mode(bundles, tmp_path):
+    bundle = tmp_path / "moved"  # bundles are relocatable; this copy has no parity record yet
+    shutil.copytree(bundles["minimax"], bundle)
+    (bundle / "parity.json").unlink(missing_ok=True)
     r = runner.invoke(app, ["parity", str(bundle), "--mode", "fp32", "--steps", "4"])
     assert r.exit_code == 0, r.output
+    assert "coreml mode fp32 PASS" in r.output and "mode fp16" not in r.output
     assert set(json.loads((bundle / "parity.json").read_text())["coreml"]["modes"]) == {"fp32"}
+    r = runner.invoke(app, ["parity", str(bundle), "--steps", "8"])  # both modes, more steps: replaces the record
+    assert r.exit_code == 0, r.output
+    assert set(json.loads((bundle / "parity.json").read_text())["coreml"]["modes"]) == {"fp32", "fp16"}
+    r = runner.invoke(app, ["parity", str(bundle), "--mode", "fp16", "--steps", "4"])  # quicker: the record stays
+    assert r.exit_code == 0 and "not saved" in r.output, r.output
+    assert set(json.loads((bundle / "parity.json").read_text())["coreml"]["modes"]) == {"fp32", "fp16"}
     r = runner.invoke(app, ["parity", str(bundle), "--mode", "bf16"])
     assert r.exit_code == 2 and "--mode 'bf16': the coreml runner has modes fp32, fp16" in r.output
 

@@ -2,7 +2,8 @@
 and onnxruntime-genai (its own generator loop) -> `pocketllm parity` against the numpy reference.
 
 Checkpoints are the tiny presets cut to 1-2 layers (tests/test_executorch_export.configs(): MiniCPM4 dense, and
-InfLLM v2 always sparse with 1 init + 1 local + 1 top-k block of 64 so that prompts over 192 tokens drop blocks;
+InfLLM v2 with 1 init + 1 local + 1 top-k block of 64, dense below 160 tokens (an ONNX If), so that calls reaching
+over 192 tokens drop blocks;
 SmallThinker MoE with NoPE + sliding-window layers; MiniMax lightning + softmax layers), with ASCII tokenizers (every
 id decodes on its own, so genai's and our detokenizers can be compared on any generated id). Each bundle is exported
 once per module, on first use (~10-25 s each on two busy cores); the default suite exports three.
@@ -46,11 +47,20 @@ def manifest(bundle: Path) -> dict:
     return json.loads((bundle / "manifest.json").read_text())
 
 
+def onnx_configs() -> dict[str, dict]:
+    """tests/test_executorch_export.configs(), with InfLLM v2 dense below 160 tokens (an ONNX If picks the dense or
+    the sparse branch per call: the built-in prompts run dense but the 256-token one, which drops blocks)."""
+    cfgs = configs()
+    sparse = cfgs["minicpm4_infllm"]
+    cfgs["minicpm4_infllm"] = dict(sparse, sparse_config=dict(sparse["sparse_config"], dense_len=160))
+    return cfgs
+
+
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("onnx-ckpt")
     return {name: make_checkpoint(root / name, cfg, seed=20 + i, ascii_only=True)
-            for i, (name, cfg) in enumerate(configs().items())}
+            for i, (name, cfg) in enumerate(onnx_configs().items())}
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +103,14 @@ def test_bundle_contents(bundles):
     assert {"onnx/model.onnx", "onnx/genai_config.json", "onnx/tokenizer.json", "tokenizer.json"} <= set(m["files"])
     assert target["requires_kernels"] == [] and target["opset"]["ai.onnx"] == 21
     assert all(op.startswith("ai.onnx::") for op in target["operators"]), target["operators"]  # standard ops only
-    assert {"ai.onnx::TopK", "ai.onnx::CumSum", "ai.onnx::Round"} <= set(target["operators"])  # InfLLM, exact sums
+    # InfLLM v2: the selection (exact sums, exp_fixed, top-k) inside the sparse branch of an If (dense_len)
+    assert "ai.onnx::If" in target["operators"]
+    import onnx
+
+    model = onnx.load(str(bundle / "onnx" / "model.onnx"), load_external_data=False)
+    inner = {n.op_type for node in model.graph.node if node.op_type == "If" for a in node.attribute
+             for n in a.g.node}
+    assert {"TopK", "CumSum", "Round", "Pow"} <= inner
     assert [i["name"] for i in target["inputs"]] == ["input_ids", "attention_mask", "past_key_values.0.key",
                                                      "past_key_values.0.value"]
     assert [o["name"] for o in target["outputs"]] == ["logits", "present.0.key", "present.0.value"]

@@ -523,10 +523,15 @@ def onnx_selection(request, tmp_path_factory):
     sparse = SparseSpec(**{**ONNX_SPARSE.__dict__, "score_rule": request.param})
 
     class Probe(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("table", decompose.constants_table(16))
+
         def forward(self, q, k):
             L, T, B = k.shape[0], q.shape[0], sparse.block_size
             pos = torch.arange(T) + (L - T)
-            scores = decompose.block_scores(decompose.kernel_scores(q, k, pos, sparse), (L + B - 1) // B, sparse)
+            group = decompose.kernel_scores(q, k, pos, sparse, self.table)
+            scores = decompose.block_scores(group, (L + B - 1) // B, sparse)
             return scores, decompose.select_blocks(scores, pos, sparse)
 
     path = tmp_path_factory.mktemp("onnx-infllm") / f"selection-{request.param}.onnx"

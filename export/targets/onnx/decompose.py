@@ -64,22 +64,37 @@ def ordered_sum(x: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.cumsum(x, dim=dim).select(dim, -1)
 
 
-def exp_fixed(x: torch.Tensor) -> torch.Tensor:
-    """float64 exp from IEEE +, -, * in the reference's order (export/ops/infllm_attention.exp_fixed), with 2^k as
-    a power of two instead of built from bits (ONNX has no bit cast). Every constant is a float64 tensor: a Python
-    float becomes a float32 ONNX constant cast to double, which rounds LOG2E, LN2_HI, LN2_LO and 1/n!."""
-    def c(value: float) -> torch.Tensor:
-        return torch.tensor(value, dtype=torch.float64)
+# float64 constants of the selection, passed in as one float64 tensor (`constants_table`): a Python float becomes a
+# float32 ONNX constant cast to double (rounding LOG2E, ln 2's split, 1/n!, 1/sqrt(D)), and a tensor created inside
+# the dense/sparse torch.cond branches breaks the ONNX exporter ("FunctionalTensor on its own").
+CONSTANT_NAMES = ("log2e", "ln2_hi", "ln2_lo", "zero_below", "inf_above", "two", "inf", "zero", "scale",
+                  *(f"taylor{n}" for n in range(12)))
+_C = {name: i for i, name in enumerate(CONSTANT_NAMES)}
 
-    xc = torch.minimum(torch.maximum(x, c(EXP_ZERO_BELOW)), c(EXP_INF_ABOVE))
-    k = torch.round(xc * c(LOG2E))
-    r = (xc - k * c(LN2_HI)) - k * c(LN2_LO)
-    p = torch.zeros_like(r) + c(EXP_TAYLOR[11])
-    for coefficient in reversed(EXP_TAYLOR[:11]):
-        p = p * r + c(coefficient)
-    y = p * torch.pow(c(2.0), k)
-    y = torch.where(x > c(EXP_INF_ABOVE), c(math.inf), y)
-    return torch.where(x < c(EXP_ZERO_BELOW), c(0.0), y)
+
+def constants_table(head_dim: int) -> torch.Tensor:
+    """float64 [len(CONSTANT_NAMES)]: exp_fixed's constants and the logits' 1/sqrt(head_dim)."""
+    values = {"log2e": LOG2E, "ln2_hi": LN2_HI, "ln2_lo": LN2_LO, "zero_below": EXP_ZERO_BELOW,
+              "inf_above": EXP_INF_ABOVE, "two": 2.0, "inf": math.inf, "zero": 0.0, "scale": 1.0 / math.sqrt(head_dim),
+              **{f"taylor{n}": EXP_TAYLOR[n] for n in range(12)}}
+    return torch.tensor([values[name] for name in CONSTANT_NAMES], dtype=torch.float64)
+
+
+def exp_fixed(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """float64 exp from IEEE +, -, * in the reference's order (export/ops/infllm_attention.exp_fixed), with 2^k as
+    a power of two instead of built from bits (ONNX has no bit cast). table: constants_table()."""
+    def c(name: str) -> torch.Tensor:
+        return table[_C[name]]
+
+    xc = torch.minimum(torch.maximum(x, c("zero_below")), c("inf_above"))
+    k = torch.round(xc * c("log2e"))
+    r = (xc - k * c("ln2_hi")) - k * c("ln2_lo")
+    p = torch.zeros_like(r) + c("taylor11")
+    for n in range(10, -1, -1):
+        p = p * r + c(f"taylor{n}")
+    y = p * torch.pow(c("two"), k)
+    y = torch.where(x > c("inf_above"), c("inf"), y)
+    return torch.where(x < c("zero_below"), c("zero"), y)
 
 
 def compressed_keys(k: torch.Tensor, size: int, stride: int) -> torch.Tensor:
@@ -100,7 +115,7 @@ def kernel_visibility(n, positions: torch.Tensor, size: int, stride: int) -> tor
     return (stride * torch.arange(n) + size - 1)[None, :] <= positions[:, None]
 
 
-def kernel_logits(q: torch.Tensor, kc: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+def kernel_logits(q: torch.Tensor, kc: torch.Tensor, visible: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     """q [T, Hq, D], kc [n, Hkv, D] -> q_h . kc[j] * (1 / sqrt(D)) float64 [Hkv, G, T, n], summed over D in order
     (products of fp32 values are exact in float64); -inf where not visible."""
     T, Hq, D = q.shape
@@ -108,19 +123,18 @@ def kernel_logits(q: torch.Tensor, kc: torch.Tensor, visible: torch.Tensor) -> t
     qg = q.double().reshape(T, Hkv, Hq // Hkv, D).permute(1, 2, 0, 3)  # [Hkv, G, T, D]
     kd = kc.double().permute(1, 0, 2)[:, None, None]  # [Hkv, 1, 1, n, D]
     dot = ordered_sum(qg[:, :, :, None, :] * kd, -1)  # [Hkv, G, T, n]
-    scale = torch.tensor(1.0 / math.sqrt(D), dtype=torch.float64)  # a Python float would become float32
-    return (dot * scale).masked_fill(~visible, -math.inf)
+    return (dot * table[_C["scale"]]).masked_fill(~visible, -math.inf)
 
 
-def group_scores(x: torch.Tensor, x_norm: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+def group_scores(x: torch.Tensor, x_norm: torch.Tensor, visible: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     """Step 3: sum over the group's heads of exp(x - LSE(x_norm)) = exp(x - m) * (1 / l), m = max x_norm,
     l = sum exp(x_norm - m) in key order; +inf when no normalising key is visible; -inf where x is not visible.
     x [Hkv, G, T, n], x_norm [Hkv, G, T, n_norm] -> [Hkv, T, n]."""
     m = x_norm.amax(dim=-1)  # [Hkv, G, T]
     seen = m > -math.inf
     m = torch.where(seen, m, torch.zeros_like(m))[..., None]
-    total = ordered_sum(exp_fixed(x_norm - m), -1)
-    p = exp_fixed(x - m) * (1.0 / torch.where(seen, total, torch.ones_like(total)))[..., None]
+    total = ordered_sum(exp_fixed(x_norm - m, table), -1)
+    p = exp_fixed(x - m, table) * (1.0 / torch.where(seen, total, torch.ones_like(total)))[..., None]
     p = torch.where(seen[..., None], p, torch.full_like(p, math.inf))
     group = p[:, 0]
     for g in range(1, p.shape[1]):  # in head order (G is static)
@@ -128,21 +142,22 @@ def group_scores(x: torch.Tensor, x_norm: torch.Tensor, visible: torch.Tensor) -
     return group.masked_fill(~visible[None], -math.inf)
 
 
-def kernel_scores(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, sparse: SparseSpec) -> torch.Tensor:
+def kernel_scores(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, sparse: SparseSpec,
+                  table: torch.Tensor) -> torch.Tensor:
     """Steps 2-3. q: [T, Hq, D], k: [L, Hkv, D] (valid keys), positions [T] -> group scores [Hkv, T, n] float64,
     -inf for kernels the query cannot see. The rule is sparse.score_rule ("upstream" or "exact")."""
     size, stride = sparse.kernel_size, sparse.kernel_stride
     kc = compressed_keys(k, size, stride)
     visible = kernel_visibility(kc.shape[0], positions, size, stride)
-    x = kernel_logits(q, kc, visible)
+    x = kernel_logits(q, kc, visible, table)
     if sparse.score_rule == "exact":
-        return group_scores(x, x, visible)
+        return group_scores(x, x, visible, table)
     if sparse.score_rule != "upstream":
         raise ValueError(f"unknown InfLLM v2 score rule {sparse.score_rule!r} (expected one of {RULES})")
     size2, stride2 = sparse.coarse_kernel_size, sparse.coarse_kernel_stride
     kc2 = compressed_keys(k, size2, stride2)
-    x2 = kernel_logits(q, kc2, kernel_visibility(kc2.shape[0], positions, size2, stride2))
-    return group_scores(x, x2, visible)
+    x2 = kernel_logits(q, kc2, kernel_visibility(kc2.shape[0], positions, size2, stride2), table)
+    return group_scores(x, x2, visible, table)
 
 
 def block_scores(group: torch.Tensor, n_blocks, sparse: SparseSpec) -> torch.Tensor:
@@ -176,33 +191,34 @@ def select_blocks(scores: torch.Tensor, positions: torch.Tensor, sparse: SparseS
     return forced[None] | (candidate & (rank < slots[None, :, None]))
 
 
-def sparse_token_mask(q, keys, positions, causal, sparse: SparseSpec) -> torch.Tensor:
+def sparse_token_mask(q, keys, positions, causal, sparse: SparseSpec, table: torch.Tensor) -> torch.Tensor:
     """bool [Hkv, T, L]: the tokens of the blocks InfLLM v2 selects (q [1, T, Hq, D], keys [1, L, Hkv, D])."""
     L, B = keys.shape[1], sparse.block_size
-    group = kernel_scores(q[0], keys[0], positions, sparse)
+    group = kernel_scores(q[0], keys[0], positions, sparse, table)
     selected = select_blocks(block_scores(group, (L + B - 1) // B, sparse), positions, sparse)  # [Hkv, T, nb]
     return selected[:, :, torch.div(torch.arange(L), B, rounding_mode="floor")] & causal[None]
 
 
-def infllm_attention(q, keys, values, positions, key_mask, sparse: SparseSpec) -> torch.Tensor:
+def infllm_attention(q, keys, values, positions, key_mask, sparse: SparseSpec, table: torch.Tensor) -> torch.Tensor:
     """InfLLM v2 over the present cache. q [1, T, Hq, D] at `positions`; keys, values [1, L, Hkv, D]; key_mask
-    bool [L] (genai's attention_mask). Returns [1, T, Hq, D].
+    bool [L] (genai's attention_mask); table: constants_table(D) (a buffer of the calling module). Returns
+    [1, T, Hq, D].
 
     Below dense_len total tokens the call is dense; the choice is an ONNX If (torch.cond), so a dense call runs none
     of the selection's nodes."""
     L = keys.shape[1]
     causal = causal_mask(positions, L) & key_mask[None, :]  # [T, L]
 
-    def sparse_branch(q, keys, values, positions, causal):
-        return masked_attention(q, keys, values, sparse_token_mask(q, keys, positions, causal, sparse))
+    def sparse_branch(q, keys, values, positions, causal, table):
+        return masked_attention(q, keys, values, sparse_token_mask(q, keys, positions, causal, sparse, table))
 
     if sparse.dense_len == -1:
-        return sparse_branch(q, keys, values, positions, causal)
+        return sparse_branch(q, keys, values, positions, causal, table)
 
-    def dense_branch(q, keys, values, positions, causal):
+    def dense_branch(q, keys, values, positions, causal, table):
         return masked_attention(q, keys, values, causal)
 
-    return torch.cond(L < sparse.dense_len, dense_branch, sparse_branch, (q, keys, values, positions, causal))
+    return torch.cond(L < sparse.dense_len, dense_branch, sparse_branch, (q, keys, values, positions, causal, table))
 
 
 # ------------------------------------------------------------------------------------------ lightning

@@ -148,8 +148,9 @@ def _lightning_decomposition(q, k, v, state, decay, block_size):
 
 
 def export_program(graph: GenaiGraph, spec: ModelSpec, options: OnnxOptions):
-    """torch.export of the wrapper, pocketllm ops the swaps leave in the model decomposed into standard torch ops
-    (lightning), then torch.onnx.export (dynamo) -> ONNXProgram."""
+    """torch.onnx.export (dynamo) of the wrapper -> ONNXProgram. With lightning layers, torch.export first and
+    pocketllm::lightning_attention (left in the model by the swaps: its module calls the op) decomposed into
+    standard torch ops by run_decompositions."""
     import pocketllm.export.ops  # noqa: F401  (the pocketllm op library)
 
     args, shapes = graph.example(spec)
@@ -159,10 +160,16 @@ def export_program(graph: GenaiGraph, spec: ModelSpec, options: OnnxOptions):
     with torch.no_grad(), warnings.catch_warnings():
         warnings.filterwarnings("ignore")
         try:
-            ep = torch.export.export(graph, args, dynamic_shapes=shapes, strict=False)
-            ep = ep.run_decompositions({torch.ops.pocketllm.lightning_attention.default: _lightning_decomposition})
-            program = torch.onnx.export(ep, args, dynamo=True, input_names=ins, output_names=outs,
-                                        opset_version=options.opset, optimize=False,
+            model: Any = graph
+            export_shapes: Any = shapes
+            if graph.report.state_layers:  # decompose pocketllm::lightning_attention before the ONNX translation
+                model = torch.export.export(graph, args, dynamic_shapes=shapes, strict=False).run_decompositions(
+                    {torch.ops.pocketllm.lightning_attention.default: _lightning_decomposition})
+                export_shapes = None  # the ExportedProgram carries them
+            # (no lightning: the module itself; re-exporting an ExportedProgram whose InfLLM dense fallback is a
+            # torch.cond fails in the ONNX exporter with "FunctionalTensor on its own")
+            program = torch.onnx.export(model, args, dynamo=True, input_names=ins, output_names=outs,
+                                        dynamic_shapes=export_shapes, opset_version=options.opset, optimize=False,
                                         custom_translation_table=translation_table(), verbose=False)
         except PocketllmError:
             raise

@@ -29,7 +29,7 @@ from pocketllm.export.nn.kv_cache import KVCache
 from pocketllm.export.nn.lightning import LightningAttention, RecurrentState
 from pocketllm.export.nn.moe import MoE
 from pocketllm.export.targets.onnx.contrib import LIB  # noqa: F401  (registers the pocketllm_onnx ops)
-from pocketllm.export.targets.onnx.decompose import causal_mask, infllm_attention, masked_attention
+from pocketllm.export.targets.onnx.decompose import causal_mask, constants_table, infllm_attention, masked_attention
 from pocketllm.export.targets.onnx.options import ANY4_LUT_OPSET
 
 
@@ -92,17 +92,19 @@ class OnnxDenseCore(nn.Module):
 class OnnxInfLLMCore(nn.Module):
     """InfLLM v2 in standard ops (decompose.infllm_attention) with the spec's score rule."""
 
-    def __init__(self, inputs: CallInputs, sparse):
+    def __init__(self, inputs: CallInputs, sparse, head_dim: int):
         super().__init__()
         self.inputs, self.sparse = inputs, sparse
+        self.register_buffer("constants", constants_table(head_dim), persistent=False)
 
     def forward(self, q, keys, values, start_pos, positions):
-        return infllm_attention(q, keys, values, positions, self.inputs.key_mask, self.sparse).to(q.dtype)
+        return infllm_attention(q, keys, values, positions, self.inputs.key_mask, self.sparse,
+                                self.constants).to(q.dtype)
 
 
-def onnx_core(core: nn.Module, inputs: CallInputs, sparse) -> nn.Module:
+def onnx_core(core: nn.Module, inputs: CallInputs, sparse, head_dim: int) -> nn.Module:
     if isinstance(core, InfLLMCore):
-        return OnnxInfLLMCore(inputs, sparse if sparse is not None else core.sparse)
+        return OnnxInfLLMCore(inputs, sparse if sparse is not None else core.sparse, head_dim)
     if isinstance(core, SlidingWindowCore):
         return OnnxDenseCore(inputs, core.window)
     if isinstance(core, DenseCore):
@@ -276,7 +278,7 @@ def apply_swaps(model: nn.Module, spec, options) -> tuple[SwapReport, CallInputs
         attn = layer.self_attn
         if isinstance(attn, Attention):
             attn.cache = PastPresentKV()
-            attn.core = onnx_core(attn.core, inputs, spec.sparse)
+            attn.core = onnx_core(attn.core, inputs, spec.sparse, attn.head_dim)
             report.kv_layers.append(i)
         elif isinstance(attn, LightningAttention):
             attn.state_cache = StateIO()

@@ -215,6 +215,7 @@ def quant_summary(ckpt, quant: str = "none") -> dict:
     if q is None:
         return {"scheme": "none", "bits_per_weight": 32, "variant": quant, "activations": activations,
                 "lm_head": "fp32", "embedding": "fp32", "tied_embedding": tied}
+    # group_size 0 (one group per row, int8's default) is null in the manifest, whose schema wants a positive size
     emb = q.modules.get("model.embed_tokens")
     head = emb if tied else q.modules.get("lm_head")
     return {"scheme": q.scheme, "group_size": q.group_size or None, "bits_per_weight": round(q.bits_per_weight(), 4),
@@ -272,6 +273,8 @@ def run_export(request: ExportRequest | ExportPlan, stage: Callable[[str], Any] 
                 quant = entry["quantization"]
             entries[target.name] = entry
         tok_files = copy_tokenizer(ckpt.tokenizer_files, tmp, spec.bos_token_id)
+        for target, _ in p.targets:
+            target.add_tokenizer(tmp, tok_files)
         config_sha = hashlib.sha256((ckpt.dir / "config.json").read_bytes()).hexdigest()
         timings["total_s"] = time.perf_counter() - t_start
         manifest = write_manifest(

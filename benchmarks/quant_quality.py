@@ -41,13 +41,18 @@ from pocketllm.export.quant.calibrate import ACT_STATS, DEFAULT_ACT_STAT  # noqa
 from pocketllm.export.quant.quantize import quantize_checkpoint  # noqa: E402
 from pocketllm.export.tokenizer import load_tokenizer  # noqa: E402
 
-CONFIGS = [  # (label, scheme, group size)
-    ("fp32", None, None),
-    ("int8", "int8", None),
-    ("int4 g128", "int4", 128),
-    ("nf4 g128", "nf4", 128),
-    ("any4 g128", "any4", 128),
-    ("any4 per-row", "any4", 0),
+CONFIGS = [  # (label, scheme, group size, LM head (tied: = the embedding table), activations of the any4 layers)
+    ("fp32", None, None, "none", "fp32"),
+    ("int8", "int8", None, "none", "fp32"),
+    ("int4 g128", "int4", 128, "none", "fp32"),
+    ("nf4 g128", "nf4", 128, "none", "fp32"),
+    ("any4 g128", "any4", 128, "none", "fp32"),
+    ("any4 per-row", "any4", 0, "none", "fp32"),
+    # the LM head (tied: the embedding table, stored once) quantized; int8 is the default of a 4-bit export
+    ("any4 g128 + int8 head", "any4", 128, "int8", "fp32"),
+    ("any4 g128 + any4 head", "any4", 128, "any4", "fp32"),
+    # the same any4 + int8-head weights with int8 activations in the decoder layers (--quant any4-w4a8)
+    ("any4 g128 W4A8 + int8 head", "any4", 128, "int8", "int8"),
 ]
 
 
@@ -113,34 +118,45 @@ def main() -> None:
     wanted = set(args.only.split(",")) if args.only else None
     seeds = [int(x) for x in args.any4_seeds.split(",")]
     configs = []
-    for label, scheme, group in CONFIGS:
+    for label, scheme, group, head, acts in CONFIGS:
         if wanted and label not in wanted and label != "fp32":
             continue
-        configs.append((label, scheme, group, seeds[0]))
+        configs.append((label, scheme, group, head, acts, seeds[0]))
         if label == "any4 g128":
-            configs += [(f"any4 g128 seed {s}", scheme, group, s) for s in seeds[1:]]
-    rows, engines = [], {}
+            configs += [(f"any4 g128 seed {s}", scheme, group, head, acts, s) for s in seeds[1:]]
+    rows, engines, summaries = [], {}, {}
+    quantized: dict[tuple, Path] = {}  # configs that differ only in activations share one checkpoint
     with tempfile.TemporaryDirectory(prefix="quant_quality.") as tmp:
-        for label, scheme, group, seed in configs:
-            row = {"label": label, "scheme": scheme or "fp32", "group_size": group}
+        for label, scheme, group, head, acts, seed in configs:
+            row = {"label": label, "scheme": scheme or "fp32", "group_size": group, "lm_head": head,
+                   "activations": acts}
             if scheme is None:
                 ckpt, row["quantize_seconds"], row["bits_per_weight"] = base, 0.0, 32.0
                 row.update(rel_error=0.0, weighted_rel_error=0.0)
             else:
-                out = Path(tmp) / label.replace(" ", "_")
+                key = (scheme, group, head, seed)
+                out = Path(tmp) / label.replace(" ", "_").replace("+", "")
                 t0 = time.perf_counter()
-                result = quantize_checkpoint(base, out, scheme, group, calibration=args.calibration,
-                                             act_stat=args.act_stat, seed=seed)
+                if key not in quantized:
+                    quantized[key] = out
+                    result = quantize_checkpoint(base, out, scheme, group, calibration=args.calibration,
+                                                 act_stat=args.act_stat, seed=seed, lm_head=head)
+                    summaries[key] = result.summary()
                 row["quantize_seconds"] = time.perf_counter() - t0
-                s = result.summary()
+                s = summaries[key]
                 row["seed"] = seed
+                # over the decoder layers' weights (the head, when quantized, has its own column)
                 row["bits_per_weight"] = s["bits_per_weight"]
                 row["rel_error"] = s["rms_rel_error"]  # sqrt(sum ||W - Wq||^2 / sum ||W||^2) over quantized tensors
                 row["weighted_rel_error"] = s["mean_weighted_rel_error"]
                 row["calibration_tokens"] = s["calibration_tokens"]
-                ckpt = open_checkpoint(out)
+                ckpt = open_checkpoint(quantized[key])
             row["checkpoint_mib"] = checkpoint_bytes(ckpt.dir) / 2**20
             engine = make_engine("torch", ckpt, args.context, "fp32")
+            if acts == "int8":  # what `--quant any4-w4a8` exports: the decoder's any4 layers on W4A8
+                from pocketllm.export.nn.quant_linear import use_w4a8
+
+                row["w4a8_layers"] = len(use_w4a8(engine.model))
             t0 = time.perf_counter()
             nll, count = perplexity_of(engine, ids, spec.bos_token_id, args.context)
             row.update(nll=nll, perplexity=float(np.exp(nll)), tokens=count, score_seconds=time.perf_counter() - t0)
@@ -183,13 +199,14 @@ def main() -> None:
 
     table = Table(title=f"{args.checkpoint.name}: held-out perplexity on {args.text.name} "
                         f"({rows[0]['tokens']} tokens, context {args.context})")
-    headers = ("weights", "bits/weight", "perplexity", "increase", "KL nats/tok", "top-1 agree",
-               "weight rel. err", "act-weighted err", "quantize s", "MiB")
+    headers = ("weights", "LM head", "activations", "bits/weight", "perplexity", "increase", "KL nats/tok",
+               "top-1 agree", "weight rel. err", "act-weighted err", "quantize s", "MiB")
     for h in headers:
         table.add_column(h, justify="right")
     md = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     for r in rows:
-        cells = (r["label"], f"{r['bits_per_weight']:.3f}", f"{r['perplexity']:.3f}", f"{r['ppl_increase']:+.3f}",
+        cells = (r["label"], {"none": "fp32"}.get(r["lm_head"], r["lm_head"]), r["activations"],
+                 f"{r['bits_per_weight']:.3f}", f"{r['perplexity']:.3f}", f"{r['ppl_increase']:+.3f}",
                  f"{r['kl']:.2e}", f"{100 * r['top1_agreement']:.2f}%", f"{r['rel_error']:.4f}",
                  f"{r['weighted_rel_error']:.4f}", f"{r['quantize_seconds']:.1f}", f"{r['checkpoint_mib']:.1f}")
         table.add_row(*cells)

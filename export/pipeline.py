@@ -4,9 +4,12 @@ parses flags.
     request = ExportRequest(...)      every argument checked before any weight is read (`plan`)
     manifest = run_export(request)    one atomic bundle directory with every target's artifact
 
-Quantization: `--quant any4|int4|int8` writes a quantized checkpoint (export/quant) straight into the bundle's
-`reference/` folder; every target exports those weights and parity runs the numpy reference on them. `8da4w` is
-torchao's in-graph scheme (ExecuTorch only); the reference then holds the floating-point weights.
+Quantization: `--quant any4|int4|nf4|int8` writes a quantized checkpoint (export/quant) straight into the bundle's
+`reference/` folder; every target exports those weights and parity runs the numpy reference on them. The LM head
+(and the embedding table) follow `lm_head` / `embedding` (default: 8 bits per channel; a tied head is the embedding
+table, stored once). `any4-w4a8` is the same any4 checkpoint run with int8 activations in the decoder layers
+(pocketllm::any4_linear_w4a8; the reference reproduces those numerics). `8da4w` is torchao's in-graph scheme
+(ExecuTorch only); the reference then holds the floating-point weights.
 """
 
 from __future__ import annotations
@@ -25,6 +28,13 @@ from pocketllm.export.errors import PocketllmError
 from pocketllm.export.quant.format import SCHEMES
 
 PROJECT_SCHEMES = SCHEMES  # written as quantized checkpoints by export/quant
+W4A8 = "any4-w4a8"  # any4 weights, int8 activations in the decoder layers
+CHECKPOINT_SCHEME = {W4A8: "any4"}  # --quant values that are a checkpoint scheme run differently
+
+
+def checkpoint_scheme(quant: str) -> str:
+    """The quantized checkpoint a --quant value exports (any4-w4a8 -> any4; others as given)."""
+    return CHECKPOINT_SCHEME.get(quant, quant)
 
 
 @dataclass(frozen=True)
@@ -38,6 +48,8 @@ class ExportRequest:
     group_size: int | None = None
     calibration: Path | None = None
     force: bool = False
+    lm_head: str = "auto"  # "auto" (int8 per channel), "none" (float) or a scheme: export/quant/recipe.resolve_head
+    embedding: str = "auto"  # untied models' embedding table ("auto": as the head)
 
 
 @dataclass
@@ -69,11 +81,23 @@ def plan(request: ExportRequest) -> ExportPlan:
         raise PocketllmError(f"{request.calibration}: calibration text file not found")
     ckpt = open_checkpoint(request.checkpoint)
     have = ckpt.quantization.scheme if ckpt.quantization is not None else None
-    if have is not None and request.quant not in ("none", have):
+    wanted = checkpoint_scheme(request.quant)
+    if have is not None and wanted not in ("none", have):
         raise PocketllmError(f"{ckpt.dir} is already quantized with {have}; export it with --quant {have} "
                              "(or quantize the floating-point checkpoint)")
+    if (request.lm_head, request.embedding) != ("auto", "auto"):
+        if have is not None:
+            raise PocketllmError(f"{ckpt.dir} is already quantized: its LM head and embedding are what they are; "
+                                 "--lm-head / --embedding apply when exporting a floating-point checkpoint")
+        if wanted not in PROJECT_SCHEMES:
+            raise PocketllmError(f"--lm-head / --embedding need a quantizing --quant ({', '.join(PROJECT_SCHEMES)}, "
+                                 f"{W4A8}); got --quant {request.quant}")
+    if wanted in PROJECT_SCHEMES and have is None:  # fail now, not after the layers are quantized
+        from pocketllm.export.quant.recipe import resolve_head
+
+        resolve_head(request.lm_head, request.embedding, wanted, ckpt.spec.tie_word_embeddings)
     max_context = resolve_max_context(ckpt.spec, request.max_context)
-    quant = have or request.quant
+    quant = request.quant if request.quant == W4A8 else (have or request.quant)
     chosen = []
     for target in targets:
         options = target.options(max_context=max_context, quant=quant, prefill_chunk=request.prefill_chunk,
@@ -83,13 +107,23 @@ def plan(request: ExportRequest) -> ExportPlan:
     return ExportPlan(request=request, ckpt=ckpt, max_context=max_context, targets=chosen)
 
 
-def quant_summary(ckpt) -> dict:
+def quant_summary(ckpt, quant: str = "none") -> dict:
+    """The manifest's `quantization`: the checkpoint's scheme, what the LM head and the embedding table are stored
+    in (a scheme, or the float dtype the artifact computes in), whether they are one tied tensor, and the
+    activations the decoder layers run with (int8 for W4A8)."""
     q = ckpt.quantization
+    spec = ckpt.spec
+    activations = "int8" if quant == W4A8 else "fp32"
+    tied = bool(spec.tie_word_embeddings)
     if q is None:
-        return {"scheme": "none", "bits_per_weight": 32}
-    return {"scheme": q.scheme, "group_size": q.group_size, "bits_per_weight": round(q.bits_per_weight(), 4),
-            "modules": len(q.modules), "calibration": q.calibration,
-            "lm_head": "fp32" if not any(m == "lm_head" for m in q.modules) else q.scheme}
+        return {"scheme": "none", "bits_per_weight": 32, "variant": quant, "activations": activations,
+                "lm_head": "fp32", "embedding": "fp32", "tied_embedding": tied}
+    emb = q.modules.get("model.embed_tokens")
+    head = emb if tied else q.modules.get("lm_head")
+    return {"scheme": q.scheme, "group_size": q.group_size or None, "bits_per_weight": round(q.bits_per_weight(), 4),
+            "modules": len(q.modules), "calibration": q.calibration, "variant": quant, "activations": activations,
+            "lm_head": head.scheme if head else "fp32", "embedding": emb.scheme if emb else "fp32",
+            "tied_embedding": tied}
 
 
 @contextlib.contextmanager
@@ -113,18 +147,19 @@ def run_export(request: ExportRequest, stage: Callable[[str], Any] = no_stages) 
     timings: dict[str, float] = {}
     with atomic_directory(out, force=request.force) as tmp:
         reference = tmp / REFERENCE_DIR
-        if ckpt.quantization is None and request.quant in PROJECT_SCHEMES:
+        if ckpt.quantization is None and checkpoint_scheme(request.quant) in PROJECT_SCHEMES:
             from pocketllm.export.quant.quantize import quantize_checkpoint
 
             t0 = time.perf_counter()
             with stage("quantize"):
                 text = Path(request.calibration).read_text(encoding="utf-8") if request.calibration else None
-                quantize_checkpoint(ckpt, reference, request.quant, group_size=request.group_size, calibration=text)
+                quantize_checkpoint(ckpt, reference, checkpoint_scheme(request.quant), group_size=request.group_size,
+                                    calibration=text, lm_head=request.lm_head, embedding=request.embedding)
             timings["quantize_s"] = time.perf_counter() - t0
         else:
             copy_reference(ckpt, reference)
         weights = open_checkpoint(reference)  # the weights every target exports and parity checks
-        quant = quant_summary(weights)
+        quant = quant_summary(weights, p.targets[0][1].quant)
         entries = {}
         for target, options in p.targets:
             with stage("load"):

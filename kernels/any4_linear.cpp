@@ -4,8 +4,8 @@
 //                    lookups (vpshufb / tbl) on the bf16 or fp16 LUT, fp32 multiply-adds, s and z applied per group;
 //   decode otherwise: per (row, group) the 16 dequantised values t[c] = lut * s + z are built once (exact, as the
 //                    reference dequantises), then a table lookup + multiply-add per weight;
-//   prefill (M > 1): 16 rows of W at a time dequantised exactly into a k-major fp32 panel, then a 6 x 16
-//                    register-tiled multiply with fused multiply-adds (the one-hot contract still holds:
+//   prefill (M > 1): 32 (AVX-512) or 16 rows of W at a time dequantised exactly into a k-major fp32 panel, then
+//                    panel_gemm.h's register tiles with fused multiply-adds (the one-hot contract still holds:
 //                    fma(1, w, 0) = w and fma(0, w', acc) = acc).
 // Blocks of rows go to ExecuTorch's threadpool. Build with -ffp-contract=off so t[c] keeps its two roundings.
 #include "any4_linear.h"
@@ -16,6 +16,7 @@
 
 #include "any4_decode.h"
 #include "common.h"
+#include "panel_gemm.h"
 
 #if defined(__AVX2__) || defined(__F16C__)
 #include <immintrin.h>
@@ -52,33 +53,6 @@ void dequant_row(const uint8_t* qrow, const float* lut_row, const float* srow, c
       w[j * stride] = t[b & 15];
       w[(j + 1) * stride] = t[b >> 4];
     }
-  }
-}
-
-// y[m0 + i, n0 + c] = x[m0 + i, :] . panel[:, c] for i < MR, c < nr (panel: K x 16, k-major).
-template <int MR>
-void panel_tile(const float* x, int64_t K, const float* panel, int64_t m0, float* y, int64_t N, int64_t n0,
-                int64_t nr) {
-  v8f acc[MR][2];
-  const float* xr[MR];
-  for (int i = 0; i < MR; ++i) {
-    acc[i][0] = acc[i][1] = v8f{0, 0, 0, 0, 0, 0, 0, 0};
-    xr[i] = x + (m0 + i) * K;
-  }
-  for (int64_t k = 0; k < K; ++k) {
-    const v8f p0 = load8(panel + k * 16), p1 = load8(panel + k * 16 + 8);
-    for (int i = 0; i < MR; ++i) {
-      const float xv = xr[i][k];
-      const v8f bx = {xv, xv, xv, xv, xv, xv, xv, xv};
-      acc[i][0] = fma8(bx, p0, acc[i][0]);
-      acc[i][1] = fma8(bx, p1, acc[i][1]);
-    }
-  }
-  for (int i = 0; i < MR; ++i) {
-    float out[16];
-    store8(out, acc[i][0]);
-    store8(out + 8, acc[i][1]);
-    std::copy(out, out + nr, y + (m0 + i) * N + n0);
   }
 }
 
@@ -186,10 +160,10 @@ void any4_decode(const float* x, const uint8_t* qweight, const uint16_t* lut16, 
   std::vector<float> xp(K), xsum(G, 0.0f);
   any4::permute_x(x, K, xp.data(), kind);
   for (int64_t j = 0; j < K; ++j) xsum[j / g] += x[j];
-  parallel_dynamic(N, 16, [&](int64_t b, int64_t e) {
+  parallel_dynamic(N, decode_rows_per_block(N), [&](int64_t b, int64_t e) {
     for (int64_t i = b; i < e; ++i)
       y[i] = any4::row_dot<kind>(qweight + i * (K / 2), lut16 + i * 16, scales + i * G, zeros + i * G, xp.data(),
-                                 xsum.data(), K, g);
+                                 xsum.data(), K, g, G);
   });
 }
 
@@ -216,10 +190,10 @@ void any4_linear_f32(const float* x, const uint8_t* qweight, const float* lut, c
     });
     return;
   }
-  // Prefill: per panel of 16 output rows, dequantise W[n0:n0+16, :] exactly into a k-major panel P[K][16], then
-  // y[m, n0:n0+16] = sum_k x[m, k] * P[k, :] in register tiles of up to 6 x rows x 16 outputs: each step loads two
-  // panel vectors, broadcasts one x value per row and does 2 fused multiply-adds per row (12 accumulators).
-  constexpr int64_t NP = 16;
+  // Prefill: per panel of gemm::kPanel output rows (32 with AVX-512, else 16), dequantise W[n0:n0+kPanel, :] exactly
+  // into a k-major panel P[K][kPanel], then y[m, n0:n0+kPanel] = sum_k x[m, k] * P[k, :] in register tiles
+  // (panel_gemm.h: fused multiply-adds, x broadcast).
+  constexpr int64_t NP = gemm::kPanel;
   parallel_dynamic((N + NP - 1) / NP, 1, [&](int64_t b, int64_t e) {
     std::vector<float> panel(K * NP);
     for (int64_t p = b; p < e; ++p) {
@@ -228,16 +202,7 @@ void any4_linear_f32(const float* x, const uint8_t* qweight, const float* lut, c
       for (int64_t r = 0; r < nr; ++r)
         dequant_row(qweight + (n0 + r) * (K / 2), lut + (n0 + r) * 16, scales + (n0 + r) * G,
                     zeros + (n0 + r) * G, K, g, panel.data() + r, NP);
-      int64_t m = 0;
-      for (; m + 6 <= M; m += 6) panel_tile<6>(x, K, panel.data(), m, y, N, n0, nr);
-      switch (M - m) {
-        case 5: panel_tile<5>(x, K, panel.data(), m, y, N, n0, nr); break;
-        case 4: panel_tile<4>(x, K, panel.data(), m, y, N, n0, nr); break;
-        case 3: panel_tile<3>(x, K, panel.data(), m, y, N, n0, nr); break;
-        case 2: panel_tile<2>(x, K, panel.data(), m, y, N, n0, nr); break;
-        case 1: panel_tile<1>(x, K, panel.data(), m, y, N, n0, nr); break;
-        default: break;
-      }
+      gemm::panel_multiply(x, M, K, panel.data(), y + n0, N, nr);
     }
   });
 }

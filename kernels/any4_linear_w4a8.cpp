@@ -39,9 +39,9 @@ void any4_linear_w4a8_f32(const float* x, const uint8_t* qweight, const int8_t* 
     });
   }
   const w4a8::Weights w{qweight, lut_i8, lut_scale, scales, zeros, N, K, group_size};
-  // Blocks of 16 rows (2 or 4 tiles, a multiple of the 8-row scale blocks): small enough to balance two threads on
-  // the 128-row k/v projections.
-  parallel_dynamic(N, 16, [&](int64_t b, int64_t e) {
+  // Blocks of 16 rows or more (a multiple of the 8-row scale blocks): common.h's decode_rows_per_block for one
+  // token (long contiguous runs per thread), 16 for prefill (2 or 4 tiles).
+  parallel_dynamic(N, M == 1 ? decode_rows_per_block(N) : 16, [&](int64_t b, int64_t e) {
     thread_local w4a8::Scratch scratch;
     w4a8::linear_rows(w, act, b, e, y, scratch);
   });

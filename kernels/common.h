@@ -2,8 +2,12 @@
 // lower to AVX2 on x86-64 and to NEON on arm64), and the ExecuTorch threadpool.
 #pragma once
 
+#include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <condition_variable>
+#include <mutex>
+#include <thread>
 #include <cstdint>
 #include <cstring>
 #include <limits>
@@ -122,16 +126,145 @@ inline float softmax_numerator(float* x, int64_t n) {
   return sum;
 }
 
-// Run f(begin, end) over [0, n) on ExecuTorch's threadpool (the one XNNPACK uses), in chunks of `grain`.
+template <typename F>
+inline void parallel_dynamic(int64_t n, int64_t block, const F& f);
+
+// Run f(begin, end) over [0, n) in one chunk per thread (at least `grain` items each), ExecuTorch's thread count:
+// the work share of parallel_dynamic (below) with chunks of ceil(n / threads), so a late helper never stalls it.
 template <typename F>
 inline void parallel(int64_t n, int64_t grain, const F& f) {
   if (n <= 0) return;
-  ::executorch::extension::parallel_for(0, n, grain < 1 ? 1 : grain, f);
+  const int64_t threads = ::executorch::extension::get_thread_count();
+  const int64_t chunk = std::max<int64_t>(grain < 1 ? 1 : grain, (n + threads - 1) / std::max<int64_t>(threads, 1));
+  parallel_dynamic(n, chunk, f);
 }
 
 // parallel() splits [0, n) into one static chunk per thread, so the call lasts as long as its slowest thread.
-// parallel_dynamic() hands out blocks of rows from a shared counter instead: a thread on a faster core (big.LITTLE
-// phones) or on an idle core (a shared machine) simply takes more blocks.
+// parallel_dynamic() hands out blocks of rows from a shared counter instead, and the calling thread never waits for
+// a helper that has not started: a thread on a faster core (big.LITTLE phones) or on an idle core simply takes more
+// blocks, and a helper that is asleep or preempted (a shared machine, a phone's background load) costs nothing - the
+// caller does its blocks. ExecuTorch's threadpool (pthreadpool) cannot do that: its parallelize() returns only once
+// every worker has checked in, so one descheduled worker stalls the whole call (measured: 40 us per any4 call for
+// 64 KB of weights at 2 threads vs 9 us at 1, and 2 ms for the first call of a decode step, on a loaded 2-core VM).
+// The helpers are our own threads, get_thread_count() - 1 of them: they spin briefly after each job (decode steps
+// call linear layers back to back), then sleep on a condition variable.
+class WorkShare {
+ public:
+  static WorkShare& get() {
+    static WorkShare* ws = new WorkShare();  // never destroyed: helpers may be asleep at exit
+    return *ws;
+  }
+
+  // f(begin, end) over [0, n) in blocks of `block`, by the caller and up to `threads - 1` helpers.
+  template <typename F>
+  void run(int64_t n, int64_t block, int64_t threads, const F& f) {
+    const int64_t blocks = (n + block - 1) / block;
+    // One job at a time: a call from inside a job (or from a second thread running another program) runs inline.
+    std::unique_lock<std::mutex> busy(busy_, std::try_to_lock);
+    if (!busy.owns_lock()) {
+      f(0, n);
+      return;
+    }
+    ensure_helpers(threads - 1);
+    fn_ = [](const void* ctx, int64_t b) { (*static_cast<const Job<F>*>(ctx))(b); };
+    const Job<F> job{&f, block, n};
+    ctx_ = &job;
+    active_.store(threads - 1, std::memory_order_relaxed);
+    done_.store(0, std::memory_order_relaxed);
+    const uint64_t epoch = ((ticket_.load(std::memory_order_relaxed) >> 48) + 1) & 0xffff;
+    ticket_.store(epoch << 48 | static_cast<uint64_t>(blocks) << 24, std::memory_order_release);
+    if (sleepers_.load(std::memory_order_acquire) > 0) {
+      std::lock_guard<std::mutex> lock(mu_);
+      cv_.notify_all();
+    }
+    work(epoch, static_cast<uint64_t>(-1));
+    while (done_.load(std::memory_order_acquire) < blocks) pause();
+  }
+
+ private:
+  template <typename F>
+  struct Job {
+    const F* f;
+    int64_t block, n;
+    void operator()(int64_t b) const { (*f)(b * block, std::min(n, (b + 1) * block)); }
+  };
+
+  static void pause() {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    asm volatile("yield");
+#endif
+  }
+
+  // Claim blocks of the job of `epoch` until none is left (ticket: epoch 16 bits | blocks 24 | next 24). A claim is
+  // a compare-and-swap on the whole ticket, so it succeeds only while that job is the current one; the job's function
+  // is read after the claim, when its caller is still waiting for this block.
+  void work(uint64_t epoch, uint64_t helper) {
+    (void)helper;
+    uint64_t s = ticket_.load(std::memory_order_acquire);
+    while ((s >> 48) == epoch) {
+      const uint64_t next = s & 0xffffff, blocks = (s >> 24) & 0xffffff;
+      if (next >= blocks) return;
+      if (ticket_.compare_exchange_weak(s, s + 1, std::memory_order_acq_rel, std::memory_order_acquire)) {
+        fn_(ctx_, static_cast<int64_t>(next));
+        done_.fetch_add(1, std::memory_order_release);
+        s = ticket_.load(std::memory_order_acquire);
+      }
+    }
+  }
+
+  void helper_loop(int64_t index) {
+    uint64_t seen = ticket_.load(std::memory_order_acquire) >> 48;
+    for (;;) {
+      uint64_t epoch = ticket_.load(std::memory_order_acquire) >> 48;
+      for (int spin = 0; epoch == seen && spin < kSpin; ++spin) {
+        pause();
+        epoch = ticket_.load(std::memory_order_acquire) >> 48;
+      }
+      if (epoch == seen) {
+        std::unique_lock<std::mutex> lock(mu_);
+        sleepers_.fetch_add(1, std::memory_order_acq_rel);
+        cv_.wait(lock, [&] { return (ticket_.load(std::memory_order_acquire) >> 48) != seen; });
+        sleepers_.fetch_sub(1, std::memory_order_acq_rel);
+        epoch = ticket_.load(std::memory_order_acquire) >> 48;
+      }
+      seen = epoch;
+      if (index < active_.load(std::memory_order_relaxed)) work(epoch, static_cast<uint64_t>(index));
+    }
+  }
+
+  void ensure_helpers(int64_t count) {
+    std::lock_guard<std::mutex> lock(start_mu_);
+    while (static_cast<int64_t>(helpers_) < count) {
+      const int64_t index = static_cast<int64_t>(helpers_++);
+      std::thread([this, index] { helper_loop(index); }).detach();
+    }
+  }
+
+  static constexpr int kSpin = 20000;  // ~50-100 us of pause instructions before sleeping
+  std::atomic<uint64_t> ticket_{0};
+  std::atomic<int64_t> done_{0}, active_{0};
+  std::atomic<int> sleepers_{0};
+  void (*fn_)(const void*, int64_t) = nullptr;
+  const void* ctx_ = nullptr;
+  std::mutex mu_, start_mu_, busy_;
+  std::condition_variable cv_;
+  size_t helpers_ = 0;
+};
+
+// Rows per block for a decode (one token) pass over n weight rows: at least 4 blocks per thread so a late helper
+// costs little, at most 128 rows so each thread streams long contiguous runs of the weight (blocks of 16 rows
+// alternating between threads read 8 KB pieces and write the outputs of neighbouring blocks into shared cache
+// lines: W4A8 decode ran slower on 2 threads than on 1), a multiple of 16 (the kernels' row tiles).
+inline int64_t decode_rows_per_block(int64_t n) {
+  const int64_t threads = std::max<int64_t>(1, ::executorch::extension::get_thread_count());
+  const int64_t b = (n / (threads * 4) + 15) / 16 * 16;
+  return std::min<int64_t>(128, std::max<int64_t>(16, b));
+}
+
+// Blocks of `block` rows over [0, n): see WorkShare. Threads: ExecuTorch's thread count (what the app or
+// _unsafe_reset_threadpool set), so one setting sizes XNNPACK and our kernels alike.
 template <typename F>
 inline void parallel_dynamic(int64_t n, int64_t block, const F& f) {
   if (n <= 0) return;
@@ -139,15 +272,11 @@ inline void parallel_dynamic(int64_t n, int64_t block, const F& f) {
   const int64_t blocks = (n + block - 1) / block;
   const int64_t threads = ::executorch::extension::get_thread_count();
   const int64_t workers = threads < blocks ? threads : blocks;
-  if (workers <= 1) {
+  if (workers <= 1 || blocks >= (int64_t{1} << 24)) {
     f(0, n);
     return;
   }
-  std::atomic<int64_t> next{0};
-  ::executorch::extension::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
-    for (int64_t b; (b = next.fetch_add(1, std::memory_order_relaxed)) < blocks;)
-      f(b * block, (b + 1) * block < n ? (b + 1) * block : n);
-  });
+  WorkShare::get().run(n, block, workers, f);
 }
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();

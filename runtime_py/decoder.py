@@ -36,7 +36,12 @@ def take(weights: dict[str, np.ndarray], name: str, shape: tuple[int, ...]) -> n
     """The float32 tensor `name`, checked against `shape` (one-line error otherwise)."""
     if name not in weights:
         raise PocketllmError(f"reference model: missing tensor '{name}' (expected shape {list(shape)})")
-    w = np.asarray(weights[name], dtype=np.float32)
+    w = weights[name]
+    if not getattr(w, "__array_ufunc__", True):  # a weight operator (runtime_py/quant.W4A8Weight): `x @ w.T` works
+        if tuple(w.shape) != shape:
+            raise PocketllmError(f"reference model: tensor '{name}' has shape {list(w.shape)}, expected {list(shape)}")
+        return w
+    w = np.asarray(w, dtype=np.float32)
     if w.shape != shape:
         raise PocketllmError(f"reference model: tensor '{name}' has shape {list(w.shape)}, expected {list(shape)}")
     return w

@@ -26,14 +26,18 @@ class ReferenceModel:
         return model_class(spec.family)(spec, weights, max_context=max_context)
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, max_context: int | None = None):
-        """Validate a HF-style checkpoint directory (export.checkpoint) and load its weights as float32."""
+    def from_checkpoint(cls, path: str | Path, max_context: int | None = None, activations: str = "fp32"):
+        """Validate a HF-style checkpoint directory (export.checkpoint) and load its weights as float32.
+        activations "int8": the decoder's any4 layers run with W4A8 numerics (a W4A8 bundle's contract)."""
         from pocketllm.export.checkpoint import open_checkpoint
+        from pocketllm.runtime_py.errors import PocketllmError
         from pocketllm.runtime_py.weights import load_weights
 
         ckpt = open_checkpoint(path)
         if ckpt.quantization is not None:  # packed 4/8-bit weights, dequantized by runtime_py/quant.py
             from pocketllm.runtime_py.quant import quantized_weight_loader
 
-            load_weights = quantized_weight_loader(ckpt.quantization)  # noqa: F811
+            load_weights = quantized_weight_loader(ckpt.quantization, activations)  # noqa: F811
+        elif activations != "fp32":
+            raise PocketllmError(f"{path}: activations {activations!r} need a quantized (any4) checkpoint")
         return cls(ckpt.spec, load_weights(ckpt.dir, ckpt.weight_map), max_context=max_context)

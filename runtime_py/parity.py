@@ -50,9 +50,17 @@ DEFAULT_PROMPTS = [
     "that there would be a wedding before the spring, though she could not decide which of the sisters",
 ]
 DEFAULT_TOLERANCE = {"none": 1e-3, "any4": 1e-3, "int4": 1e-3, "int8": 1e-3, "nf4": 1e-3}
+# (a W4A8 bundle's scheme is any4: the same 1e-3, against a reference that reproduces its int8 activations)
 # 8da4w quantizes activations dynamically inside XNNPACK: no reference runs those exact numerics, so its deltas
 # against the float reference are reported, and only top-1 agreement is required.
 MIN_TOP1_UNMATCHED = 0.9
+# W4A8 (quantization.activations "int8"): the reference reproduces the kernel's numerics bit for bit, but it rounds
+# each activation to int8 from its own fp32 input, which differs from the artifact's in the last bits (attention,
+# norms and sums run in other orders). An activation that sits on a rounding boundary can then round the other way
+# in one engine: one int8 step of one element, visible at that position (and faintly after it). The contract: the
+# tolerance holds at >= MIN_W4A8_ROWS of all compared positions, and top-1 agrees at >= MIN_W4A8_TOP1 of the steps.
+MIN_W4A8_ROWS = 0.95
+MIN_W4A8_TOP1 = 0.99
 
 
 def read_prompts(path: Path | None) -> list[str]:
@@ -86,7 +94,8 @@ def compare_engines(reference, engine, prompt_ids: list[int], steps: int, block_
     ref = reference.forward(ids, 0)
     got = engine.forward(ids, 0)
     engaged = _infllm_engaged(reference, 0, block_size) if block_size else None
-    prefill_delta = float(np.abs(ref - got).max())
+    prefill_rows = np.abs(ref - got).max(axis=-1)  # per position
+    prefill_delta = float(prefill_rows.max())
     deltas, agree, ref_tokens, got_tokens = [], [], [], []
     pos = ids.size
     r_row, g_row = ref[-1], got[-1]
@@ -109,6 +118,7 @@ def compare_engines(reference, engine, prompt_ids: list[int], steps: int, block_
     return {
         "prompt_tokens": int(ids.size), "steps": steps,
         "max_abs_delta_prefill": prefill_delta,
+        "per_position_max_abs_delta_prefill": [float(d) for d in prefill_rows],
         "max_abs_delta_steps": max(deltas) if deltas else 0.0,
         "per_step_max_abs_delta": deltas,
         "top1_agreement": float(np.mean(agree)),
@@ -121,7 +131,9 @@ def compare_engines(reference, engine, prompt_ids: list[int], steps: int, block_
 
 
 def reference_for(bundle: Path, manifest: dict, checkpoint: Path | None, max_context: int):
-    """The numpy reference on the bundle's reference weights (or on `checkpoint` when given)."""
+    """The numpy reference on the bundle's reference weights (or on `checkpoint` when given), with the numerics the
+    artifact promises: a W4A8 bundle (`quantization.activations` "int8") runs its decoder's any4 layers with int8
+    activations exactly as the kernel does; every other variant in fp32."""
     from pocketllm.runtime_py import ReferenceModel
 
     if checkpoint is None:
@@ -131,7 +143,8 @@ def reference_for(bundle: Path, manifest: dict, checkpoint: Path | None, max_con
         path = bundle / ref["dir"]
     else:
         path = Path(checkpoint)
-    return ReferenceModel.from_checkpoint(path, max_context=max_context), path
+    activations = manifest.get("quantization", {}).get("activations", "fp32")
+    return ReferenceModel.from_checkpoint(path, max_context=max_context, activations=activations), path
 
 
 def run_parity(bundle: Path, *, target: str | None = None, prompts_file: Path | None = None, steps: int = 64,
@@ -173,22 +186,33 @@ def run_parity(bundle: Path, *, target: str | None = None, prompts_file: Path | 
     max_delta = max(max(r["max_abs_delta_prefill"], r["max_abs_delta_steps"]) for r in results)
     top1 = float(np.mean([r["top1_agreement"] for r in results]))
     identical = all(r["continuation_identical"] for r in results)
-    if tolerance is not None:
+    rows = [d for r in results for d in r["per_position_max_abs_delta_prefill"] + r["per_step_max_abs_delta"]]
+    within = float(np.mean([d <= tolerance for d in rows])) if tolerance is not None and rows else None
+    w4a8 = manifest.get("quantization", {}).get("activations") == "int8"
+    if tolerance is not None and w4a8:
+        passed = within >= MIN_W4A8_ROWS and top1 >= MIN_W4A8_TOP1
+        contract = (f"W4A8: |delta| <= {tolerance} at >= {MIN_W4A8_ROWS:.0%} of positions (int8 rounding of an "
+                    f"activation on a rounding boundary may differ), top-1 agreement >= {MIN_W4A8_TOP1:.0%}")
+    elif tolerance is not None:
         passed = max_delta <= tolerance and identical
+        contract = f"exact: |delta| <= {tolerance} at every position, identical greedy continuations"
     else:
         passed = top1 >= MIN_TOP1_UNMATCHED
+        contract = f"unmatched numerics: top-1 agreement >= {MIN_TOP1_UNMATCHED:.0%}"
     report = {
         "bundle": bundle.name, "target": target, "quant": quant,
         "reference": "bundle" if checkpoint is None else str(ref_path),
-        "tolerance": tolerance, "steps": steps, "passed": bool(passed), "max_abs_delta": max_delta,
+        "tolerance": tolerance, "contract": contract, "steps": steps, "passed": bool(passed),
+        "max_abs_delta": max_delta, "positions_within_tolerance": within,
         "top1_agreement": top1, "continuations_identical": identical,
         "infllm_engaged": any(r["infllm_engaged"] for r in results) if block else None,
         "seconds": round(time.perf_counter() - t0, 2), "prompts": results,
     }
     write_json(bundle / PARITY_FILE, _merged_report(bundle / PARITY_FILE, target, report))
-    add_parity(bundle, target, {k: report[k] for k in ("passed", "max_abs_delta", "top1_agreement",
-                                                       "continuations_identical", "tolerance", "steps",
-                                                       "infllm_engaged")} | {"prompts": len(results)})
+    add_parity(bundle, target, {k: report[k] for k in ("passed", "max_abs_delta", "positions_within_tolerance",
+                                                       "top1_agreement", "continuations_identical", "tolerance",
+                                                       "contract", "steps", "infllm_engaged")}
+               | {"prompts": len(results)})
     return report
 
 

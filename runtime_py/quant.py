@@ -13,6 +13,11 @@ and dtypes; its parsed `quantization` tells which modules are packed and how. Fo
 scale and zero are fp16 [N, K/g], one per row and group of g consecutive columns (g = K for group_size 0). All
 arithmetic is float32 after exact fp16 -> fp32 widening: one multiply, then one add, each rounded (no fused
 multiply-add), which is what makes the torch model and this reference agree bit for bit on any4.
+
+`model.embed_tokens` may be packed too (the embedding table; for a tied model also the LM head): it is dequantized
+like any weight, so the gather and the head read the same values. Activations: "fp32" (every exact variant) or
+"int8" (the W4A8 variant, docs/quantization.md "W4A8"): any4 layers of the decoder (`model.layers.*`) then become
+W4A8Weight operators whose `x @ W.T` runs runtime_py/ops/any4_linear_w4a8.py instead of a float matmul.
 """
 
 from __future__ import annotations
@@ -24,6 +29,8 @@ import numpy as np
 
 from pocketllm.runtime_py.errors import PocketllmError
 from pocketllm.runtime_py.ops.any4_linear import any4_dequantize, dequantize_lut, unpack_codes
+from pocketllm.runtime_py.ops.any4_linear_w4a8 import any4_linear_w4a8, lut_to_int8
+from pocketllm.runtime_py.ops.int8_linear import int8_dequantize
 from pocketllm.runtime_py.weights import load_weights
 
 NF4 = np.array([-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
@@ -37,7 +44,7 @@ PACKED_SUFFIXES = ("qweight", "scales", "zeros", "lut")
 def dequantize(scheme: str, t: dict[str, np.ndarray]) -> np.ndarray:
     """Packed tensors of one module (suffix -> array, stored dtypes) -> float32 weight [N, K]."""
     if scheme == "int8":
-        return t["qweight"].astype(np.float32) * t["scales"].astype(np.float32)
+        return int8_dequantize(t["qweight"], t["scales"])
     codes = unpack_codes(t["qweight"])
     if scheme == "any4":
         return any4_dequantize(t["qweight"], t["lut"], t["scales"], t["zeros"])
@@ -66,9 +73,61 @@ def load_packed(path: Path, names: list[str]) -> dict[str, np.ndarray]:
     return out
 
 
-def quantized_weight_loader(quantization):
+W4A8_SCOPE = "model.layers."  # the any4 layers the W4A8 variant runs with int8 activations (export/nn/quant_linear)
+ACTIVATIONS = ("fp32", "int8")
+
+
+class _W4A8Transposed:
+    __array_ufunc__ = None  # numpy defers `x @ w.T` to __rmatmul__ below
+
+    def __init__(self, w: "W4A8Weight"):
+        self.w = w
+        self.shape = (w.shape[1], w.shape[0])
+
+    def __rmatmul__(self, x: np.ndarray) -> np.ndarray:
+        w = self.w
+        return any4_linear_w4a8(x, w.qweight, w.lut_i8, w.lut_scale, w.scales, w.zeros, w.group_size)
+
+
+class W4A8Weight:
+    """An any4 weight [N, K] that multiplies with W4A8 numerics: `x @ w.T` = any4_linear_w4a8(x, ...), so model code
+    written as `x @ W.T` runs it unchanged. `dense()` is the exact dequantized weight (for inspection only)."""
+
+    __array_ufunc__ = None
+
+    def __init__(self, t: dict[str, np.ndarray], group_size: int):
+        self.qweight = t["qweight"]
+        self.shape = (self.qweight.shape[0], 2 * self.qweight.shape[1])
+        self.group_size = group_size
+        self.lut_i8, self.lut_scale = lut_to_int8(t["lut"].astype(np.float32))
+        self.scales, self.zeros = _row_blocks(t["scales"]), _row_blocks(t["zeros"])
+        self._exact = t
+
+    @property
+    def T(self) -> _W4A8Transposed:
+        return _W4A8Transposed(self)
+
+    def dense(self) -> np.ndarray:
+        t = self._exact
+        return any4_dequantize(t["qweight"], t["lut"], t["scales"], t["zeros"])
+
+
+def _row_blocks(t: np.ndarray) -> np.ndarray:
+    """fp16 [N, G] -> [ceil(N / 8), G, 8] (element [b, g, r] = row 8b + r; padding rows 0)."""
+    N, G = t.shape
+    blocks = -(-N // 8)
+    padded = np.zeros((blocks * 8, G), dtype=np.float16)
+    padded[:N] = t
+    return np.ascontiguousarray(padded.reshape(blocks, 8, G).transpose(0, 2, 1))
+
+
+def quantized_weight_loader(quantization, activations: str = "fp32"):
     """A `load_weights(dir, weight_map)` for quantized checkpoints: float tensors as usual, and every packed module
-    M dequantized into `M.weight` (float32), so the reference model reads it like any other checkpoint."""
+    M dequantized into `M.weight` (float32), so the reference model reads it like any other checkpoint. With
+    activations "int8", any4 modules under model.layers become W4A8Weight operators instead."""
+    if activations not in ACTIVATIONS:
+        raise PocketllmError(f"reference model: unknown activations {activations!r} (expected one of: "
+                             f"{', '.join(ACTIVATIONS)})")
 
     def is_packed(name: str) -> bool:
         module, _, suffix = name.rpartition(".")
@@ -87,7 +146,11 @@ def quantized_weight_loader(quantization):
                 module, _, suffix = name.rpartition(".")
                 packed[module][suffix] = x
         for module, tq in quantization.modules.items():
-            out[f"{module}.weight"] = dequantize(tq.scheme, packed[module])
+            if activations == "int8" and tq.scheme == "any4" and module.startswith(W4A8_SCOPE):
+                K = quantization.shapes[module][1]
+                out[f"{module}.weight"] = W4A8Weight(packed[module], tq.group(K))
+            else:
+                out[f"{module}.weight"] = dequantize(tq.scheme, packed[module])
             del packed[module]
         return out
 

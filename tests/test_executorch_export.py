@@ -279,11 +279,64 @@ def check_any4_parity(bundle: Path) -> dict:
     return report
 
 
+def pte_constants(pte: Path) -> tuple[list[tuple[str, list[int], int]], list[int]]:
+    """The program's constant tensors (dtype, shape, bytes; one entry per stored buffer) and the sizes of the
+    XNNPACK delegate blobs (which hold the weights XNNPACK packs)."""
+    from executorch.exir._serialize._program import deserialize_pte_binary
+
+    program = deserialize_pte_binary(pte.read_bytes()).program
+    found = {}
+    for plan in program.execution_plan:
+        for v in plan.values:
+            t = v.val
+            if type(t).__name__ == "Tensor" and t.data_buffer_idx > 0:
+                found[t.data_buffer_idx] = (t.scalar_type.name, list(t.sizes),
+                                            len(program.constant_buffer[t.data_buffer_idx].storage))
+    return list(found.values()), [len(d.data) for d in program.backend_delegate_data]
+
+
 def test_any4_parity_with_infllm(bundles, tmp_path):
-    """any4 linears (C++ kernel) and InfLLM v2 (C++ kernel, selection engaged) in one .pte."""
+    """any4 linears (C++ kernel) and InfLLM v2 (C++ kernel, selection engaged) in one .pte; the default 4-bit export
+    stores the tied LM head in 8 bits per channel, once: the embedding gather and the head read one constant."""
     ckpt, _ = bundles["minicpm4_infllm"]
-    report = check_any4_parity(export_any4(ckpt, tmp_path / "any4"))
+    bundle = export_any4(ckpt, tmp_path / "any4")
+    report = check_any4_parity(bundle)
     assert report["infllm_engaged"]
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    q = manifest["quantization"]
+    assert (q["lm_head"], q["embedding"], q["tied_embedding"], q["activations"]) == ("int8", "int8", True, "fp32")
+    et = manifest["targets"]["executorch"]
+    assert "pocketllm::int8_linear.out" in et["requires_kernels"] and et["embedding_table_dtype"] == "int8"
+    per_module = et["quantization"]["per_module"]
+    assert per_module["lm_head"].startswith("pocketllm::int8_linear") and "tied" in per_module["lm_head"]
+    assert per_module["model.layers.0.mlp.up_proj"] == "pocketllm::any4_linear"
+    V, H = manifest["model"]["vocab_size"], manifest["model"]["hidden_size"]
+    constants, blobs = pte_constants(bundle / "model.pte")
+    tables = [c for c in constants if c[1] == [V, H]]
+    assert tables == [("CHAR", [V, H], V * H)], tables  # one int8 table, no float copy
+    assert all(b < V * H for b in blobs)  # and none packed into an XNNPACK delegate
+
+
+def test_w4a8_bundle(bundles, tmp_path):
+    """--quant any4-w4a8: the decoder's any4 layers on pocketllm::any4_linear_w4a8, the head exact in int8; parity
+    against the reference running the same W4A8 numerics."""
+    ckpt, _ = bundles["minicpm4_dense"]
+    out = tmp_path / "w4a8"
+    r = runner.invoke(app, ["export", "--checkpoint", str(ckpt), "--quant", "any4-w4a8", "--group-size", "16",
+                            "--max-context", str(MAX_CONTEXT), "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    q = manifest["quantization"]
+    assert (q["scheme"], q["variant"], q["activations"], q["lm_head"]) == ("any4", "any4-w4a8", "int8", "int8")
+    et = manifest["targets"]["executorch"]
+    assert {"pocketllm::any4_linear_w4a8.out", "pocketllm::int8_linear.out"} <= set(et["requires_kernels"])
+    assert "pocketllm::any4_linear.out" not in et["requires_kernels"]
+    assert et["quantization"]["w4a8_layers"] == 7
+    r = runner.invoke(app, ["parity", str(out), "--steps", "32"])
+    assert r.exit_code == 0, r.output
+    report = json.loads((out / "parity.json").read_text())["executorch"]
+    assert report["passed"] and report["positions_within_tolerance"] >= 0.95, report["contract"]
+    assert report["contract"].startswith("W4A8")
 
 
 @pytest.mark.slow

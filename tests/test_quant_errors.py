@@ -84,10 +84,13 @@ def test_existing_output_is_not_replaced(tiny_dirs, tmp_path):
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
 
 
-def test_tied_lm_head_cannot_be_quantized(tiny_dirs, tmp_path):
+def test_tied_head_and_embedding_are_one_tensor(tiny_dirs, tmp_path):
     out = tmp_path / "out"
-    assert_one_line_error(quantize(tiny_dirs["minicpm4_dense"], out, "--scheme", "int8", "--quantize-lm-head"),
-                          "ties lm_head")
+    assert_one_line_error(quantize(tiny_dirs["minicpm4_dense"], out, "--scheme", "any4", "--group-size", "32",
+                                   "--lm-head", "int8", "--embedding", "any4"), "ties the LM head")
+    assert_nothing_written(out)
+    assert_one_line_error(quantize(tiny_dirs["minicpm4_dense"], out, "--scheme", "int8", "--lm-head", "fp8"),
+                          "unknown --lm-head 'fp8'")
     assert_nothing_written(out)
 
 

@@ -29,15 +29,24 @@ def export(
     prefill_chunk: int = typer.Option(DEFAULT_PREFILL_CHUNK, "--prefill-chunk",
                                       help="Most tokens per forward call (get_max_seq_len); longer prompts are "
                                            "prefilled in chunks."),
+    lm_head: str = typer.Option("auto", "--lm-head",
+                                help="LM head when quantizing: auto (int8 per channel), none (floating point), int8, "
+                                     "any4, int4 or nf4. A tied head is the embedding table: stored once."),
+    embedding: str = typer.Option("auto", "--embedding",
+                                  help="Embedding table of an untied model when quantizing: auto (as the head), "
+                                       "none, int8, any4, int4 or nf4."),
     threads: int = typer.Option(None, "--threads", help="CPU threads for torch."),
 ):
     """Export a checkpoint to a bundle: OUT/<artifacts>, tokenizer files, reference/ weights, manifest.json.
 
-    any4/int4/int8 quantize the checkpoint first (export/quant) into OUT/reference: the bundle's weights, which
-    `pocketllm parity` runs through the numpy reference. 8da4w is torchao/XNNPACK's scheme (ExecuTorch only).
+    any4/int4/nf4/int8 quantize the checkpoint first (export/quant) into OUT/reference: the bundle's weights, which
+    `pocketllm parity` runs through the numpy reference; the LM head in 8 bits unless --lm-head says otherwise.
+    any4-w4a8: the same any4 weights with int8 activations in the decoder layers (faster on CPUs; the reference
+    reproduces its numerics). 8da4w is torchao/XNNPACK's scheme (ExecuTorch only).
     """
     _export(ExportRequest(checkpoint=checkpoint, out=out, targets=target, quant=quant, max_context=max_context,
-                          prefill_chunk=prefill_chunk, group_size=group_size, calibration=calibration, force=force),
+                          prefill_chunk=prefill_chunk, group_size=group_size, calibration=calibration, force=force,
+                          lm_head=lm_head, embedding=embedding),
             threads)
 
 

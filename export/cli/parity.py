@@ -60,4 +60,7 @@ def _print_report(bundle: Path, report: dict) -> None:
     verdict = "PASS" if report["passed"] else "FAIL"
     print(f"parity {report['target']} {verdict}: max |delta logit| {report['max_abs_delta']:.3e} (tolerance "
           f"{report['tolerance']}), top-1 agreement {report['top1_agreement']:.4f}, continuations "
-          f"{'identical' if report['continuations_identical'] else 'differ'}; wrote {Path(bundle) / 'parity.json'}")
+          f"{'identical' if report['continuations_identical'] else 'differ'}"
+          + (f", positions within tolerance {report['positions_within_tolerance']:.4f}"
+             if report.get("positions_within_tolerance") is not None else "")
+          + f"; contract: {report['contract']}; wrote {Path(bundle) / 'parity.json'}")

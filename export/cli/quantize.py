@@ -30,7 +30,14 @@ def quantize(
                                  help="any4 k-means weight per input column, times the group scale: abs_mean = "
                                       "|mean activation| (the paper's; default), mean_abs = mean |activation|, "
                                       "rms = sqrt(mean activation^2)."),
-    quantize_lm_head: bool = typer.Option(False, "--quantize-lm-head", help="Also quantize an untied lm_head."),
+    lm_head: str = typer.Option("auto", "--lm-head",
+                                help="LM head: auto (int8 per channel), none (floating point), int8, any4, int4 or "
+                                     "nf4. A tied head is the embedding table: quantized once, used by both."),
+    embedding: str = typer.Option("auto", "--embedding",
+                                  help="Embedding table of an untied model: auto (as the head), none, int8, any4, "
+                                       "int4 or nf4 (a tied model's table follows --lm-head)."),
+    quantize_lm_head: bool = typer.Option(False, "--quantize-lm-head", help="The LM head in --scheme (same as "
+                                          "--lm-head SCHEME)."),
     seed: int = typer.Option(0, "--seed", help="k-means++ seed (any4)."),
     threads: int = typer.Option(None, "--threads", help="CPU threads for torch."),
     force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
@@ -40,12 +47,12 @@ def quantize(
     Prints the quantization error of every layer; the per-tensor numbers go to OUT/quantization_report.json.
     """
     _quantize(checkpoint, scheme, out, group_size, calibration, max_calibration_tokens, act_stat, quantize_lm_head,
-              seed, threads, force)
+              seed, threads, force, lm_head, embedding)
 
 
 @user_errors
 def _quantize(checkpoint, scheme, out, group_size, calibration, max_calibration_tokens, act_stat, quantize_lm_head,
-              seed, threads, force):
+              seed, threads, force, lm_head="auto", embedding="auto"):
     # Idle OpenMP workers sleep instead of spinning: on a 2-core machine shared with other work, spinning workers
     # steal the cores the k-means' many small ops need (measured 14x slower on tiny-austen). Only takes effect when
     # torch is first imported here; an explicit OMP_WAIT_POLICY wins.
@@ -63,13 +70,14 @@ def _quantize(checkpoint, scheme, out, group_size, calibration, max_calibration_
         optional = {k: v for k, v in (("act_stat", act_stat), ("max_calibration_tokens", max_calibration_tokens))
                     if v is not None}  # library defaults apply otherwise (written once, in export/quant)
         result = quantize_checkpoint(checkpoint, out, scheme, group_size=group_size, calibration=calibration,
-                                     quantize_lm_head=quantize_lm_head, force=force, seed=seed, progress=progress,
+                                     quantize_lm_head=quantize_lm_head, lm_head=lm_head, embedding=embedding,
+                                     force=force, seed=seed, progress=progress,
                                      **optional)
 
     by_layer: dict[str, list] = defaultdict(list)
     for t in result.tensors:
         parts = t.name.split(".")
-        by_layer[parts[2] if parts[:2] == ["model", "layers"] else parts[0]].append(t)
+        by_layer[parts[2] if parts[:2] == ["model", "layers"] else t.name].append(t)
     table = Table(title=f"{scheme}: relative error ||W - Wq|| / ||W|| per layer", title_justify="left")
     for col in ("layer", "tensors", "bits/w", "mean err", "max err", "worst", "act-wtd", "sec"):
         table.add_column(col, justify="left" if col == "worst" else "right")

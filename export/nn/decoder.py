@@ -92,12 +92,22 @@ class CausalLM(nn.Module):
         base = 0 if start_pos is None else start_pos
         positions = base + torch.arange(T)
         h = self.model.embed_tokens(tokens) * self.spec.scale_emb
+        rotary = self.model.rotary.at(positions)  # cos/sin rows gathered once for every layer
         for layer in self.model.layers:
-            h = layer(h, self.model.rotary, positions, start_pos)
+            h = layer(h, rotary, positions, start_pos)
         h = self.model.norm(h) * self.spec.logit_scale
-        if self.spec.lm_head_fp32:
-            return torch.nn.functional.linear(h.float(), self.output_weight().float())
-        return torch.nn.functional.linear(h, self.output_weight()).float()
+        return self.head(h.float() if self.spec.lm_head_fp32 else h).float()
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        """The LM head: an nn.Linear (or the float embedding table, tied), a packed linear (export/nn/quant_linear),
+        or for a tied packed table the table's own linear over the same buffers (stored once)."""
+        emb = self.model.embed_tokens
+        if self.lm_head is None and hasattr(emb, "linear"):
+            return emb.linear(h)
+        if self.lm_head is not None and not isinstance(self.lm_head, nn.Linear):
+            return self.lm_head(h)
+        w = self.output_weight()
+        return torch.nn.functional.linear(h, w.float() if self.spec.lm_head_fp32 else w)
 
     @torch.no_grad()
     def reset_cache(self) -> None:

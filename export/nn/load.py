@@ -50,4 +50,9 @@ def load_model(checkpoint, max_context: int | None = None, dtype: str | torch.dt
     model.model.rotary.reset_tables()
     for p in model.parameters():
         p.requires_grad_(False)
+    from pocketllm.export.nn.quant_linear import QuantEmbedding
+
+    for module in model.modules():  # a packed embedding table hands out rows in the compute dtype
+        if isinstance(module, QuantEmbedding):
+            module.out_dtype = dtype
     return model.eval(), ckpt

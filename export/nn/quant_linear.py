@@ -9,7 +9,13 @@ property that dequantizes (fp32), for code that reads a Linear's weight directly
 - Int4Linear (int4, nf4): packed 4-bit codes into a fixed 16-entry table (int4: c - 8 with a zero; nf4: the NF4
   codebook, no zero), dequantized with the same aten arithmetic as any4 and fed to F.linear; backends map it
   to their native 4-bit paths (ONNX MatMulNBits, XNNPACK) rather than to the LUT op.
-- Int8Linear: per-channel symmetric int8.
+- Int8Linear: per-channel symmetric int8, through `pocketllm::int8_linear` (export/ops/int8_linear.py: fp32
+  activations, exact; the LM head's op).
+- QuantEmbedding: a packed embedding table (any scheme): `forward(tokens)` gathers the tokens' rows of the packed
+  tensors and dequantizes only those (the reference's arithmetic, bit for bit); `linear(x)` is the matmul of a tied
+  LM head over the same packed tensors, so the table is stored once.
+- Any4W4A8Linear: an any4 layer run with int8 activations (`pocketllm::any4_linear_w4a8`,
+  export/ops/any4_linear_w4a8.py), packed at export from an Any4Linear (`use_w4a8`).
 """
 
 from __future__ import annotations
@@ -58,7 +64,67 @@ class Int4Linear(_Packed):
 
 class Int8Linear(_Packed):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight.to(x.dtype))
+        return torch.ops.pocketllm.int8_linear(x, self.qweight, self.scales)
+
+
+class QuantEmbedding(_Packed):
+    """`model.embed_tokens` stored packed ([vocab, hidden] as a [N, K] = [vocab, hidden] weight). Gathered rows come
+    out in `out_dtype` (the model's compute dtype, set by load_model; the dequantization itself is fp32)."""
+
+    out_dtype: torch.dtype = torch.float32
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, quant: TensorQuant):
+        super().__init__(embedding_dim, num_embeddings, quant)
+        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        flat = tokens.reshape(-1)
+        rows = {name: F.embedding(flat, buf) for name, buf in self.named_buffers(recurse=False)}
+        w = dequantize_packed(self.quant, rows, self.embedding_dim)  # [T, hidden] fp32, row by row as the table
+        return w.reshape(*tokens.shape, self.embedding_dim).to(self.out_dtype)
+
+    def linear(self, x: torch.Tensor) -> torch.Tensor:
+        """x @ table.T (the tied LM head) with the scheme's linear op on the same buffers."""
+        return _CLASSES[self.scheme].forward(self, x)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, scheme={self.scheme}, group={self.quant.group_size or 'row'}"
+
+
+class Any4W4A8Linear(nn.Module):
+    """An any4 layer with W4A8 numerics (docs/quantization.md, "W4A8"): int8 LUT + fp32 LUT scale per row, the
+    checkpoint's codes, fp16 scales and zeros in 8-row blocks (w4a8_pack). fp32 activations in and out."""
+
+    def __init__(self, src: "Any4Linear"):
+        super().__init__()
+        from pocketllm.export.ops.any4_linear_w4a8 import w4a8_pack
+
+        self.in_features, self.out_features, self.group_size = src.in_features, src.out_features, src.group_size
+        self.quant = src.quant
+        for name, t in w4a8_pack(src.qweight, src.lut, src.scales, src.zeros, src.group_size).items():
+            self.register_buffer(name, t)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.pocketllm.any4_linear_w4a8(x.to(torch.float32), self.qweight, self.lut_i8, self.lut_scale,
+                                                    self.scales, self.zeros, self.group_size).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, any4 W4A8, group={self.group_size}"
+
+
+W4A8_SCOPE = "model.layers."  # which any4 layers W4A8 runs: the decoder layers' (embedding and LM head stay exact)
+
+
+def use_w4a8(model: nn.Module, prefix: str = W4A8_SCOPE) -> list[str]:
+    """Swap every Any4Linear whose name starts with `prefix` for its Any4W4A8Linear twin, in place. Returns the
+    swapped module names (what the numpy reference must run with W4A8 numerics: runtime_py/quant.py)."""
+    swapped = []
+    for name, module in list(model.named_modules()):
+        if isinstance(module, Any4Linear) and name.startswith(prefix):
+            parent_name, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(parent_name), attr, Any4W4A8Linear(module))
+            swapped.append(name)
+    return swapped
 
 
 _TORCH_DTYPES = {"U8": torch.uint8, "I8": torch.int8, "F16": torch.float16}
@@ -89,7 +155,7 @@ def make_quant_linear(quant: TensorQuant, in_features: int, out_features: int) -
 
 
 def swap_quantized_linears(model: nn.Module, config: QuantConfig) -> None:
-    """Replace every module `config` lists (nn.Linear, upstream names) by its packed twin, in place.
+    """Replace every module `config` lists (nn.Linear or nn.Embedding, upstream names) by its packed twin, in place.
 
     Call on the meta-device model before loading the state dict; new buffers are created on the same device.
     """
@@ -98,6 +164,9 @@ def swap_quantized_linears(model: nn.Module, config: QuantConfig) -> None:
         parent = model.get_submodule(parent_name) if parent_name else model
         old = getattr(parent, attr, None)
         N, K = config.shapes[name]
-        device = old.weight.device if isinstance(old, nn.Linear) else torch.device("cpu")
+        device = old.weight.device if isinstance(old, (nn.Linear, nn.Embedding)) else torch.device("cpu")
         with torch.device(device):
-            setattr(parent, attr, make_quant_linear(quant, K, N))
+            if isinstance(old, nn.Embedding):
+                setattr(parent, attr, QuantEmbedding(N, K, quant))
+            else:
+                setattr(parent, attr, make_quant_linear(quant, K, N))

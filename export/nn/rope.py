@@ -29,11 +29,29 @@ class RotaryTable(nn.Module):
 
         Partial RoPE (rope.dim < D, MiniMax): only the first rope.dim channels rotate; the rest pass through.
         """
-        if self.rope.dim < x.shape[-1]:
-            return torch.cat([self(x[..., :self.rope.dim], positions), x[..., self.rope.dim:]], dim=-1)
-        cos = self.cos[positions][None, :, None, :]
-        sin = self.sin[positions][None, :, None, :]
+        return self.at(positions)(x)
+
+    def at(self, positions: torch.Tensor) -> "RotaryAt":
+        """The tables' rows for these positions, gathered once: the decoder does this once per forward and hands
+        the result to every layer (one gather per call instead of two per rotated tensor per layer)."""
+        return RotaryAt(self.cos[positions][None, :, None, :], self.sin[positions][None, :, None, :], self.rope.dim)
+
+    @staticmethod
+    def rotate_half(x: torch.Tensor) -> torch.Tensor:
+        half = x.shape[-1] // 2
+        return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+
+
+class RotaryAt:
+    """cos/sin [1, T, 1, dim] of T positions; `rope(x)` (or `rope(x, positions)`, the RotaryTable signature, the
+    positions being those already gathered) rotates x [1, T, H, D]. Targets may override `rotate_half`."""
+
+    def __init__(self, cos: torch.Tensor, sin: torch.Tensor, dim: int, rotate_half=None):
+        self.cos, self.sin, self.dim = cos, sin, dim
+        self.rotate_half = rotate_half or RotaryTable.rotate_half
+
+    def __call__(self, x: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        if self.dim < x.shape[-1]:
+            return torch.cat([self(x[..., :self.dim]), x[..., self.dim:]], dim=-1)
         xf = x.float()
-        half = xf.shape[-1] // 2
-        rotated = torch.cat([-xf[..., half:], xf[..., :half]], dim=-1)
-        return (xf * cos + rotated * sin).to(x.dtype)
+        return (xf * self.cos + self.rotate_half(xf) * self.sin).to(x.dtype)

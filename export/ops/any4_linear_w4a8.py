@@ -38,7 +38,8 @@ multiply-add; rint = round half to even:
 so y[t, i] ~= sum_j x[t, j] * (lut[i, code] * s + z): the exact any4 weight with the LUT rounded to 8 bits and x
 rounded to 8 bits per token. float(int32) is exact below 2^24 (always for g <= 1040). The numpy twin
 (runtime_py/ops/any4_linear_w4a8.py) and the C++ kernel (kernels/any4_linear_w4a8.cpp, every ISA path) compute
-exactly this and agree bit for bit. The reference below does the integer part in int64.
+exactly this and agree bit for bit. The reference below does the integer part in float64 (exact: integers below
+2^53).
 """
 
 from __future__ import annotations
@@ -139,9 +140,10 @@ def any4_linear_w4a8_reference(x, qweight, lut_i8, lut_scale, scales, zeros, gro
     xq, sx, finite = quantize_activations(x.reshape(-1, K))
     M = xq.shape[0]
     wq = torch.gather(lut_i8.to(torch.int64), 1, unpack_codes(qweight))  # [N, K] int8 values
-    xg = xq.to(torch.int64).reshape(M, G, g)
-    A = torch.einsum("mgk,ngk->mng", xg, wq.reshape(N, G, g))  # [M, N, G], exact
-    B = xg.sum(dim=2)  # [M, G]
+    # Integer dot products in float64 (BLAS): every product and partial sum is an integer below 2^53, so exact.
+    xg = xq.to(torch.float64).reshape(M, G, g)
+    A = torch.einsum("mgk,ngk->mng", xg, wq.to(torch.float64).reshape(N, G, g))  # [M, N, G], exact integers
+    B = xg.sum(dim=2)  # [M, G], exact
     d = lut_scale[:, None] * from_row_blocks(scales, N).to(torch.float32)  # [N, G]
     z = from_row_blocks(zeros, N).to(torch.float32)
     acc = torch.zeros(M, N, dtype=torch.float32)

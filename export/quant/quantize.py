@@ -93,10 +93,15 @@ def quantize_tensor(w: torch.Tensor, quant: TensorQuant, col_weight: torch.Tenso
 def quantize_checkpoint(checkpoint: str | Path | Checkpoint, out: str | Path, scheme: str,
                         group_size: int | None = None, calibration: str | None = None,
                         quantize_lm_head: bool = False, force: bool = False, seed: int = 0,
+                        lm_head: str | None = "auto", embedding: str | None = "auto",
                         max_calibration_tokens: int = MAX_CALIBRATION_TOKENS, act_stat: str = DEFAULT_ACT_STAT,
                         recipe: Recipe | None = None,
                         progress: Callable[[int, int, str], None] | None = None) -> QuantizeResult:
     """Quantize `checkpoint` into a new checkpoint directory `out` (written atomically; nothing on failure).
+
+    lm_head / embedding: "auto" (the head in 8 bits per channel, the embedding table like the head), "none"
+    (floating point) or a scheme (recipe.resolve_head). A tied model stores one table for both, quantized once
+    (`model.embed_tokens`), with the head's calibration statistics.
 
     progress(done, total, what) is called as layers finish (total = layers + 2: embeddings, head).
     """
@@ -108,10 +113,8 @@ def quantize_checkpoint(checkpoint: str | Path | Checkpoint, out: str | Path, sc
                              "quantize the original floating-point checkpoint instead")
     if act_stat not in ACT_STATS:
         raise PocketllmError(f"unknown activation statistic {act_stat!r} (expected one of: {', '.join(ACT_STATS)})")
-    if quantize_lm_head and spec.tie_word_embeddings:
-        raise PocketllmError("--quantize-lm-head: this model ties lm_head to model.embed_tokens "
-                             "(tie_word_embeddings), and the embedding table stays in floating point")
-    recipe = recipe or default_recipe(scheme, group_size, quantize_lm_head, get_family(spec.family).float_modules)
+    recipe = recipe or default_recipe(scheme, group_size, quantize_lm_head, get_family(spec.family).float_modules,
+                                      lm_head=lm_head, embedding=embedding, tied=spec.tie_word_embeddings)
     expected = expected_tensors(spec)
     plan = recipe.plan(expected, "--group-size")
     if not plan:
@@ -127,9 +130,10 @@ def quantize_checkpoint(checkpoint: str | Path | Checkpoint, out: str | Path, sc
 
     shapes = {m: tuple(expected[m + ".weight"]) for m in plan}
     weights_per_quant: dict[TensorQuant, int] = {}
-    for m, q in plan.items():
-        weights_per_quant[q] = weights_per_quant.get(q, 0) + shapes[m][0] * shapes[m][1]
-    headline = max(weights_per_quant, key=weights_per_quant.get)  # the scheme most weights use
+    layer_modules = [m for m in plan if m.startswith("model.layers.")] or list(plan)
+    for m in layer_modules:
+        weights_per_quant[plan[m]] = weights_per_quant.get(plan[m], 0) + shapes[m][0] * shapes[m][1]
+    headline = max(weights_per_quant, key=weights_per_quant.get)  # the scheme most decoder-layer weights use
     config = QuantConfig(
         scheme=headline.scheme, group_size=headline.group_size, modules=plan, shapes=shapes,
         calibration={"source": source, "tokens": n_tokens, "statistic": act_stat, "seed": seed})
@@ -196,11 +200,14 @@ def _quantized_stream(ckpt: Checkpoint, plan: dict[str, TensorQuant], windows: l
     in_layers = {n for group in layer_names for n in group}
     head_names = [n for n in names if n not in in_layers and n != "model.embed_tokens.weight"]
 
-    # embeddings: copied as stored; the calibration hidden states start here
+    # embeddings: the calibration hidden states start here (from the unquantized table). A quantized table is
+    # written at the end: a tied one is the LM head too and is calibrated with the head's input statistics.
     (_, embed), = ckpt.iter_tensors(names=["model.embed_tokens.weight"])
     hidden = [embed[torch.tensor(w)].to(torch.float32)[None] * spec.scale_emb for w in windows]
-    yield "model.embed_tokens.weight", embed
-    del embed
+    embed_planned = "model.embed_tokens" in plan
+    if not embed_planned:
+        yield "model.embed_tokens.weight", embed
+        del embed
     if progress:
         progress(1, total_steps, "embeddings")
 
@@ -221,13 +228,17 @@ def _quantized_stream(ckpt: Checkpoint, plan: dict[str, TensorQuant], windows: l
         if progress:
             progress(i + 2, total_steps, f"layer {i + 1}/{spec.num_layers}")
 
-    # final norm and (untied) lm_head; the head's input is norm(h) * logit_scale
+    # final norm and lm_head (or the tied table); the head's input is norm(h) * logit_scale
     tensors = dict(ckpt.iter_tensors(names=head_names))
-    if "lm_head" in plan:
+    head_module = "model.embed_tokens" if spec.tie_word_embeddings else "lm_head"
+    if head_module in plan:
         norm = model.model.norm
         _materialize(norm, {k: v for k, v in tensors.items() if k == "model.norm.weight"}, "model.norm.")
         for h in hidden:
-            stats.get("lm_head").add(norm(h) * spec.logit_scale)
+            stats.get(head_module).add(norm(h) * spec.logit_scale)
+    if embed_planned:
+        tensors["model.embed_tokens.weight"] = embed
+        del embed
     yield from _emit(tensors, plan, stats, act_stat, seed, result)
     if progress:
         progress(total_steps, total_steps, "head")

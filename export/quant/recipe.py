@@ -47,10 +47,41 @@ class Recipe:
         return out
 
 
+HEAD_CHOICES = ("none", *SCHEMES)  # what --lm-head / --embedding accept (besides "auto")
+DEFAULT_HEAD_SCHEME = "int8"  # "auto": an 8-bit per-channel LM head (llama.cpp's 4-bit files use Q6_K there)
+
+
+def resolve_head(lm_head: str | None, embedding: str | None, scheme: str, tied: bool,
+                 quantize_lm_head: bool = False) -> tuple[str, str]:
+    """(lm_head scheme, embedding scheme), each "none" or a scheme, from the user's choices.
+
+    lm_head: "auto" (None) = DEFAULT_HEAD_SCHEME; "none" keeps it in floating point. quantize_lm_head (the older
+    flag) means "the head in --scheme". embedding: "auto" (None) = whatever the head uses. A tied model stores the
+    two as one tensor, `model.embed_tokens`: the embedding must then follow the head (or be left on auto)."""
+    if quantize_lm_head:
+        if lm_head not in (None, "auto", "none", scheme):
+            raise PocketllmError(f"--quantize-lm-head means --lm-head {scheme}; it contradicts --lm-head {lm_head}")
+        lm_head = scheme
+    lm_head = DEFAULT_HEAD_SCHEME if lm_head in (None, "auto") else lm_head
+    for flag, value in (("--lm-head", lm_head), ("--embedding", embedding)):
+        if value not in (None, "auto", *HEAD_CHOICES):
+            raise PocketllmError(f"unknown {flag} {value!r} (expected auto or one of: {', '.join(HEAD_CHOICES)})")
+    if embedding in (None, "auto"):
+        embedding = lm_head
+    if tied and embedding != lm_head:
+        raise PocketllmError(f"--embedding {embedding} differs from --lm-head {lm_head}, but this model ties the LM "
+                             "head to the embedding table (tie_word_embeddings): one tensor, stored once; choose one "
+                             "scheme for both (--lm-head)")
+    return lm_head, embedding
+
+
 def default_recipe(scheme: str, group_size: int | None = None, quantize_lm_head: bool = False,
-                   keep_float: tuple[str, ...] | None = None) -> Recipe:
-    """Every Linear of the decoder layers in `scheme`; embeddings, the family's float modules (routers) and (unless
-    asked) lm_head kept.
+                   keep_float: tuple[str, ...] | None = None, *, lm_head: str | None = "none",
+                   embedding: str | None = "none", tied: bool = False) -> Recipe:
+    """Every Linear of the decoder layers in `scheme`; the family's float modules (routers) kept; the LM head and
+    the embedding table as `lm_head` / `embedding` say (resolve_head: "auto", "none" or a scheme; 4-bit schemes in
+    the same group size as the layers, int8 per channel). For a tied model (`tied`) the head *is* the embedding
+    table: `model.embed_tokens` is quantized once and serves both the gather and the head's matmul.
 
     group_size None: 128 for the 4-bit schemes, per channel (0) for int8. 0 = one group per row.
     keep_float: module patterns kept in floating point (a family's `float_modules`); None: every family's.
@@ -68,10 +99,16 @@ def default_recipe(scheme: str, group_size: int | None = None, quantize_lm_head:
         from pocketllm.export.families import families
 
         keep_float = tuple(p for f in families().values() for p in f.float_modules)
-    tq = TensorQuant(scheme, group_size)
+    head, emb = resolve_head(lm_head, embedding, scheme, tied, quantize_lm_head)
+
+    def tq_for(s: str) -> TensorQuant | None:
+        if s == "none":
+            return None
+        return TensorQuant(s, 0 if s == "int8" else (group_size if scheme != "int8" else DEFAULT_GROUP_SIZE))
+
     return Recipe((
-        Rule("model.embed_tokens", None),  # a lookup table, not a matmul
-        Rule("lm_head", tq if quantize_lm_head else None),  # the most sensitive matmul: opt-in
+        Rule("model.embed_tokens", tq_for(head if tied else emb)),  # tied: the head's matmul reads this table
+        Rule("lm_head", None if tied else tq_for(head)),
         *(Rule(pattern, None) for pattern in keep_float),
-        Rule("model.layers.*", tq),
+        Rule("model.layers.*", TensorQuant(scheme, group_size)),
     ))

@@ -1,5 +1,5 @@
 // any4 decode hot loop (kernels/any4_decode.h) against a plain dequantise-then-dot in double precision, on whatever
-// ISA it is compiled for: AVX2 (host), NEON (aarch64, run under qemu), scalar (-mno-avx). No ExecuTorch needed:
+// ISA it is compiled for: AVX-512 or AVX2 (host; -mno-avx512f for AVX2), NEON (aarch64, run under qemu), scalar (-mno-avx). No ExecuTorch needed:
 //   c++ -O2 -std=c++17 -march=native -ffp-contract=off kernels/tests/any4_decode_test.cpp -o /tmp/t && /tmp/t
 //   aarch64-linux-gnu-g++ -O2 -std=c++17 -ffp-contract=off -static ... && qemu-aarch64 /tmp/t
 // tests/test_executorch_kernels.py builds and runs it for every variant the machine can run.
@@ -134,7 +134,9 @@ int main() {
   // More than 64 groups per row (K / g = 128): the fp16-scale path widens them on the heap.
   test_row_dot<Lut::kBf16, uint16_t>(4096, 32, 99);
   test_row_dot<Lut::kFp16, uint16_t>(4096, 32, 101);
-#if defined(POCKETLLM_ANY4_DECODE_AVX2)
+#if defined(POCKETLLM_ANY4_DECODE_AVX512)
+  const char* isa = "avx512";
+#elif defined(POCKETLLM_ANY4_DECODE_AVX2)
   const char* isa = "avx2";
 #elif defined(POCKETLLM_ANY4_DECODE_NEON)
   const char* isa = "neon";

@@ -7,9 +7,12 @@ contract.
 
 KV caches and lightning states are mutable buffers inside the program (they persist across `forward` calls).
 Lowering choices: the module swaps in swaps.py (llama::update_cache / llama::custom_sdpa, bf16 tables); pocketllm ops
-stay single custom ops on our kernels (ops.py); linear layers go to XNNPACK (fp32, or torchao's int8-activation x
-int4-weight for `8da4w`); int4/int8 checkpoints (export/quant) dequantize in the graph (portable kernels, slow); MoE
-layers run every expert with zero weights for unselected ones (export/nn/moe.py, static shapes).
+stay single custom ops on our kernels (ops.py): any4 layers (pocketllm::any4_linear, or any4_linear_w4a8 for
+`--quant any4-w4a8`), int8 layers and 8-bit LM heads (pocketllm::int8_linear); a packed embedding table gathers its
+rows with portable ops (embedding + dequantize) from the same constant a tied head's op reads (stored once);
+float linear layers go to XNNPACK (fp32, or torchao's int8-activation x int4-weight for `8da4w`); int4/nf4
+checkpoints (export/quant) dequantize in the graph (portable kernels, slow); MoE layers run every expert with zero
+weights for unselected ones (export/nn/moe.py, static shapes).
 """
 
 from __future__ import annotations
@@ -23,9 +26,9 @@ import torch
 from torch import nn
 
 from pocketllm.export.spec import ModelSpec
-from pocketllm.export.targets.executorch.options import ExecutorchOptions
+from pocketllm.export.targets.executorch.options import W4A8, ExecutorchOptions
 from pocketllm.export.targets.executorch.swaps import (any4_luts_to_bf16, embedding_table_to_bf16, quantize_torchao,
-                                                      use_llama_ops)
+                                                      use_llama_ops, use_xnnpack_norms_and_rope)
 
 PTE_FILE = "model.pte"
 FORMAT_VERSION = 1  # of the .pte contract above; bumped when methods or inputs change
@@ -77,6 +80,48 @@ def lower(ep, constants: dict[str, Any]):
             compile_config=EdgeCompileConfig(_check_ir_validity=False, _skip_dim_order=True))
 
 
+def embedding_storage(model: nn.Module) -> str:
+    """What the embedding gather reads: a packed scheme ("int8", "any4", ...) or the float table's dtype."""
+    emb = model.model.embed_tokens
+    if hasattr(emb, "scheme"):
+        return emb.scheme
+    return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(emb.weight.dtype, "fp32")
+
+
+def module_kernels(model: nn.Module) -> dict[str, str]:
+    """What each weight-carrying module runs on in the program: module name -> kernel (custom op, XNNPACK, or a
+    portable decomposition). The LM head is listed as `lm_head` also when it is tied to the embedding table."""
+    from pocketllm.export.nn.quant_linear import Any4Linear, Any4W4A8Linear, Int4Linear, Int8Linear, QuantEmbedding
+
+    def kernel(m: nn.Module) -> str | None:
+        if isinstance(m, Any4W4A8Linear):
+            return "pocketllm::any4_linear_w4a8"
+        if isinstance(m, Any4Linear):
+            return "pocketllm::any4_linear"
+        if isinstance(m, Int8Linear):
+            return "pocketllm::int8_linear"
+        if isinstance(m, Int4Linear):
+            return f"{m.scheme}: dequantize in the graph + linear (portable)"
+        if isinstance(m, nn.Linear):
+            quantized = type(m.weight).__name__ not in ("Parameter", "Tensor")  # torchao's tensor subclass
+            return "XNNPACK linear (8da4w, torchao)" if quantized else "XNNPACK linear (fp32)"
+        return None
+
+    out = {}
+    for name, m in model.named_modules():
+        if name == "model.embed_tokens":
+            out[name] = (f"gather + dequantize {m.scheme} rows (portable ops)" if isinstance(m, QuantEmbedding)
+                         else "gather (portable embedding)")
+        elif (k := kernel(m)) is not None:
+            out[name] = k
+    if model.lm_head is None:
+        emb = model.model.embed_tokens
+        out["lm_head"] = ({"int8": "pocketllm::int8_linear", "any4": "pocketllm::any4_linear"}.get(
+            emb.scheme, f"{emb.scheme}: dequantize in the graph + linear (portable)") if isinstance(emb, QuantEmbedding)
+            else "XNNPACK linear (fp32)") + " (tied: the embedding table's tensor)"
+    return out
+
+
 def program_operators(et_program) -> list[str]:
     plan = et_program.executorch_program.execution_plan
     names = set()
@@ -100,6 +145,13 @@ def export_executorch(model: nn.Module, spec: ModelSpec, options: ExecutorchOpti
     timings: dict[str, float] = {}
     quant_info: dict[str, Any] = {}
     n_swapped = use_llama_ops(model) if options.llama_sdpa else 0
+    use_xnnpack_norms_and_rope(model)
+    if options.quant == W4A8:
+        from pocketllm.export.nn.quant_linear import use_w4a8
+
+        swapped = use_w4a8(model)
+        quant_info.update(activations="int8 dynamic per token, symmetric (W4A8, docs/quantization.md)",
+                          w4a8_layers=len(swapped))
     if options.quant == "8da4w":
         with stage("quantize"):
             t0 = time.perf_counter()
@@ -109,7 +161,8 @@ def export_executorch(model: nn.Module, spec: ModelSpec, options: ExecutorchOpti
     lut_dtypes = any4_luts_to_bf16(model)
     if lut_dtypes:
         quant_info["lut_dtype_layers"] = lut_dtypes
-    embedding_dtype = "bf16" if embedding_table_to_bf16(model) else "fp32"
+    embedding_dtype = "bf16" if embedding_table_to_bf16(model) else embedding_storage(model)
+    quant_info["per_module"] = module_kernels(model)
     with stage("export"):
         t0 = time.perf_counter()
         chunk = min(options.prefill_chunk, options.max_context)

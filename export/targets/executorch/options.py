@@ -8,8 +8,11 @@ from pocketllm.export.errors import PocketllmError
 from pocketllm.export.quant.format import SCHEMES
 from pocketllm.export.targets.base import CommonOptions
 
-# packed checkpoints (export/quant: any4 on our kernel, the others dequantized in the graph) and torchao's 8da4w
-QUANT_SCHEMES = ("none", *SCHEMES, "8da4w")
+# packed checkpoints (export/quant: any4 and int8 on our kernels, int4/nf4 dequantized in the graph), any4 run with
+# int8 activations (W4A8: the same any4 checkpoint, pocketllm::any4_linear_w4a8 in the decoder layers) and
+# torchao's 8da4w
+W4A8 = "any4-w4a8"
+QUANT_SCHEMES = ("none", *SCHEMES, W4A8, "8da4w")
 
 
 @dataclass(frozen=True)

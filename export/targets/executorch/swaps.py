@@ -6,6 +6,12 @@
 - Dense, non-windowed layers attend with `llama::custom_sdpa` (ExecuTorch's fused kernel, shipped in the wheel and
   in the Android/iOS runtimes): CustomSdpaCore. InfLLM v2 and sliding-window cores are unchanged.
 - The embedding gather table is stored in bf16 when that is exact; any4 LUTs are carried as bf16 when lossless.
+- RMSNorm and RoPE are written with ops XNNPACK takes, so that each stays inside one XNNPACK partition instead of
+  being cut by portable kernels (a partition boundary costs a delegate call, and XNNPACK re-plans every partition
+  for the dynamic token count on every call): the mean of squares as a matmul by a [1, H] vector of 1/H (XNNPACK
+  delegates `mean` only over the last two dims of 4-D tensors), and rotate-half as a matmul by a signed
+  permutation (no slice_copy / cat on portable kernels). Same values up to the summation order of the mean;
+  rotate-half is exact.
 """
 
 from __future__ import annotations
@@ -89,11 +95,11 @@ def any4_luts_to_bf16(model: nn.Module) -> dict[str, int]:
     """Carry each any4 LUT as bf16 when that is lossless (always for LUTs `pocketllm quantize` writes, see
     export/quant/any4.lut_grid): the kernel then widens entries with a shift instead of vcvtph2ps (1.4x faster
     decode on x86). Other LUTs stay fp16 (the kernel's slower fp16 path). Returns {dtype: layers}."""
-    from pocketllm.export.nn.quant_linear import Any4Linear
+    from pocketllm.export.nn.quant_linear import Any4Linear, QuantEmbedding
 
     counts: dict[str, int] = {}
     for m in model.modules():
-        if isinstance(m, Any4Linear):
+        if isinstance(m, Any4Linear) or (isinstance(m, QuantEmbedding) and m.scheme == "any4"):
             as_bf16 = m.lut.to(torch.bfloat16)
             exact = torch.equal(as_bf16.to(torch.float32), m.lut.to(torch.float32))
             if exact:
@@ -131,3 +137,52 @@ def embedding_table_to_bf16(model: nn.Module) -> bool:
         model.lm_head = head
     model.model.embed_tokens = Bf16Embedding(w)
     return True
+
+
+class XnnpackRMSNorm(nn.Module):
+    """RMSNorm with the mean of squares as `linear(x * x, [1/H])`: one XNNPACK partition per norm."""
+
+    def __init__(self, norm: nn.Module):
+        super().__init__()
+        self.weight, self.eps = norm.weight, norm.eps
+        H = norm.weight.shape[0]
+        self.register_buffer("inv_h", torch.full((1, H), 1.0 / H), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        ms = F.linear(xf * xf, self.inv_h)  # [..., 1]
+        return (xf * torch.rsqrt(ms + self.eps) * self.weight.float()).to(x.dtype)
+
+
+def rotate_half_matrix(dim: int) -> torch.Tensor:
+    """W with linear(x, W) = cat([-x[half:], x[:half]]): a signed permutation (exact in any float format)."""
+    half = dim // 2
+    w = torch.zeros(dim, dim)
+    idx = torch.arange(half)
+    w[idx, idx + half] = -1.0
+    w[idx + half, idx] = 1.0
+    return w
+
+
+def use_xnnpack_norms_and_rope(model: nn.Module) -> dict[str, int]:
+    """Swap every RMSNorm for XnnpackRMSNorm and give the rotary table a matmul rotate-half, in place."""
+    from pocketllm.export.nn.norm import RMSNorm
+    from pocketllm.export.nn.rope import RotaryAt, RotaryTable
+
+    norms = 0
+    for name, module in list(model.named_modules()):
+        if type(module) is RMSNorm:
+            parent, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, attr, XnnpackRMSNorm(module))
+            norms += 1
+    rotary = getattr(getattr(model, "model", None), "rotary", None)
+    if isinstance(rotary, RotaryTable):
+        perm = rotate_half_matrix(rotary.rope.dim)
+        rotary.register_buffer("rotate_half_w", perm, persistent=False)
+
+        def at(positions, table=rotary):
+            return RotaryAt(table.cos[positions][None, :, None, :], table.sin[positions][None, :, None, :],
+                            table.rope.dim, rotate_half=lambda x: F.linear(x, table.rotate_half_w))
+
+        rotary.at = at
+    return {"rms_norms": norms, "rope_rotate_half": "matmul" if isinstance(rotary, RotaryTable) else "none"}

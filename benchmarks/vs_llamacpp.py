@@ -83,6 +83,19 @@ def parse_bundles(specs: list[str]) -> dict[str, Path]:
     return out
 
 
+def parse_long_variants(text: str, bundles: list[str]) -> list[str]:
+    """--long-variants: 'all' = llama.cpp Q4_0 and every bundle; else names among those (Q4_0 always included:
+    the ratios are against it)."""
+    known = [Q4_0, Q4_0_F32HEAD, *bundles]
+    if text.strip() == "all":
+        return [Q4_0, *bundles]
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise ValueError(f"--long-variants: unknown {unknown}; known: {known}")
+    return [Q4_0, *[n for n in names if n != Q4_0]]
+
+
 def parse_ints(text: str) -> list[int]:
     values = [int(v) for v in text.split(",") if v.strip()]
     if not values or any(v < 1 for v in values):
@@ -150,11 +163,15 @@ def classify_bundle(manifest: dict) -> dict:
     (fp32 activations: the numpy reference reproduces it to 1e-3)."""
     q = manifest.get("quantization") or {}
     scheme = str(q.get("scheme") or q.get("method") or q.get("quant") or "none").lower()
+    variant = str(q.get("variant") or scheme).lower()
+    w4a8 = "w4a8" in scheme or "w4a8" in variant
     activations = str(q.get("activations") or q.get("activation_dtype") or
-                      ("int8" if scheme in ("8da4w",) or "w4a8" in scheme else "fp32")).lower()
+                      ("int8" if scheme in ("8da4w",) or w4a8 else "fp32")).lower()
     head = q.get("lm_head") or q.get("head")
-    exact_any4 = scheme.startswith("any4") and "w4a8" not in scheme and activations in ("fp32", "float32", "none")
-    return {"scheme": scheme, "activations": activations, "lm_head": head, "exact_any4": exact_any4}
+    exact_any4 = scheme.startswith("any4") and not w4a8 and activations in ("fp32", "float32", "none")
+    head_quantized = head is not None and str(head).lower() not in ("fp32", "float32", "bf16", "fp16", "none")
+    return {"scheme": scheme, "variant": variant, "activations": activations, "lm_head": head,
+            "head_quantized": head_quantized, "exact_any4": exact_any4}
 
 
 def ratio(a: float | None, b: float | None) -> float | None:
@@ -198,7 +215,13 @@ def compute_ratios(variants: dict, reference: str = Q4_0, threads: int = REFEREN
         name = max(row, key=row.get)
         return row[name], name
 
-    exact = lambda n: (variants[n].get("class") or {}).get("exact_any4", False)  # noqa: E731
+    # exact any4 (fp32 activations): the issue's bar is for an 8-bit (quantized) head; a float-head bundle counts
+    # only when no exact bundle with a quantized head was measured
+    klass = {n: variants[n].get("class") or {} for n in variants}
+    exact_quantized_head = {n for n, c in klass.items() if c.get("exact_any4") and c.get("head_quantized")}
+    exact_any = {n for n, c in klass.items() if c.get("exact_any4")}
+    exact_pool = exact_quantized_head or exact_any
+    exact = lambda n: n in exact_pool  # noqa: E731
     top = {}
     top["best_decode_ratio_vs_q4_0"], top["best_decode_variant"] = best(out["decode"])
     top["any4_exact_decode_ratio_vs_q4_0"], top["any4_exact_variant"] = best(out["decode"], exact)
@@ -295,32 +318,52 @@ def llama_source(cache: Path) -> Path:
     return cache / "src" / f"llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}" / "vendor" / "llama.cpp"
 
 
+def build_stamp() -> str:
+    """What a finished build records (flags and targets): a cache built with other flags is rebuilt."""
+    return json.dumps({"flags": CMAKE_FLAGS, "targets": BUILD_TARGETS})
+
+
+def cache_plan(cache: Path) -> dict:
+    """Which steps a run must do with this cache: download the sdist, extract it, configure+build. A step is
+    skipped when what it makes is there (the build: its stamp matches these flags and targets and the binaries
+    exist)."""
+    sdist = cache / "sdist" / f"llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}.tar.gz"
+    src = llama_source(cache)
+    build = cache / "build"
+    stamp = build / "pocketllm.stamp"
+    bins = [build / "bin" / "llama-quantize", build / "bin" / "llama-bench"]
+    built = stamp.exists() and stamp.read_text() == build_stamp() and all(b.exists() for b in bins)
+    return {"download": not sdist.exists() and not (src / "CMakeLists.txt").exists(),
+            "extract": not (src / "CMakeLists.txt").exists(), "build": not built,
+            "sdist": sdist, "src": src, "build_dir": build, "stamp": stamp}
+
+
 def ensure_llamacpp(cache: Path, jobs: int, commands: list) -> dict:
     """Download the sdist once, extract it, configure and build the needed targets (reused when up to date)."""
     cache.mkdir(parents=True, exist_ok=True)
-    sdist = cache / "sdist" / f"llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}.tar.gz"
-    if not sdist.exists():
-        cmd = [sys.executable, "-m", "pip", "download", "--no-binary", ":all:", "--no-deps",
-               f"llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION}", "-d", sdist.parent]
-        commands.append(cmd)
-        run(cmd)
-    src = llama_source(cache)
-    if not (src / "CMakeLists.txt").exists():
+    plan = cache_plan(cache)
+    sdist, src, build, stamp = plan["sdist"], plan["src"], plan["build_dir"], plan["stamp"]
+    download = [sys.executable, "-m", "pip", "download", "--no-binary", ":all:", "--no-deps",
+                f"llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION}", "-d", sdist.parent]
+    configure = ["cmake", "-S", src, "-B", build, "-G", "Ninja", *CMAKE_FLAGS]
+    make = ["nice", "-n", "19", "cmake", "--build", build, f"-j{jobs}", "--target", *BUILD_TARGETS]
+    commands.extend([download, configure, make])
+    if plan["download"]:
+        run(download)
+    if plan["extract"]:
         (cache / "src").mkdir(exist_ok=True)
         with tarfile.open(sdist) as tar:
             tar.extractall(cache / "src", filter="data")
-    build = cache / "build"
-    stamp = build / "pocketllm.stamp"
-    want = json.dumps({"flags": CMAKE_FLAGS, "targets": BUILD_TARGETS})
-    configure = ["cmake", "-S", src, "-B", build, "-G", "Ninja", *CMAKE_FLAGS]
-    make = ["nice", "-n", "19", "cmake", "--build", build, f"-j{jobs}", "--target", *BUILD_TARGETS]
-    commands.extend([configure, make])
-    if not (stamp.exists() and stamp.read_text() == want):
+    build_s = None
+    if plan["build"]:
         t0 = time.monotonic()
         run(configure, log=cache / "configure.log")
         run(make, log=cache / "build.log")
-        print(f"llama.cpp built in {time.monotonic() - t0:.0f} s", flush=True)
-        stamp.write_text(want)
+        build_s = time.monotonic() - t0
+        print(f"llama.cpp built in {build_s:.0f} s", flush=True)
+        stamp.write_text(build_stamp())
+    else:
+        print(f"llama.cpp: reusing the build in {build}", flush=True)
     commit = None
     for candidate in (src / ".git",):
         if candidate.exists():
@@ -331,6 +374,7 @@ def ensure_llamacpp(cache: Path, jobs: int, commands: list) -> dict:
                       if (build / "common" / "build-info.cpp").exists() else "")
         commit = m.group(1) if m else None
     return {"source": str(src), "build": str(build), "bin": str(build / "bin"), "commit": commit,
+            "reused": not plan["build"], "build_s": build_s,
             "llama_cpp_python": LLAMA_CPP_PYTHON_VERSION, "cmake_flags": CMAKE_FLAGS, "targets": BUILD_TARGETS}
 
 
@@ -560,25 +604,30 @@ def sitting(make_worker, engines: dict, args, meter: LoadMeter) -> dict:
                     print(f"{n:>26} {t}T: prefill {r['prefill'][str(t)]['tok_s']:7.1f} tok/s"
                           + (f" (last-only {r['prefill_last'][str(t)]['tok_s']:7.1f})" if "prefill_last" in r else "")
                           + f"  decode {r['decode'][str(t)]['tok_s']:6.2f} tok/s", flush=True)
-            if L and t in args.long_threads:
-                capacity = min(w.ready.get("capacity", 0) for w in workers.values())
+            long_names = [n for n in names if n in args.long_variants]
+            if L and t in args.long_threads and long_names:
+                capacity = min(workers[n].ready.get("capacity", 0) for n in long_names)
                 plan = long_decode_positions(L, K, args.long_rounds, [t], capacity)
-                for n in names:
+                for n in long_names:
                     w = workers[n]
                     w("reset")
+                    # the long prefill only fills the cache: llama.cpp computes the last position's logits (what
+                    # an app does); a .pte computes every position's (its output is [1, T, vocab])
+                    which = "last" if engines[n] == "llama.cpp" else "all"
                     meter.start(pids)
-                    s = w(f"prefill {L} 0 all 7")["s"]
+                    s = w(f"prefill {L} 0 {which} 7")["s"]
                     load = meter.stop(f"{t} threads: prefill {L} {n}")
                     res[n].setdefault("long", {"context": L, "prefill": {}, "decode": {}})
-                    res[n]["long"]["prefill"][str(t)] = {"tokens": L, "s": s, "tok_s": L / s, "load": load}
+                    res[n]["long"]["prefill"][str(t)] = {"tokens": L, "s": s, "tok_s": L / s, "logits": which,
+                                                         "load": load}
                     print(f"{n:>26} {t}T prefill {L}: {s:.1f} s ({L / s:.1f} tok/s)", flush=True)
-                raw_long: dict = {n: [] for n in names}
+                raw_long: dict = {n: [] for n in long_names}
                 meter.start(pids)
                 for rnd, _, pos in plan:
-                    for n in rotate(names, rnd):
+                    for n in rotate(long_names, rnd):
                         raw_long[n].extend(workers[n](f"decode {K} {pos} {rnd + 10 * t}")["ms"])
                 meter.stop(f"{t} threads: decode rounds at {L}")
-                for n in names:
+                for n in long_names:
                     d = res[n]["long"]["decode"][str(t)] = summarize_decode(raw_long[n])
                     print(f"{n:>26} {t}T decode at {L}: {d['tok_s']:6.2f} tok/s", flush=True)
             for n in names:
@@ -635,7 +684,7 @@ def cpu_model() -> str:
     return f"{fields.get('model name', platform.processor())} (family {fields.get('cpu family')})"
 
 
-def main(argv: list[str] | None = None) -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", type=Path, required=True, help="the HF checkpoint the bundles were exported from")
     ap.add_argument("--bundle", action="append", default=[], help="NAME=BUNDLE_DIR (repeatable)")
@@ -651,6 +700,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--long-context", type=int, default=16384, help="0: skip the long-context part")
     ap.add_argument("--long-threads", default="2")
     ap.add_argument("--long-rounds", type=int, default=3)
+    ap.add_argument("--long-variants", default="all",
+                    help=f"comma-separated variants timed at --long-context (all: '{Q4_0}' and every bundle); "
+                         "each prefills that many tokens first, minutes apiece")
     ap.add_argument("--rss-tokens", type=int, default=64)
     ap.add_argument("--rss-threads", type=int, default=2)
     ap.add_argument("--kernels", type=Path, default=REPO / "kernels" / "build" / "libpocketllm_kernels.so")
@@ -659,7 +711,17 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     args.threads = parse_ints(args.threads)
     args.long_threads = parse_ints(args.long_threads)
-    bundles = parse_bundles(args.bundle)
+    args.bundles = parse_bundles(args.bundle)
+    args.long_variants = parse_long_variants(args.long_variants, list(args.bundles))
+    if args.long_context:
+        long_decode_positions(args.long_context, args.decode_steps, args.long_rounds, args.long_threads,
+                              args.long_context + 256)  # the bundles' cache is checked again once read
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    bundles = args.bundles
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
     log = work / "run.log"
@@ -779,7 +841,8 @@ def main(argv: list[str] | None = None) -> None:
                      for k, v in commands.items()},
         "settings": {"threads": args.threads, "rounds": args.rounds, "prefill_tokens": args.prefill_tokens,
                      "decode_steps": args.decode_steps, "long_context": args.long_context,
-                     "long_threads": args.long_threads, "long_rounds": args.long_rounds, "kv_capacity": capacity,
+                     "long_threads": args.long_threads, "long_rounds": args.long_rounds,
+                     "long_variants": args.long_variants, "kv_capacity": capacity,
                      "llama_cpp_kv": "f16 (default)", "llama_cpp_n_batch": 512, "checkpoint": str(args.checkpoint)},
         "method": __doc__.split("Steps", 1)[1].strip(),
     }

@@ -65,6 +65,62 @@ def test_parse_time_v(vs):
     assert vs.parse_time_v("Elapsed (wall clock) time (h:mm:ss or m:ss): 1:00:01")["wall_s"] == 3601
 
 
+def test_parse_long_variants(vs):
+    assert vs.parse_long_variants("all", ["any4", "w4a8"]) == [vs.Q4_0, "any4", "w4a8"]
+    assert vs.parse_long_variants("w4a8", ["any4", "w4a8"]) == [vs.Q4_0, "w4a8"]
+    assert vs.parse_long_variants(f"w4a8,{vs.Q4_0}", ["any4", "w4a8"]) == [vs.Q4_0, "w4a8"]
+    with pytest.raises(ValueError, match="unknown"):
+        vs.parse_long_variants("nope", ["any4"])
+
+
+def fake_cache(vs, root: Path, stamp: str | None = None, binaries: bool = True) -> Path:
+    sdist = root / "sdist" / f"llama_cpp_python-{vs.LLAMA_CPP_PYTHON_VERSION}.tar.gz"
+    sdist.parent.mkdir(parents=True)
+    sdist.write_bytes(b"")
+    src = vs.llama_source(root)
+    src.mkdir(parents=True)
+    (src / "CMakeLists.txt").write_text("")
+    (root / "build" / "bin").mkdir(parents=True)
+    if binaries:
+        for b in ("llama-quantize", "llama-bench"):
+            (root / "build" / "bin" / b).write_text("")
+    if stamp is not None:
+        (root / "build" / "pocketllm.stamp").write_text(stamp)
+    return root
+
+
+def test_cache_plan(vs, tmp_path):
+    empty = vs.cache_plan(tmp_path / "none")
+    assert empty["download"] and empty["extract"] and empty["build"]
+    done = vs.cache_plan(fake_cache(vs, tmp_path / "done", vs.build_stamp()))
+    assert not done["download"] and not done["extract"] and not done["build"]
+    # other flags or targets, no stamp, or a binary missing: rebuild (the source is reused)
+    stale = vs.cache_plan(fake_cache(vs, tmp_path / "stale", vs.build_stamp().replace("NATIVE=ON", "NATIVE=OFF")))
+    assert stale["build"] and not stale["download"] and not stale["extract"]
+    assert vs.cache_plan(fake_cache(vs, tmp_path / "nostamp"))["build"]
+    assert vs.cache_plan(fake_cache(vs, tmp_path / "nobin", vs.build_stamp(), binaries=False))["build"]
+    # an extracted source without the sdist is not downloaded again
+    src_only = fake_cache(vs, tmp_path / "srconly", vs.build_stamp())
+    next((src_only / "sdist").iterdir()).unlink()
+    assert not vs.cache_plan(src_only)["download"]
+
+
+def test_ensure_llamacpp_reuses_a_built_cache(vs, tmp_path, monkeypatch):
+    cache = fake_cache(vs, tmp_path / "c", vs.build_stamp())
+    ran = []
+    monkeypatch.setattr(vs, "run", lambda cmd, *a, **k: ran.append(cmd))
+    commands: list = []
+    info = vs.ensure_llamacpp(cache, 1, commands)
+    assert ran == [] and info["reused"] and info["build_s"] is None
+    assert info["bin"] == str(cache / "build" / "bin")
+    assert len(commands) == 3  # recorded for the JSON even when skipped
+    # a stale stamp: configure and build run (here: recorded by the fake run), the stamp is rewritten
+    (cache / "build" / "pocketllm.stamp").write_text("{}")
+    info = vs.ensure_llamacpp(cache, 2, [])
+    assert [c[0] for c in ran] == ["cmake", "nice"] and "-j2" in ran[1] and not info["reused"]
+    assert (cache / "build" / "pocketllm.stamp").read_text() == vs.build_stamp()
+
+
 def test_classify_bundle(vs):
     assert vs.classify_bundle({"quantization": {"scheme": "any4"}})["exact_any4"]
     assert not vs.classify_bundle({"quantization": {"scheme": "any4", "activations": "int8"}})["exact_any4"]
@@ -72,6 +128,14 @@ def test_classify_bundle(vs):
     assert not vs.classify_bundle({"quantization": {"scheme": "8da4w"}})["exact_any4"]
     assert vs.classify_bundle({"quantization": {"scheme": "8da4w"}})["activations"] == "int8"
     assert vs.classify_bundle({})["scheme"] == "none"
+    # manifests as pocketllm writes them: the W4A8 variant shares the any4 scheme
+    w4a8 = vs.classify_bundle({"quantization": {"scheme": "any4", "variant": "any4-w4a8", "activations": "int8",
+                                                "lm_head": "int8"}})
+    assert not w4a8["exact_any4"] and w4a8["head_quantized"]
+    exact = vs.classify_bundle({"quantization": {"scheme": "any4", "variant": "any4", "activations": "fp32",
+                                                 "lm_head": "int8"}})
+    assert exact["exact_any4"] and exact["head_quantized"]
+    assert not vs.classify_bundle({"quantization": {"scheme": "any4", "lm_head": "fp32"}})["head_quantized"]
 
 
 def variants(vs):
@@ -112,6 +176,20 @@ def test_compute_ratios(vs):
     json.dumps(top)  # plain JSON
 
 
+def test_exact_any4_ratio_prefers_a_quantized_head(vs):
+    v = variants(vs)
+    v["any4"]["class"] = {"exact_any4": True, "head_quantized": False}
+    fast_f32 = dict(v["any4"], decode={"2": {"tok_s": 60.0}}, **{"class": {"exact_any4": True}})
+    slow_int8 = dict(v["any4"], decode={"2": {"tok_s": 42.0}},
+                     **{"class": {"exact_any4": True, "head_quantized": True}})
+    top = vs.compute_ratios({**v, "any4 f32 head": fast_f32, "any4 int8 head": slow_int8})
+    assert top["any4_exact_variant"] == "any4 int8 head"
+    assert top["any4_exact_decode_ratio_vs_q4_0"] == pytest.approx(0.6)
+    # no exact bundle with a quantized head: the best exact one
+    top = vs.compute_ratios({**v, "any4 f32 head": fast_f32})
+    assert top["any4_exact_variant"] == "any4 f32 head"
+
+
 def test_compute_ratios_without_exact_any4_or_reference(vs):
     v = variants(vs)
     del v["any4"]
@@ -142,6 +220,20 @@ def test_committed_result_has_the_shape(vs):
     assert vs.check_result(result) == []
     assert isinstance(result["best_decode_ratio_vs_q4_0"], float)
     assert isinstance(result["any4_exact_decode_ratio_vs_q4_0"], float)
+
+
+def test_parse_args(vs):
+    a = vs.parse_args(["--checkpoint", "ck", "--bundle", "any4=b/a", "--bundle", "w4a8=b/w"])
+    assert a.threads == [1, 2] and a.long_threads == [2] and a.long_context == 16384
+    assert a.bundles == {"any4": Path("b/a"), "w4a8": Path("b/w")}
+    assert a.long_variants == [vs.Q4_0, "any4", "w4a8"]
+    assert a.out == vs.REPO / "benchmarks" / "results" / "vs_llamacpp" and a.cache == vs.DEFAULT_CACHE
+    assert a.prefill_tokens == 128 and a.rss_tokens == 64
+    a = vs.parse_args(["--checkpoint", "ck", "--bundle", "w4a8=b/w", "--threads", "2", "--long-context", "0",
+                       "--long-variants", "w4a8", "--decode-steps", "500"])
+    assert a.threads == [2] and a.long_context == 0 and a.long_variants == [vs.Q4_0, "w4a8"]
+    with pytest.raises(ValueError, match="cache holds"):
+        vs.parse_args(["--checkpoint", "ck", "--decode-steps", "500"])
 
 
 def test_main_rejects_bad_arguments(vs):

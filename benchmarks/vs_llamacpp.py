@@ -174,6 +174,12 @@ def classify_bundle(manifest: dict) -> dict:
             "head_quantized": head_quantized, "exact_any4": exact_any4}
 
 
+def klass_exact(quantization: dict) -> bool:
+    """Variants held to |delta| <= 1e-3 at every position: fp32 activations over any4/int4/nf4/int8/no weights."""
+    q = quantization or {}
+    return q.get("scheme", "none") in ("none", "any4", "int4", "nf4", "int8") and q.get("activations", "fp32") == "fp32"
+
+
 def ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a and b else None
 
@@ -538,10 +544,11 @@ def time_v(cmd: list, log: Path, fatal: bool = True) -> dict:
     return out
 
 
-def reference_logits(model_dir: Path, tokens: list[int], max_context: int = 256):
+def reference_logits(model_dir: Path, tokens: list[int], max_context: int = 256, activations: str = "fp32"):
+    """The numpy reference's logits; activations "int8": a W4A8 bundle's numerics (its parity contract)."""
     from pocketllm.runtime_py import ReferenceModel
 
-    ref = ReferenceModel.from_checkpoint(model_dir, max_context=max_context)
+    ref = ReferenceModel.from_checkpoint(model_dir, max_context=max_context, activations=activations)
     return ref.forward(tokens, 0)
 
 
@@ -552,7 +559,10 @@ def logits_diff(worker: Worker, tokens: list[int], reference, path: Path) -> dic
     got = np.fromfile(path, dtype=np.float32).reshape(len(tokens), r["vocab"])
     path.unlink()
     d = np.abs(got - reference)
+    rows = d.max(-1)
     return {"tokens": tokens, "max_abs_diff": float(d.max()), "max_abs_logit": float(np.abs(reference).max()),
+            "per_position_max_abs_diff": [float(x) for x in rows],
+            "positions_within_tolerance": float((rows <= EXACT_TOLERANCE).mean()),
             "argmax_agree": int((got.argmax(-1) == reference.argmax(-1)).sum())}
 
 
@@ -757,10 +767,15 @@ def main(argv: list[str] | None = None) -> None:
     et_parity = {}
     for n, b in binfo.items():
         refdir = Path(b["bundle"]) / (b["manifest"].get("reference") or {}).get("dir", "reference")
+        q = b["manifest"].get("quantization") or {}
+        # the reference runs a W4A8 bundle's int8 activations; 8da4w (XNNPACK's dynamic int8) has no exact twin
+        acts = "int8" if q.get("activations") == "int8" and q.get("scheme") == "any4" else "fp32"
         w = Worker(n, et_command(exes["et_runner"], b, args.kernels) + ["--threads", 2], log)
-        et_parity[n] = logits_diff(w, probe, reference_logits(refdir if refdir.exists() else args.checkpoint, probe),
-                                   work / "logits.bin")
+        et_parity[n] = logits_diff(w, probe, reference_logits(refdir if refdir.exists() else args.checkpoint, probe,
+                                                              activations=acts), work / "logits.bin")
         et_parity[n]["reference_weights"] = str(refdir if refdir.exists() else args.checkpoint)
+        et_parity[n]["reference_activations"] = acts
+        et_parity[n]["contract"] = ("exact" if klass_exact(q) else "w4a8" if acts == "int8" else "top-1 only")
         w.close()
         print(f"{n}: C++ ExecuTorch runner vs numpy reference max |diff| {et_parity[n]['max_abs_diff']:.2e}")
     conversion["et_runner_vs_reference"] = et_parity

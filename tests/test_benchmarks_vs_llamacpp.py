@@ -241,3 +241,10 @@ def test_main_rejects_bad_arguments(vs):
         vs.main(["--bundle", "x"])  # --checkpoint missing
     with pytest.raises(ValueError):
         vs.main(["--checkpoint", "c", "--bundle", "noequals", "--work", "/nonexistent/never"])
+
+
+def test_parity_contract_per_variant(vs):
+    assert vs.klass_exact({"scheme": "any4", "activations": "fp32"}) and vs.klass_exact({"scheme": "any4"})
+    assert vs.klass_exact({}) and vs.klass_exact({"scheme": "int8"})
+    assert not vs.klass_exact({"scheme": "any4", "activations": "int8"})
+    assert not vs.klass_exact({"scheme": "8da4w", "activations": "int8 dynamic per token"})

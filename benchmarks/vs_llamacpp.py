@@ -4,7 +4,7 @@
         --bundle any4=out/vsl/any4 --bundle 8da4w=out/vsl/8da4w \
         --out benchmarks/results/vs_llamacpp
 
-Steps (each reuses what an earlier run left in --cache / --work):
+Steps (each reuses what an earlier run left in --cache / --work; cache_plan decides what the cache still needs):
 1. llama.cpp: PyPI's llama-cpp-python sdist (pip download --no-binary --no-deps) into --cache (default
    ~/.cache/pocketllm/llamacpp, outside the repo), its vendored llama.cpp configured with cmake
    -DGGML_NATIVE=ON -DLLAMA_CURL=OFF (shared libs; no tests, examples or server) and only the targets needed built:
@@ -24,8 +24,10 @@ Steps (each reuses what an earlier run left in --cache / --work):
      llama.cpp's batch sets logits=1 for every token ("prefill_all"); llama.cpp with logits for the last position
      only (what llama-bench times) is recorded beside it ("prefill_last").
    - decode from an empty cache: --decode-steps single-token calls at positions 0, 1, ... (llama-bench's tg).
-   - at --long-context (16K): each engine prefills that many tokens (one after the other, not alternated), then
-     decode rounds alternate as above at the same positions long_context + i on both sides.
+   - at --long-context (16K), for --long-variants (default llama.cpp Q4_0 and every bundle): each engine prefills
+     that many tokens (one after the other, not alternated; llama.cpp computes the last position's logits, a .pte
+     every position's), then decode rounds alternate as above at the same positions long_context + i on both
+     sides. Every MiniCPM4 bundle runs InfLLM v2 there (sparse beyond dense_len); llama.cpp runs dense attention.
    Reported: the median call (prefill: tokens / median seconds; decode: 1000 / median ms), 1 and 2 threads.
    llama-bench (Q4_0, -p/-n, the same threads) runs once after the rounds as a cross-check of the driver.
 5. Peak RSS of a --rss-tokens greedy generation (16-token prompt) from C++, one process per run under

@@ -50,6 +50,7 @@ class ExportRequest:
     force: bool = False
     lm_head: str = "auto"  # "auto" (int8 per channel), "none" (float) or a scheme: export/quant/recipe.resolve_head
     embedding: str = "auto"  # untied models' embedding table ("auto": as the head)
+    quantize_lm_head: bool = False  # --quantize-lm-head: the LM head (tied: the one table) in the layers' 4-bit scheme
 
 
 @dataclass
@@ -85,17 +86,22 @@ def plan(request: ExportRequest) -> ExportPlan:
     if have is not None and wanted not in ("none", have):
         raise PocketllmError(f"{ckpt.dir} is already quantized with {have}; export it with --quant {have} "
                              "(or quantize the floating-point checkpoint)")
-    if (request.lm_head, request.embedding) != ("auto", "auto"):
+    if (request.lm_head, request.embedding) != ("auto", "auto") or request.quantize_lm_head:
         if have is not None:
             raise PocketllmError(f"{ckpt.dir} is already quantized: its LM head and embedding are what they are; "
-                                 "--lm-head / --embedding apply when exporting a floating-point checkpoint")
+                                 "--lm-head / --embedding / --quantize-lm-head apply when exporting a floating-point "
+                                 "checkpoint")
+        if request.quantize_lm_head and request.lm_head not in ("auto", wanted):
+            raise PocketllmError(f"--quantize-lm-head means --lm-head {wanted}; it contradicts --lm-head "
+                                 f"{request.lm_head}")
         if wanted not in PROJECT_SCHEMES:
-            raise PocketllmError(f"--lm-head / --embedding need a quantizing --quant ({', '.join(PROJECT_SCHEMES)}, "
-                                 f"{W4A8}); got --quant {request.quant}")
+            raise PocketllmError(f"--lm-head / --embedding / --quantize-lm-head need a quantizing --quant "
+                                 f"({', '.join(PROJECT_SCHEMES)}, {W4A8}); got --quant {request.quant}")
     if wanted in PROJECT_SCHEMES and have is None:  # fail now, not after the layers are quantized
         from pocketllm.export.quant.recipe import resolve_head
 
-        resolve_head(request.lm_head, request.embedding, wanted, ckpt.spec.tie_word_embeddings)
+        resolve_head(request.lm_head, request.embedding, wanted, ckpt.spec.tie_word_embeddings,
+                     request.quantize_lm_head)
     max_context = resolve_max_context(ckpt.spec, request.max_context)
     quant = request.quant if request.quant == W4A8 else (have or request.quant)
     chosen = []
@@ -154,7 +160,8 @@ def run_export(request: ExportRequest, stage: Callable[[str], Any] = no_stages) 
             with stage("quantize"):
                 text = Path(request.calibration).read_text(encoding="utf-8") if request.calibration else None
                 quantize_checkpoint(ckpt, reference, checkpoint_scheme(request.quant), group_size=request.group_size,
-                                    calibration=text, lm_head=request.lm_head, embedding=request.embedding)
+                                    calibration=text, lm_head=request.lm_head, embedding=request.embedding,
+                                    quantize_lm_head=request.quantize_lm_head)
             timings["quantize_s"] = time.perf_counter() - t0
         else:
             copy_reference(ckpt, reference)

@@ -4,7 +4,8 @@
 //                    accumulators (AVX-512: 16 weights per vpmovsxbd + vcvtdq2ps + vfmadd; AVX2: 8; NEON: 4 per
 //                    sxtl/scvtf/fmla); the row sum is multiplied by the row's scale at the end. Memory-bound on the
 //                    LM head (one byte per weight): ~27 GB/s on one Zen 5 core, the speed of reading the bytes.
-//   prefill (M > 1): panels of W rows widened to fp32 (exact), then panel_gemm.h's register tiles, then the scale.
+//   prefill (M > 1): blocks of W rows widened to fp32 (exact, contiguous) times x transposed into token panels
+//                    (panel_gemm.h rows_multiply: register tiles of fused multiply-adds), then the scale.
 // Blocks of rows go to ExecuTorch's threadpool, handed out dynamically.
 #include "int8_linear.h"
 
@@ -90,6 +91,17 @@ inline float dot_row(const float* x, const int8_t* q, int64_t K) {
   return out;
 }
 
+// int8 row -> fp32 (exact).
+inline void widen_row(const int8_t* q, int64_t K, float* w) {
+  int64_t j = 0;
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+  for (; j + 16 <= K; j += 16)
+    _mm512_storeu_ps(w + j, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
+                                _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + j)))));
+#endif
+  for (; j < K; ++j) w[j] = static_cast<float>(q[j]);
+}
+
 void decode_rows(const float* x, const int8_t* qweight, const float* scales, int64_t b, int64_t e, int64_t K,
                  float* y) {
   for (int64_t i = b; i < e; ++i) y[i] = dot_row(x, qweight + i * K, K) * scales[i];
@@ -103,19 +115,25 @@ void int8_linear_f32(const float* x, const int8_t* qweight, const float* scales,
     parallel_dynamic(N, 64, [&](int64_t b, int64_t e) { decode_rows(x, qweight, scales, b, e, K, y); });
     return;
   }
-  constexpr int64_t NP = gemm::kPanel;
-  parallel_dynamic((N + NP - 1) / NP, 1, [&](int64_t b, int64_t e) {
-    std::vector<float> panel(K * NP, 0.0f);
-    for (int64_t p = b; p < e; ++p) {
-      const int64_t n0 = p * NP, nr = std::min(NP, N - n0);
-      if (nr < NP) std::fill(panel.begin(), panel.end(), 0.0f);
-      for (int64_t r = 0; r < nr; ++r) {
-        const int8_t* q = qweight + (n0 + r) * K;
-        for (int64_t k = 0; k < K; ++k) panel[k * NP + r] = static_cast<float>(q[k]);
+  // Prefill: x transposed into token panels once; per block of gemm::kRows weight rows, the rows widened to fp32
+  // (exact, contiguous), multiplied by every token panel, scaled and scattered into y.
+  constexpr int64_t TT = gemm::kTokens, R = gemm::kRows;
+  const int64_t panels = (M + TT - 1) / TT;
+  std::vector<float> xT(panels * K * TT);
+  gemm::transpose_tokens(x, M, K, xT.data());
+  parallel_dynamic((N + R - 1) / R, 1, [&](int64_t b, int64_t e) {
+    thread_local std::vector<float> wf, out;
+    wf.resize(R * K);
+    out.resize(R * TT);
+    for (int64_t blk = b; blk < e; ++blk) {
+      const int64_t n0 = blk * R, nr = std::min(R, N - n0);
+      for (int64_t r = 0; r < nr; ++r) widen_row(qweight + (n0 + r) * K, K, wf.data() + r * K);
+      for (int64_t p = 0; p < panels; ++p) {
+        gemm::rows_multiply(wf.data(), nr, K, xT.data() + p * K * TT, out.data());
+        const int64_t c_end = std::min(TT, M - p * TT);
+        for (int64_t c = 0; c < c_end; ++c)
+          for (int64_t r = 0; r < nr; ++r) y[(p * TT + c) * N + n0 + r] = out[r * TT + c] * scales[n0 + r];
       }
-      gemm::panel_multiply(x, M, K, panel.data(), y + n0, N, nr);
-      for (int64_t m = 0; m < M; ++m)
-        for (int64_t r = 0; r < nr; ++r) y[m * N + n0 + r] *= scales[n0 + r];
     }
   });
 }

@@ -104,6 +104,83 @@ inline void panel_multiply(const float* x, int64_t M, int64_t K, const float* pa
   }
 }
 
+// ---------------------------------------------------------------- weight rows x token panel (the other way round)
+// For weights that must be widened first (int8, any4): widen kRows rows of W row-major into w[r * K + k] (contiguous,
+// vectorisable, each weight once per call), and multiply them by x transposed in panels of kTokens tokens,
+// xT[(p * K + k) * kTokens + c] = x[(p * kTokens + c) * K + k] (built once per call, shared by every row block):
+//
+//   out[r * kTokens + c] = sum_k w[r * K + k] * xT[(p * K + k) * kTokens + c]
+//
+// with the same register tiles as above (rows broadcast, tokens in lanes, fused multiply-adds in k order: the
+// one-hot contract holds). The caller scatters out[] into y[token, row] (kRows x kTokens values per K x kRows x
+// kTokens multiply-adds). This replaces a k-major panel of W, whose strided fill cost as much as the multiply.
+constexpr int64_t kTokens = kPanel;
+constexpr int kRows = kMR;
+
+// xT for tokens [0, M): ceil(M / kTokens) panels, zero-padded.
+inline void transpose_tokens(const float* x, int64_t M, int64_t K, float* xT) {
+  const int64_t panels = (M + kTokens - 1) / kTokens;
+  for (int64_t p = 0; p < panels; ++p) {
+    float* dst = xT + p * K * kTokens;
+    const int64_t c_end = std::min(kTokens, M - p * kTokens);
+    for (int64_t k = 0; k < K; ++k)
+      for (int64_t c = 0; c < kTokens; ++c) dst[k * kTokens + c] = c < c_end ? x[(p * kTokens + c) * K + k] : 0.0f;
+  }
+}
+
+template <int R>
+inline void rows_tile(const float* w, int64_t K, const float* xT, float* out) {
+#if defined(__AVX512F__)
+  __m512 acc[R][2];
+  for (int i = 0; i < R; ++i) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; ++k) {
+    const __m512 p0 = _mm512_loadu_ps(xT + k * 32), p1 = _mm512_loadu_ps(xT + k * 32 + 16);
+    for (int i = 0; i < R; ++i) {
+      const __m512 bw = _mm512_set1_ps(w[i * K + k]);
+      acc[i][0] = _mm512_fmadd_ps(bw, p0, acc[i][0]);
+      acc[i][1] = _mm512_fmadd_ps(bw, p1, acc[i][1]);
+    }
+  }
+  for (int i = 0; i < R; ++i) {
+    _mm512_storeu_ps(out + i * 32, acc[i][0]);
+    _mm512_storeu_ps(out + i * 32 + 16, acc[i][1]);
+  }
+#else
+  v8f acc[R][2];
+  for (int i = 0; i < R; ++i) acc[i][0] = acc[i][1] = v8f{0, 0, 0, 0, 0, 0, 0, 0};
+  for (int64_t k = 0; k < K; ++k) {
+    const v8f p0 = load8(xT + k * 16), p1 = load8(xT + k * 16 + 8);
+    for (int i = 0; i < R; ++i) {
+      const float wv = w[i * K + k];
+      const v8f bw = {wv, wv, wv, wv, wv, wv, wv, wv};
+      acc[i][0] = fma8(bw, p0, acc[i][0]);
+      acc[i][1] = fma8(bw, p1, acc[i][1]);
+    }
+  }
+  for (int i = 0; i < R; ++i) {
+    store8(out + i * 16, acc[i][0]);
+    store8(out + i * 16 + 8, acc[i][1]);
+  }
+#endif
+}
+
+// out[r * kTokens + c] for r < nr (<= kRows) rows of w against one token panel xT.
+inline void rows_multiply(const float* w, int64_t nr, int64_t K, const float* xT, float* out) {
+  switch (nr) {
+    case kRows: rows_tile<kRows>(w, K, xT, out); break;
+#if defined(__AVX512F__)
+    case 7: rows_tile<7>(w, K, xT, out); break;
+    case 6: rows_tile<6>(w, K, xT, out); break;
+#endif
+    case 5: rows_tile<5>(w, K, xT, out); break;
+    case 4: rows_tile<4>(w, K, xT, out); break;
+    case 3: rows_tile<3>(w, K, xT, out); break;
+    case 2: rows_tile<2>(w, K, xT, out); break;
+    case 1: rows_tile<1>(w, K, xT, out); break;
+    default: break;
+  }
+}
+
 }  // namespace pocketllm::gemm
 
 #if defined(__GNUC__) && !defined(__clang__)

@@ -258,9 +258,9 @@ def test_executorch_llm_runner_matches_pocketllm_generate(bundles):
 
 
 # ------------------------------------------------------------------------------------------------ any4
-def export_any4(ckpt: Path, out: Path) -> Path:
+def export_any4(ckpt: Path, out: Path, *extra: str) -> Path:
     r = runner.invoke(app, ["export", "--checkpoint", str(ckpt), "--quant", "any4", "--group-size", "16",
-                            "--max-context", str(MAX_CONTEXT), "--out", str(out)])
+                            "--max-context", str(MAX_CONTEXT), "--out", str(out), *extra])
     assert r.exit_code == 0, r.output
     return out
 
@@ -337,6 +337,28 @@ def test_w4a8_bundle(bundles, tmp_path):
     report = json.loads((out / "parity.json").read_text())["executorch"]
     assert report["passed"] and report["positions_within_tolerance"] >= 0.95, report["contract"]
     assert report["contract"].startswith("W4A8")
+
+
+@pytest.mark.parametrize("flags,head,kernel", [
+    (("--quantize-lm-head",), "any4", "pocketllm::any4_linear"),  # the tied table in any4, gathered and multiplied
+    (("--lm-head", "none"), "fp32", None),  # the previous default
+])
+@pytest.mark.slow  # ~30 s each on the 2-core machine; the default suite's int8 head: test_any4_parity_with_infllm
+def test_any4_head_variants_parity(bundles, tmp_path, flags, head, kernel):
+    """Every LM head choice of a tied any4 bundle keeps the exact contract (<= 1e-3 vs the reference on the same
+    weights, identical continuations); a quantized tied table is stored once."""
+    bundle = export_any4(bundles["minicpm4_dense"][0], tmp_path / "any4", *flags)
+    check_any4_parity(bundle)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    q = manifest["quantization"]
+    assert (q["lm_head"], q["embedding"], q["tied_embedding"]) == (head, head, True)
+    per_module = manifest["targets"]["executorch"]["quantization"]["per_module"]
+    if kernel:
+        assert per_module["lm_head"].startswith(kernel) and "tied" in per_module["lm_head"]
+        V, H = manifest["model"]["vocab_size"], manifest["model"]["hidden_size"]
+        constants, _ = pte_constants(bundle / "model.pte")
+        assert not [c for c in constants if c[1] == [V, H]]  # packed (no [V, H] table), stored once
+        assert sum(1 for c in constants if c[1] == [V, H // 2]) == 1, constants
 
 
 @pytest.mark.slow

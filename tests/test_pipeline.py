@@ -40,3 +40,37 @@ def test_a_target_named_twice_is_refused(tiny_dirs, tmp_path):
     with pytest.raises(PocketllmError, match="names a target twice"):
         plan(ExportRequest(checkpoint=tiny_dirs["minicpm4_dense"], out=tmp_path / "b",
                            targets="executorch,executorch"))
+
+
+def test_quantize_lm_head_flag_reaches_the_quantizer(tiny_dirs, tmp_path, monkeypatch):
+    """`pocketllm export --quantize-lm-head` (the issue's name, beside --lm-head SCHEME): the tied head/table in the
+    layers' scheme (any4-w4a8: any4), checked in plan() and passed to quantize_checkpoint."""
+    from typer.testing import CliRunner
+
+    import pocketllm.export.quant.quantize as quantize_mod
+    from pocketllm.export.cli.main import app
+    from pocketllm.export.quant.recipe import resolve_head
+
+    assert resolve_head("auto", "auto", "any4", True, quantize_lm_head=True) == ("any4", "any4")
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def fake(ckpt, out, scheme, **kw):
+        seen.update(kw, scheme=scheme)
+        raise Stop
+
+    monkeypatch.setattr(quantize_mod, "quantize_checkpoint", fake)
+    for quant in ("any4", "any4-w4a8"):
+        seen.clear()
+        result = CliRunner().invoke(app, ["export", "--checkpoint", str(tiny_dirs["minicpm4_dense"]), "--quant", quant,
+                                          "--group-size", "32", "--quantize-lm-head", "--out", str(tmp_path / quant)])
+        assert isinstance(result.exception, Stop), result.output
+        assert seen["scheme"] == "any4" and seen["quantize_lm_head"] is True and seen["lm_head"] == "auto"
+    with pytest.raises(PocketllmError, match="--quantize-lm-head means --lm-head any4; it contradicts --lm-head int8"):
+        plan(ExportRequest(checkpoint=tiny_dirs["minicpm4_dense"], out=tmp_path / "b", quant="any4",
+                           quantize_lm_head=True, lm_head="int8"))
+    with pytest.raises(PocketllmError, match="need a quantizing --quant"):
+        plan(ExportRequest(checkpoint=tiny_dirs["minicpm4_dense"], out=tmp_path / "b", quant="8da4w",
+                           quantize_lm_head=True))

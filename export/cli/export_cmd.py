@@ -35,6 +35,9 @@ def export(
     embedding: str = typer.Option("auto", "--embedding",
                                   help="Embedding table of an untied model when quantizing: auto (as the head), "
                                        "none, int8, any4, int4 or nf4."),
+    quantize_lm_head: bool = typer.Option(False, "--quantize-lm-head",
+                                          help="The LM head in the layers' 4-bit scheme (--lm-head SCHEME; a tied "
+                                               "head is the embedding table, quantized and stored once)."),
     threads: int = typer.Option(None, "--threads", help="CPU threads for torch."),
 ):
     """Export a checkpoint to a bundle: OUT/<artifacts>, tokenizer files, reference/ weights, manifest.json.
@@ -46,7 +49,7 @@ def export(
     """
     _export(ExportRequest(checkpoint=checkpoint, out=out, targets=target, quant=quant, max_context=max_context,
                           prefill_chunk=prefill_chunk, group_size=group_size, calibration=calibration, force=force,
-                          lm_head=lm_head, embedding=embedding),
+                          lm_head=lm_head, embedding=embedding, quantize_lm_head=quantize_lm_head),
             threads)
 
 

@@ -11,6 +11,7 @@ import torch
 from pocketllm.export.errors import PocketllmError
 from pocketllm.export.ops.int8_linear import int8_dequantize, int8_linear_reference
 from pocketllm.runtime_py.ops import int8_linear as twin
+from pocketllm.runtime_py.runners.executorch import REPO
 from tests.kernels import I, ptr
 
 
@@ -112,3 +113,32 @@ def test_kernel_calls_from_several_threads_at_once(kernels):
     for x, y in zip(xs, results):
         ref = int8_linear_reference(x, q, s[:, None].half().float())
         torch.testing.assert_close(y, x @ (q.float() * s[:, None]).T, atol=2e-6 * ref.abs().max().item(), rtol=1e-5)
+
+
+PANEL_TEST = REPO / "kernels" / "tests" / "panel_gemm_test.cpp"
+
+
+@pytest.mark.parametrize("isa", ["native", "avx2", "scalar", "neon"])
+def test_panel_gemm_simd_paths(tmp_path, isa):
+    """kernels/panel_gemm.h (the prefill tiles of int8_linear and any4_linear) on each ISA path against a double
+    reference, one-hot rows bit for bit. NEON runs the arm64 phone path under qemu-aarch64 (`make cross-tools`)."""
+    import shutil
+    import subprocess
+
+    flags = ["-O2", "-std=c++17", "-ffp-contract=off", "-Wall", "-Werror", "-Wno-psabi",
+             f"-I{REPO / 'kernels' / 'tests' / 'stub'}"]
+    exe = tmp_path / f"panel_gemm_{isa}"
+    if isa == "neon":
+        cxx, qemu = shutil.which("aarch64-linux-gnu-g++"), shutil.which("qemu-aarch64")
+        if not (cxx and qemu):
+            pytest.skip("aarch64-linux-gnu-g++ / qemu-aarch64 not installed (make cross-tools)")
+        cmd, run = [cxx, *flags, "-static"], [qemu, str(exe)]
+    else:
+        cpu = open("/proc/cpuinfo").read()
+        if isa == "avx2" and "avx2" not in cpu:
+            pytest.skip("no AVX2 on this machine")
+        extra = {"native": ["-march=native"], "avx2": ["-march=native", "-mno-avx512f"], "scalar": ["-mno-avx"]}[isa]
+        cmd, run = ["c++", *flags, *extra], [str(exe)]
+    subprocess.run([*cmd, str(PANEL_TEST), "-o", str(exe)], check=True, capture_output=True)
+    proc = subprocess.run(run, capture_output=True, text=True)
+    assert proc.returncode == 0 and "checks, ok" in proc.stdout, proc.stdout

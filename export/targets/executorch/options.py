@@ -13,6 +13,7 @@ from pocketllm.export.targets.base import CommonOptions
 # torchao's 8da4w
 W4A8 = "any4-w4a8"
 QUANT_SCHEMES = ("none", *SCHEMES, W4A8, "8da4w")
+IN_GRAPH_DEQUANT = tuple(s for s in SCHEMES if s not in ("any4", "int8"))  # no kernel of their own: in the graph
 
 
 @dataclass(frozen=True)

@@ -274,6 +274,10 @@ object ManifestParser {
         val states = o.array("states")
         for (i in 0 until states.size) readTensor(states.obj(i), false)
         o.int("prefill_chunk", 1)
+        if (o.has("pad_token_id")) o.int("pad_token_id", -1)
+        if (o.has("pads_prefill")) o.bool("pads_prefill")
+        if (o.has("rewinds")) o.bool("rewinds")
+        if (o.has("float_weights")) o.oneOf("float_weights", ManifestSchema.COMPUTE_PRECISIONS)
         return OtherTarget("coreml", file, readKernels(o))
     }
 
@@ -314,8 +318,10 @@ object ManifestParser {
         val targetFiles = ArrayList<Pair<String, String>>()
         val targets = root.obj("targets")
         for (t in targets.keys()) targetFiles.add(t to targets.obj(t).string("file"))
-        for ((t, file) in targetFiles) {
-            if (file !in m.files) throw ManifestException("targets.$t.file", "'$file' is not listed in files")
+        for ((t, file) in targetFiles) {  // a file, or a directory (.mlpackage) with files listed under it
+            if (file !in m.files && m.files.keys.none { it.startsWith("$file/") }) {
+                throw ManifestException("targets.$t.file", "'$file' is not listed in files")
+            }
         }
         val chat = m.chat
         if (chat != null) {

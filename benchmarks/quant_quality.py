@@ -173,7 +173,8 @@ def main() -> None:
     ratio = None
     if "any4 g128" in by_label and "int4 g128" in by_label and by_label["int4 g128"]["ppl_increase"] > 0:
         ratio = by_label["any4 g128"]["ppl_increase"] / by_label["int4 g128"]["ppl_increase"]
-    any4_runs = [r for r in rows if r["label"].startswith("any4 g128")]
+    # seed runs of the plain any4 g128 row only (not the LM head / W4A8 rows, which share the prefix)
+    any4_runs = [r for r in rows if r["label"] == "any4 g128" or r["label"].startswith("any4 g128 seed ")]
     spread = None
     if len(any4_runs) > 1:
         inc = np.array([r["ppl_increase"] for r in any4_runs])

@@ -10,10 +10,10 @@ the manifest records it (attention.infllm_v2.score_rule), where parity reads it 
 
 Quantization: `--quant any4|int4|nf4|int8` writes a quantized checkpoint (export/quant) straight into the bundle's
 `reference/` folder; every target exports those weights and parity runs the numpy reference on them. The LM head
-(and the embedding table) follow `lm_head` / `embedding` (default: 8 bits per channel; a tied head is the embedding
-table, stored once). `any4-w4a8` is the same any4 checkpoint run with int8 activations in the decoder layers
-(pocketllm::any4_linear_w4a8; the reference reproduces those numerics). `8da4w` is torchao's in-graph scheme
-(ExecuTorch only); the reference then holds the floating-point weights.
+(and the embedding table) follow `lm_head` / `embedding` / `quantize_lm_head` (default: 8 bits per channel; a tied
+head is the embedding table, stored once). `any4-w4a8` is the same any4 checkpoint run with int8 activations in the
+decoder layers (pocketllm::any4_linear_w4a8; the reference reproduces those numerics). `8da4w` is torchao's
+in-graph scheme (ExecuTorch only); the reference then holds the floating-point weights.
 """
 
 from __future__ import annotations
@@ -87,6 +87,19 @@ def with_score_rule(spec: ModelSpec, infllm_scores: str | None) -> ModelSpec:
     return dataclasses.replace(spec, sparse=dataclasses.replace(spec.sparse, score_rule=infllm_scores))
 
 
+def head_choice(request: ExportRequest, targets) -> tuple[str, str, bool]:
+    """(lm_head, embedding, quantize_lm_head) to quantize with. A target whose artifact keeps the LM head and the
+    embedding table in floating point (Target.quantized_lm_head False: Core ML) turns "auto" into "none" and refuses
+    an explicit quantized choice, before any weight is read."""
+    float_only = [t.name for t in targets if not t.quantized_lm_head]
+    if not float_only:
+        return request.lm_head, request.embedding, request.quantize_lm_head
+    if request.quantize_lm_head or request.lm_head not in ("auto", "none") or request.embedding not in ("auto", "none"):
+        raise PocketllmError(f"--target {float_only[0]} keeps the LM head and the embedding table in floating point: "
+                             "leave out --quantize-lm-head / --lm-head / --embedding (or use --lm-head none)")
+    return "none", "none", False
+
+
 def peak_rss_mib() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
@@ -110,6 +123,8 @@ def plan(request: ExportRequest) -> ExportPlan:
     if have is not None and wanted not in ("none", have):
         raise PocketllmError(f"{ckpt.dir} is already quantized with {have}; export it with --quant {have} "
                              "(or quantize the floating-point checkpoint)")
+    lm_head, embedding, quantize_lm_head = head_choice(request, targets) if wanted in PROJECT_SCHEMES else (
+        request.lm_head, request.embedding, request.quantize_lm_head)
     if (request.lm_head, request.embedding) != ("auto", "auto") or request.quantize_lm_head:
         if have is not None:
             raise PocketllmError(f"{ckpt.dir} is already quantized: its LM head and embedding are what they are; "
@@ -121,11 +136,6 @@ def plan(request: ExportRequest) -> ExportPlan:
         if wanted not in PROJECT_SCHEMES:
             raise PocketllmError(f"--lm-head / --embedding / --quantize-lm-head need a quantizing --quant "
                                  f"({', '.join(PROJECT_SCHEMES)}, {W4A8}); got --quant {request.quant}")
-    if wanted in PROJECT_SCHEMES and have is None:  # fail now, not after the layers are quantized
-        from pocketllm.export.quant.recipe import resolve_head
-
-        resolve_head(request.lm_head, request.embedding, wanted, ckpt.spec.tie_word_embeddings,
-                     request.quantize_lm_head)
     if have is None and wanted in PROJECT_SCHEMES:  # what quantize_checkpoint will check, before any weight
         from pocketllm.export.checkpoint import expected_tensors
         from pocketllm.export.families import get_family
@@ -134,8 +144,9 @@ def plan(request: ExportRequest) -> ExportPlan:
 
         calibration_text(None if calibration is None else str(calibration))
         float_modules = get_family(ckpt.spec.family).float_modules
-        default_recipe(wanted, request.group_size, keep_float=float_modules).plan(
-            expected_tensors(ckpt.spec), "--group-size")
+        default_recipe(wanted, request.group_size, quantize_lm_head, keep_float=float_modules,
+                       lm_head=lm_head, embedding=embedding,
+                       tied=ckpt.spec.tie_word_embeddings).plan(expected_tensors(ckpt.spec), "--group-size")
     max_context = resolve_max_context(ckpt.spec, request.max_context)
     quant = request.quant if request.quant == W4A8 else (have or request.quant)
     extra = parse_target_options(request.target_options, targets)
@@ -242,8 +253,8 @@ def run_export(request: ExportRequest | ExportPlan, stage: Callable[[str], Any] 
             with stage("quantize"):
                 quantize_checkpoint(ckpt, reference, checkpoint_scheme(request.quant), group_size=request.group_size,
                                     calibration=None if request.calibration is None else str(request.calibration),
-                                    lm_head=request.lm_head, embedding=request.embedding,
-                                    quantize_lm_head=request.quantize_lm_head)
+                                    **dict(zip(("lm_head", "embedding", "quantize_lm_head"),
+                                               head_choice(request, [t for t, _ in p.targets]))))
             timings["quantize_s"] = time.perf_counter() - t0
         else:
             copy_reference(ckpt, reference)

@@ -74,3 +74,18 @@ def test_quantize_lm_head_flag_reaches_the_quantizer(tiny_dirs, tmp_path, monkey
     with pytest.raises(PocketllmError, match="need a quantizing --quant"):
         plan(ExportRequest(checkpoint=tiny_dirs["minicpm4_dense"], out=tmp_path / "b", quant="8da4w",
                            quantize_lm_head=True))
+
+
+def test_coreml_keeps_the_head_in_floating_point(tiny_dirs, tmp_path):
+    """Core ML's package holds no quantized LM head: "auto" means none there; an explicit quantized head is refused
+    before any weight is read."""
+    from pocketllm.export.pipeline import head_choice
+    from pocketllm.export.targets import get_target
+
+    req = ExportRequest(checkpoint=tiny_dirs["minicpm4_dense"], out=tmp_path / "b", quant="any4", group_size=32,
+                        targets="coreml")
+    assert head_choice(req, [get_target("coreml")]) == ("none", "none", False)
+    assert head_choice(req, [get_target("executorch")]) == ("auto", "auto", False)
+    for extra in ({"quantize_lm_head": True}, {"lm_head": "int8"}):
+        with pytest.raises(PocketllmError, match="keeps the LM head and the embedding table in floating point"):
+            head_choice(ExportRequest(**{**req.__dict__, **extra}), [get_target("coreml")])

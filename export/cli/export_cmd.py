@@ -13,6 +13,7 @@ from rich.table import Table
 from pocketllm.export.cli.common import console, force_option, set_threads, threads_option, user_errors, warn
 from pocketllm.export.defaults import DEFAULT_GROUP_SIZE, DEFAULT_MAX_CONTEXT
 from pocketllm.export.pipeline import ExportRequest, plan, run_export
+from pocketllm.export.quant.recipe import HEAD_CHOICES
 from pocketllm.export.spec import SCORE_RULES
 from pocketllm.export.targets import targets
 
@@ -47,18 +48,18 @@ def export(
     prefill_chunk: int = typer.Option(None, "--prefill-chunk", min=1,
                                       help="Most tokens per forward call (get_max_seq_len); longer prompts are "
                                            f"prefilled in chunks (default per target: {_chunk_defaults()})."),
-    target_option: list[str] = typer.Option(None, "--target-option",
-                                            help="TARGET.KEY=VALUE, repeatable: an option of one target, e.g. "
-                                                 "coreml.deployment_target=iOS18 (docs/coreml.md)."),
-    lm_head: str = typer.Option("auto", "--lm-head",
+    lm_head: str = typer.Option("auto", "--lm-head", metavar="<auto|" + "|".join(HEAD_CHOICES) + ">",
                                 help="LM head when quantizing: auto (int8 per channel), none (floating point), int8, "
                                      "any4, int4 or nf4. A tied head is the embedding table: stored once."),
-    embedding: str = typer.Option("auto", "--embedding",
+    embedding: str = typer.Option("auto", "--embedding", metavar="<auto|" + "|".join(HEAD_CHOICES) + ">",
                                   help="Embedding table of an untied model when quantizing: auto (as the head), "
                                        "none, int8, any4, int4 or nf4."),
     quantize_lm_head: bool = typer.Option(False, "--quantize-lm-head",
                                           help="The LM head in the layers' 4-bit scheme (--lm-head SCHEME; a tied "
                                                "head is the embedding table, quantized and stored once)."),
+    target_option: list[str] = typer.Option(None, "--target-option",
+                                            help="TARGET.KEY=VALUE, repeatable: an option of one target, e.g. "
+                                                 "coreml.deployment_target=iOS18 (docs/coreml.md)."),
     threads: int = threads_option(),
     infllm_scores: ScoreRule = typer.Option(None, "--infllm-scores", help="InfLLM v2 block scores: upstream "
                                             "(default; LSE over the coarse compressed keys, as MiniCPM4 is trained "
@@ -68,16 +69,18 @@ def export(
     """Export a checkpoint to a bundle: OUT/<artifacts>, tokenizer files, reference/ weights, manifest.json.
 
     any4/int4/nf4/int8 quantize first (export/quant) into OUT/reference, the weights parity's reference runs; the
-    LM head in 8 bits unless --lm-head says otherwise. any4-w4a8: the same any4 weights with int8 activations in the
-    decoder layers (faster on CPUs; the reference reproduces its numerics).
+    LM head in 8 bits unless --lm-head says otherwise.
+
+    any4-w4a8: the same any4 weights with int8 activations in the decoder layers (faster on CPUs; the reference
+    reproduces its numerics).
 
     8da4w is torchao/XNNPACK's in-graph scheme (ExecuTorch only); the reference then holds the float weights.
     """
     _export(ExportRequest(checkpoint=checkpoint, out=out, targets=target, quant=quant.value, max_context=max_context,
                           prefill_chunk=prefill_chunk, group_size=group_size, calibration=calibration, force=force,
+                          lm_head=lm_head, embedding=embedding, quantize_lm_head=quantize_lm_head,
                           target_options=tuple(target_option or ()),
-                          infllm_scores=infllm_scores.value if infllm_scores else None,
-                          lm_head=lm_head, embedding=embedding, quantize_lm_head=quantize_lm_head),
+                          infllm_scores=infllm_scores.value if infllm_scores else None),
             threads)
 
 

@@ -13,6 +13,7 @@ from rich.table import Table
 from pocketllm.export.cli.common import console, force_option, set_threads, threads_option, user_errors
 from pocketllm.export.defaults import DEFAULT_GROUP_SIZE
 from pocketllm.export.quant.format import ACT_STATS, DEFAULT_ACT_STAT, REPORT_FILE, SCHEMES
+from pocketllm.export.quant.recipe import HEAD_CHOICES
 
 Scheme = Enum("Scheme", {name: name for name in SCHEMES}, type=str)  # export/quant's schemes
 ActStat = Enum("ActStat", {name: name for name in ACT_STATS}, type=str)
@@ -35,14 +36,14 @@ def quantize(
                                      help="any4 k-means weight per input column, times the group scale: abs_mean = "
                                           "|mean activation| (the paper's), mean_abs = mean |activation|, "
                                           f"rms = sqrt(mean activation^2). Default {DEFAULT_ACT_STAT}."),
-    lm_head: str = typer.Option("auto", "--lm-head",
+    lm_head: str = typer.Option("auto", "--lm-head", metavar="<auto|" + "|".join(HEAD_CHOICES) + ">",
                                 help="LM head: auto (int8 per channel), none (floating point), int8, any4, int4 or "
                                      "nf4. A tied head is the embedding table: quantized once, used by both."),
-    embedding: str = typer.Option("auto", "--embedding",
+    embedding: str = typer.Option("auto", "--embedding", metavar="<auto|" + "|".join(HEAD_CHOICES) + ">",
                                   help="Embedding table of an untied model: auto (as the head), none, int8, any4, "
                                        "int4 or nf4 (a tied model's table follows --lm-head)."),
-    quantize_lm_head: bool = typer.Option(False, "--quantize-lm-head", help="The LM head in --scheme (same as "
-                                          "--lm-head SCHEME)."),
+    quantize_lm_head: bool = typer.Option(False, "--quantize-lm-head", help="The LM head (tied: the embedding "
+                                          "table) in --scheme (same as --lm-head SCHEME)."),
     seed: int = typer.Option(0, "--seed", help="k-means++ seed (any4)."),
     threads: int = threads_option(),
     force: bool = force_option(),
@@ -58,7 +59,7 @@ def quantize(
 @user_errors
 def _quantize(checkpoint, scheme, out, group_size, calibration, max_calibration_tokens, act_stat, quantize_lm_head,
               seed, threads, force, lm_head="auto", embedding="auto"):
-    from pocketllm.export.quant.quantize import REPORT_FILE, quantize_checkpoint  # OMP_WAIT_POLICY: process.py
+    from pocketllm.export.quant.quantize import quantize_checkpoint  # OMP_WAIT_POLICY: set at start-up (process.py)
 
     set_threads(threads)
     with Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),

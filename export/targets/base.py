@@ -56,6 +56,7 @@ class Target:
     sdk: str = ""  # pip requirement of its SDK, for the "install it" message
     options_class: type = CommonOptions
     lowerings: dict[str, Lowering] = {}
+    quantized_lm_head: bool = True  # its artifact can hold a quantized LM head / embedding table (pocketllm's ops)
 
     def options(self, **values: Any):
         """The target's options from the pipeline's values (one-line PocketllmError when invalid)."""

@@ -23,9 +23,8 @@ def test_nf4_exports_with_a_one_line_speed_warning(nf4_bundle):
                         "(pocketllm's kernel) or 8da4w (XNNPACK) are the fast 4-bit choices"]
 
 
-# int8 layers run on pocketllm::int8_linear (wip/speed), not dequantized in the graph: no warning
 @pytest.mark.parametrize("quant,warned", [("int4", True), ("int8", False), ("nf4", True), ("any4", False),
-                                          ("none", False)])
+                                          ("any4-w4a8", False), ("none", False)])  # int8: pocketllm::int8_linear
 def test_which_schemes_warn(tiny_dirs, tmp_path, quant, warned):
     p = plan(ExportRequest(checkpoint=tiny_dirs["minicpm4_dense"], out=tmp_path / "b", quant=quant,
                            group_size=None if quant in ("int8", "none") else 32))

@@ -22,6 +22,7 @@ class CoreMLTarget(Target):
     summary = "Core ML .mlpackage (iOS 18, fp16, states, prefill + decode functions)"
     artifact = "model.mlpackage"
     quant_schemes = QUANT_SCHEMES
+    quantized_lm_head = False  # the head and the embedding table stay in floating point (fp16 in the package)
     sdk = "coremltools==9.0"
     options_class = CoreMLOptions
     lowerings = LOWERINGS

@@ -9,6 +9,9 @@ LOWERINGS = {
                                          "scales and zeros on per-group partial sums"),
     "any4_linear_w4a8": Lowering("unsupported", "int8 activations: Core ML has no int8-activation matmul; any4 "
                                                 "weights run as any4_linear (fp16 activations)"),
+    "int8_linear": Lowering("unsupported", "int8 layers: swaps.CoreMLQuantLinear holds the int8 weight and its "
+                                           "scales as constants (dequantized in MIL); the LM head and the embedding "
+                                           "table stay in floating point for Core ML (export's --lm-head auto = none)"),
     "infllm_attention": Lowering("converter", "converters.py: composite MIL (compressed keys, block scores, topk, "
                                               "gather of the selected blocks); the swapped core keeps the compressed "
                                               "keys in a state (pocketllm_coreml::infllm_attention)"),

@@ -13,7 +13,8 @@ from pocketllm.export.targets.base import CommonOptions
 # torchao's 8da4w
 W4A8 = "any4-w4a8"
 QUANT_SCHEMES = ("none", *SCHEMES, W4A8, "8da4w")
-IN_GRAPH_DEQUANT = tuple(s for s in SCHEMES if s not in ("any4", "int8"))  # no kernel of their own: in the graph
+# no kernel of their own (any4: any4_linear / any4_linear_w4a8, int8: int8_linear): dequantized in the graph
+IN_GRAPH_DEQUANT = tuple(s for s in SCHEMES if s not in ("any4", "int8"))
 
 
 @dataclass(frozen=True)

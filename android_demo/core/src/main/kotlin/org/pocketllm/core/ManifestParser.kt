@@ -175,7 +175,7 @@ object ManifestParser {
             val keys = arrayOf("kernel_size", "kernel_stride", "init_blocks", "block_size", "window_size", "topk",
                 "use_nope", "dense_len", "score_rule")
             s.requireKeys(*keys)
-            s.closed(*keys, "score_rule")
+            s.closed(*keys)
             s.long("kernel_size", 1); s.long("kernel_stride", 1); s.long("init_blocks", 0); s.long("block_size", 1)
             s.long("window_size", 0); s.long("topk", 1); s.bool("use_nope"); s.long("dense_len", -1)
             s.oneOf("score_rule", ManifestSchema.SCORE_RULES)

@@ -272,6 +272,8 @@ def run_export(request: ExportRequest | ExportPlan, stage: Callable[[str], Any] 
                 quant = entry["quantization"]
             entries[target.name] = entry
         tok_files = copy_tokenizer(ckpt.tokenizer_files, tmp, spec.bos_token_id)
+        for target, _ in p.targets:
+            target.add_tokenizer(tmp, tok_files)
         config_sha = hashlib.sha256((ckpt.dir / "config.json").read_bytes()).hexdigest()
         timings["total_s"] = time.perf_counter() - t_start
         manifest = write_manifest(

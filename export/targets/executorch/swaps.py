@@ -86,7 +86,8 @@ def quantize_torchao(model: nn.Module, group_size: int | None) -> dict[str, Any]
                   filter_fn=lambda mod, fqn: isinstance(mod, nn.Linear))
         numel += m.in_features * m.out_features
         bits += m.in_features * m.out_features * (4 + 32 / g)  # fp32 scale per group (XNNPACK converts to bf16)
-    return {"scheme": "8da4w", "weights": "int4 symmetric groupwise", "activations": "int8 dynamic per token",
+    return {"scheme": "8da4w", "weights": "int4 symmetric groupwise", "activations": "int8",
+            "activation_quantization": "dynamic per token (XNNPACK)", "variant": "8da4w",
             "group_size": max(groups) if groups else None, "layers": len(linears),
             "bits_per_weight": round(bits / numel, 3) if numel else None, "kernel": "XNNPACK (torchao)"}
 

@@ -20,6 +20,9 @@ LOWERINGS = {
     "any4_linear_w4a8": Lowering("unsupported", "int8-activation LUT matmul: ONNX has no LUT op and "
                                                 "MatMulInteger needs affine weights; any4 weights run as any4_linear "
                                                 "(fp32 activations, exact)"),
+    "int8_linear": Lowering("unsupported", "the int8 LM head / embedding table is ExecuTorch's "
+                                           "(pocketllm::int8_linear); ONNX bundles keep the head in floating point "
+                                           "(OnnxTarget.quantized_lm_head = False)"),
     "moe_ffn": Lowering("unsupported", "MoE layers export from export/nn/moe.py's experts with a routed dispatch "
                                        "(swaps.OnnxRoutedDispatch: per expert NonZero, Gather, the expert MLP, "
                                        "ScatterND add), so only the routed experts run; the fused op is not used"),

@@ -27,7 +27,7 @@ from pocketllm.export.init_checkpoint import BUILTIN_TEXT, random_tensors
 from pocketllm.export.tokenizer import write_tokenizer
 from pocketllm.export.families import preset_config
 from pocketllm.export.families import spec_from_config
-from tests.test_executorch_kernels import build_kernels
+from tests.kernels import build_kernels
 
 MAX_CONTEXT = 320
 BF16_VALUED = ("minicpm4_infllm", "smallthinker")  # tied and untied embeddings: the .pte gathers from a bf16 table

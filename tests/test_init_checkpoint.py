@@ -17,19 +17,20 @@ from pocketllm.export.families import spec_from_config
 runner = CliRunner()
 
 
-@pytest.mark.parametrize("arch", ["minicpm4", "smallthinker"])
+@pytest.mark.parametrize("arch", list(families()))
 def test_tiny_preset_layout(tmp_path, arch):
     out = tmp_path / arch
     result = runner.invoke(app, ["init-checkpoint", "--arch", arch, "--preset", "tiny", "--out", str(out),
                                  "--seed", "3", "--dtype", "fp32"])
     assert result.exit_code == 0, result.output
-    tokenizer_files = {  # what upstream ships: MiniCPM4 a SentencePiece model (+ tokenizer.json), Qwen2-style BPE files
-        "minicpm4": ["added_tokens.json", "tokenizer.json", "tokenizer.model"],
-        "smallthinker": ["merges.txt", "tokenizer.json", "vocab.json"]}[arch]
+    family = families()[arch]
+    # what upstream ships: a SentencePiece model (+ tokenizer.json, added tokens) or byte-level BPE files
+    tokenizer_files = {"sentencepiece": ["added_tokens.json", "tokenizer.json", "tokenizer.model"],
+                       "bpe": ["merges.txt", "tokenizer.json", "vocab.json"]}[family.tokenizer.kind]
     assert sorted(p.name for p in out.iterdir()) == sorted(
         ["config.json", "model.safetensors", "special_tokens_map.json", "tokenizer_config.json", *tokenizer_files])
     config = json.loads((out / "config.json").read_text())
-    assert config["architectures"] == [{"minicpm4": "MiniCPMForCausalLM", "smallthinker": "SmallThinkerForCausalLM"}[arch]]
+    assert config["architectures"] == list(family.architectures)
     ckpt = open_checkpoint(out)
     assert set(ckpt.weight_map) == set(expected_tensors(ckpt.spec))
     assert set(ckpt.dtypes.values()) == {"F32"}

@@ -9,7 +9,6 @@ import torch
 
 from pocketllm.export.errors import PocketllmError
 from pocketllm.export.nn.quant_linear import dequantize_packed
-from pocketllm.export.ops.any4_linear import any4_dequantize
 from pocketllm.export.quant import any4, int4, int8, nf4
 from pocketllm.export.quant.format import TensorQuant
 from pocketllm.export.quant.pack import pack_nibbles, unpack_nibbles
@@ -24,42 +23,6 @@ def test_nibble_order_low_first():
     assert packed.tolist() == [[0x21, 0x43], [0x0F, 0xF0]]
     assert torch.equal(unpack_nibbles(packed), codes)
     assert np.array_equal(np_quant.unpack_codes(packed.numpy()), codes.numpy())
-
-
-def hand_any4():
-    """One row, K = 4, group size 2: codes 0,1,15,2; LUT -8..7 scaled by 0.5; groups (s, z) = (1, 10), (2, -4)."""
-    qweight = pack_nibbles(torch.tensor([[0, 1, 15, 2]]))
-    lut = (torch.arange(16, dtype=torch.float16) - 8)[None] * 0.5
-    scales = torch.tensor([[1.0, 2.0]], dtype=torch.float16)
-    zeros = torch.tensor([[10.0, -4.0]], dtype=torch.float16)
-    # lut[code]: -4, -3.5, 3.5, -3  -> * s + z:  6, 6.5, 3, -10
-    return qweight, lut, scales, zeros, torch.tensor([[6.0, 6.5, 3.0, -10.0]])
-
-
-def test_any4_linear_hand_checked_and_out_variant():
-    qweight, lut, scales, zeros, expected = hand_any4()
-    assert torch.equal(any4_dequantize(qweight, lut, scales, zeros, 2), expected)
-    x = torch.tensor([[1.0, 0.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0]])
-    y = torch.ops.pocketllm.any4_linear(x, qweight, lut, scales, zeros, 2)
-    assert torch.equal(y, torch.tensor([[6.0], [5.5]]))
-    out = torch.empty(0)
-    torch.ops.pocketllm.any4_linear.out(x, qweight, lut, scales, zeros, 2, out=out)
-    assert torch.equal(out, y)
-    assert torch.ops.pocketllm.any4_linear(x.bfloat16(), qweight, lut, scales, zeros, 2).dtype == torch.bfloat16
-
-
-def test_any4_linear_fake_and_bad_args():
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
-    qweight, lut, scales, zeros, _ = hand_any4()
-    x = torch.randn(3, 5, 4)
-    with FakeTensorMode() as mode:
-        fake = torch.ops.pocketllm.any4_linear(*(mode.from_tensor(t) for t in (x, qweight, lut, scales, zeros)), 2)
-        assert fake.shape == (3, 5, 1) and fake.dtype == torch.float32
-    with pytest.raises(PocketllmError, match="group_size 3"):
-        torch.ops.pocketllm.any4_linear(x, qweight, lut, scales, zeros, 3)
-    with pytest.raises(PocketllmError, match="lut has shape"):
-        torch.ops.pocketllm.any4_linear(x, qweight, lut[:, :8], scales, zeros, 2)
 
 
 def test_kmeans_recovers_sixteen_separated_values_exactly():

@@ -35,7 +35,7 @@ OPS = ["pocketllm::moe_ffn.out", "pocketllm::moe_ffn_any4.out"]
 @pytest.fixture(scope="module")
 def kernels() -> ctypes.CDLL:
     from pocketllm.runtime_py.runners.executorch import DEFAULT_KERNEL_LIBRARY, load_kernel_library
-    from tests.test_executorch_kernels import build_kernels
+    from tests.kernels import build_kernels
 
     build_kernels()
     load_kernel_library(needed=OPS)

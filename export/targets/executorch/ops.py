@@ -7,4 +7,7 @@ LOWERINGS = {
     "infllm_attention": Lowering("kernel", "kernels/infllm_attention.cpp"),
     "lightning_attention": Lowering("kernel", "kernels/lightning_attention.cpp"),
     "any4_linear": Lowering("kernel", "kernels/any4_linear.cpp"),
+    "any4_linear_w4a8": Lowering("kernel", "kernels/any4_linear_w4a8.cpp"),
+    "moe_ffn": Lowering("kernel", "kernels/moe_ffn.cpp"),
+    "moe_ffn_any4": Lowering("kernel", "kernels/moe_ffn.cpp"),
 }

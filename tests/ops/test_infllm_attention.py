@@ -12,12 +12,21 @@ import math
 
 import numpy as np
 import pytest
+import torch
 
 from pocketllm.export.errors import PocketllmError
 from pocketllm.export.families import families, spec_from_config
+from pocketllm.export.ops.infllm_attention import (SCORE_RULE_CODES, infllm_attention_reference, infllm_block_mask,
+                                                   infllm_block_scores, infllm_op_args)
 from pocketllm.export.spec import SparseSpec
 from pocketllm.runtime_py.attention import causal_attention
-from pocketllm.runtime_py.ops.infllm_attention import compressed_keys, exp_fixed, infllm_attention, kernel_range, kernel_scores
+from pocketllm.runtime_py.ops import infllm_attention as reference
+from pocketllm.runtime_py.ops.infllm_attention import block_scores as reference_block_scores
+from pocketllm.runtime_py.ops.infllm_attention import (compressed_keys, exp_fixed, infllm_attention, kernel_range,
+                                                       kernel_scores)
+from pocketllm.runtime_py.ops.infllm_attention import infllm_attention as reference_infllm
+from pocketllm.runtime_py.ops.infllm_attention import kernel_scores as reference_kernel_scores
+from tests.kernels import I, ptr
 
 # ------------------------------------------------------------------------------------------ hand-checked cases
 # Kernels of 4 tokens every 2 tokens, blocks of 4 tokens: kernel j = tokens [2j, 2j+4) touches blocks b with
@@ -286,3 +295,212 @@ def test_a_whole_preallocated_cache_may_be_passed():
     np.testing.assert_array_equal(out, ref_out)
     np.testing.assert_array_equal(selected, ref_selected)
     assert selected.shape == (2, 40, 10)
+
+
+# ---------------------------------------------------------------- the torch op against the numpy reference
+SPARSE = SparseSpec(kernel_size=32, kernel_stride=16, init_blocks=1, block_size=64, window_size=128, topk=3,
+                    dense_len=-1)
+
+
+def op_args(s: SparseSpec):
+    """The op's arguments after start_pos: kernel_size .. topk, dense_len, score_rule."""
+    return infllm_op_args(s)
+
+
+def mask_args(s: SparseSpec):
+    """infllm_block_mask's arguments after start_pos (no dense_len)."""
+    return (s.kernel_size, s.kernel_stride, s.block_size, s.init_blocks, s.window_size, s.topk) + op_args(s)[-1:]
+
+
+def random_qkv_torch(L, T, hq=8, hkv=2, d=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(1, T, hq, d, generator=g)
+    k = torch.randn(1, L, hkv, d, generator=g)
+    v = torch.randn(1, L, hkv, d, generator=g)
+    return q, k, v
+
+
+@pytest.mark.parametrize("score_rule", ["upstream", "exact"])
+@pytest.mark.parametrize("start_pos,T", [(0, 2048), (2047, 1), (1500, 37)])
+def test_selected_blocks_match_reference_exactly(start_pos, T, score_rule):
+    """On a long random context the torch op and the numpy reference compute the same block scores bit for bit
+    and so choose the very same blocks."""
+    sparse = SparseSpec(**{**SPARSE.__dict__, "score_rule": score_rule})
+    L = start_pos + T
+    q, k, v = random_qkv_torch(L, T, seed=start_pos)
+    scores = infllm_block_scores(q[0], k[0], start_pos, sparse.kernel_size, sparse.kernel_stride, sparse.block_size,
+                                 op_args(sparse)[-1]).numpy()
+    positions = np.arange(start_pos, L)
+    group = reference_kernel_scores(q[0].numpy(), k[0].numpy(), positions, sparse)
+    assert np.array_equal(scores, reference_block_scores(group, scores.shape[-1], sparse))
+    ours = infllm_block_mask(q[0], k[0], start_pos, *mask_args(sparse)).numpy()
+    out_ref, theirs = reference_infllm(q[0].numpy(), k[0].numpy(), v[0].numpy(), start_pos, sparse)
+    assert ours.shape == theirs.shape
+    assert np.array_equal(ours, theirs)
+    # Sparse really is sparse here: late queries read only topk + window/block blocks.
+    assert ours[:, -1].sum(axis=-1).max() == sparse.budget
+    out = infllm_attention_reference(q, k, v, start_pos, *op_args(sparse))
+    assert np.abs(out[0].numpy() - out_ref).max() <= 1e-5
+
+
+def test_the_score_rules_select_differently_on_random_data():
+    """The option is real: on the same random context upstream's LSE-over-Kc2 rule and the exact softmax disagree
+    on some blocks (they agree on most)."""
+    q, k, _ = random_qkv_torch(2048, 2048, seed=0)
+    masks = [infllm_block_mask(q[0], k[0], 0, *mask_args(SparseSpec(**{**SPARSE.__dict__, "score_rule": rule})))
+             for rule in ("upstream", "exact")]
+    differ = (masks[0] != masks[1]).float().mean().item()
+    assert 0 < differ < 0.5
+
+
+def test_budget_covering_every_block_equals_dense():
+    L = 1024
+    q, k, v = random_qkv_torch(L, L, seed=7)
+    everything = SparseSpec(kernel_size=32, kernel_stride=16, init_blocks=1, block_size=64, window_size=128,
+                            topk=L // 64, dense_len=-1)
+    sparse = infllm_attention_reference(q, k, v, 0, *op_args(everything))
+    dense = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, enable_gqa=True).transpose(1, 2)
+    assert (sparse - dense).abs().max() <= 1e-5
+
+
+def test_dense_fallback_below_dense_len():
+    q, k, v = random_qkv_torch(300, 300, seed=9)
+    fallback = SparseSpec(kernel_size=32, kernel_stride=16, init_blocks=1, block_size=64, window_size=64, topk=1,
+                          dense_len=301)
+    got = infllm_attention_reference(q, k, v, 0, *op_args(fallback))
+    dense = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, enable_gqa=True).transpose(1, 2)
+    assert (got - dense).abs().max() <= 1e-5
+    engaged = infllm_attention_reference(q, k, v, 0, *op_args(SparseSpec(**{**fallback.__dict__, "dense_len": 300})))
+    assert (engaged - dense).abs().max() > 1e-3
+
+
+def test_op_out_variant_and_fake_shapes():
+    q, k, v = random_qkv_torch(200, 8, seed=11)
+    k_cache = torch.zeros(1, 256, 2, 32)
+    v_cache = torch.zeros(1, 256, 2, 32)
+    k_cache[:, :200], v_cache[:, :200] = k, v
+    functional = torch.ops.pocketllm.infllm_attention(q, k_cache, v_cache, 192, *op_args(SPARSE))
+    out = torch.empty(0)
+    torch.ops.pocketllm.infllm_attention.out(q, k_cache, v_cache, 192, *op_args(SPARSE), out=out)
+    assert torch.equal(functional, out)
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode() as mode:
+        fq, fk, fv = (mode.from_tensor(t) for t in (q, k_cache, v_cache))
+        fake = torch.ops.pocketllm.infllm_attention(fq, fk, fv, 192, *op_args(SPARSE))
+        assert fake.shape == q.shape and fake.dtype == q.dtype
+
+
+@pytest.mark.parametrize("L", [1, 20, 31, 32])
+def test_always_sparse_with_fewer_keys_than_one_kernel(L):
+    """dense_len = -1 and a context shorter than kernel_size: no compressed key exists, only forced blocks count."""
+    always = SparseSpec(**{**SPARSE.__dict__, "dense_len": -1})
+    q, k, v = random_qkv_torch(L, L, seed=L)
+    ours = infllm_block_mask(q[0], k[0], 0, *mask_args(always)).numpy()
+    out_ref, theirs = reference_infllm(q[0].numpy(), k[0].numpy(), v[0].numpy(), 0, always)
+    assert np.array_equal(ours, theirs) and ours.all()
+    out = infllm_attention_reference(q, k, v, 0, *op_args(always))
+    assert np.abs(out[0].numpy() - out_ref).max() <= 1e-5
+
+
+# ----------------------------------------------------------------- the C++ kernel (ctypes) against both
+INFLLM_CASES = [
+    (1, 700, 4, 2, 16, 32, 16, 64, 1, 128, 4, -1),  # decode, deep in the sequence
+    (37, 300, 8, 2, 32, 32, 16, 64, 1, 128, 2, -1),  # prefill chunk
+    (5, 1000, 6, 3, 8, 8, 4, 16, 2, 32, 3, -1),  # other geometry, GQA 2
+    (20, 100, 4, 1, 16, 32, 16, 32, 0, 32, 1, 64),  # no init block; dense_len crossed inside the call
+    (300, 0, 4, 2, 16, 32, 16, 64, 1, 64, 1, -1),  # whole prompt, always sparse
+    (3, 10, 4, 2, 16, 32, 16, 64, 1, 64, 1, -1),  # fewer keys than one kernel: no compressed keys at all
+]
+
+
+@pytest.mark.parametrize("score_rule", [0, 1], ids=["upstream", "exact"])
+@pytest.mark.parametrize("case", INFLLM_CASES, ids=lambda c: f"T{c[0]}-pos{c[1]}")
+def test_infllm_selection_and_output_match_reference(kernels, case, score_rule):
+    T, start, Hq, Hkv, D, ks, st, B, init, W, topk, dense_len = case
+    g = torch.Generator().manual_seed(T * 1000 + start)
+    L = start + T
+    q = torch.randn(1, T, Hq, D, generator=g)
+    k = torch.randn(1, L + 7, Hkv, D, generator=g)
+    v = torch.randn(1, L + 7, Hkv, D, generator=g)
+    n_blocks = (L + B - 1) // B
+
+    expected = infllm_block_mask(q[0], k[0, :L], start, ks, st, B, init, W, topk, score_rule).to(torch.uint8)
+    mask = torch.zeros(Hkv, T, n_blocks, dtype=torch.uint8)
+    kernels.pocketllm_infllm_block_mask(ptr(q), ptr(k), I(T), I(Hq), I(Hkv), I(D), I(start), I(ks), I(st), I(B),
+                                        I(init), I(W), I(topk), I(score_rule), ptr(mask))
+    assert torch.equal(mask, expected), "block selection differs from the reference"
+
+    ref = infllm_attention_reference(q, k, v, start, ks, st, B, init, W, topk, dense_len, score_rule)
+    out = torch.zeros_like(q)
+    kernels.pocketllm_infllm_attention(ptr(q), ptr(k), ptr(v), I(T), I(Hq), I(Hkv), I(D), I(start), I(ks), I(st),
+                                       I(B), I(init), I(W), I(topk), I(dense_len), I(score_rule), ptr(out))
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+# Long random contexts (acceptance of issue #9 item 7): T, start_pos, Hq, Hkv, head_dim, sparse config. GQA groups
+# of 2, 8 and 16; decode steps, prefill chunks and a whole prompt; the released config where the context is long
+# enough for it to drop blocks (96 of 256 blocks at 16K), a smaller budget elsewhere.
+RELEASED = SparseSpec(dense_len=-1)
+SMALL = SparseSpec(window_size=256, topk=8, dense_len=-1)
+LONG_CASES = {
+    "decode-16K-gqa8": (1, 16383, 16, 2, 64, RELEASED),
+    "decode-16K-gqa16": (1, 16383, 32, 2, 128, RELEASED),
+    "decode-12K-gqa2": (1, 12000, 4, 2, 64, RELEASED),
+    "chunk-8K-gqa16": (64, 8192, 32, 2, 64, RELEASED),
+    "chunk-6K-gqa8": (128, 6000, 16, 2, 64, SMALL),
+    "chunk-4K-gqa2": (256, 4000, 4, 2, 64, SMALL),
+    "prompt-2K-gqa2": (2048, 0, 4, 2, 32, SMALL),
+}
+
+
+@pytest.mark.parametrize("score_rule", ["upstream", "exact"])
+@pytest.mark.parametrize("case", LONG_CASES)
+def test_infllm_block_scores_are_bit_identical_in_all_three_engines(kernels, case, score_rule):
+    """C++ kernel, torch op and numpy reference compute the same float64 block scores, bit for bit (docs/infllm_v2.md
+    step 3a: fixed order of IEEE operations), hence the same selection, including every tie."""
+    T, start, Hq, Hkv, D, sparse = LONG_CASES[case]
+    sparse = SparseSpec(**{**sparse.__dict__, "score_rule": score_rule})
+    rule = SCORE_RULE_CODES[score_rule]
+    L = start + T
+    g = torch.Generator().manual_seed(L * 7 + Hq)
+    q = torch.randn(1, T, Hq, D, generator=g) * 2
+    k = torch.randn(1, L, Hkv, D, generator=g)
+    n_blocks = (L + sparse.block_size - 1) // sparse.block_size
+    args = (I(T), I(Hq), I(Hkv), I(D), I(start), I(sparse.kernel_size), I(sparse.kernel_stride), I(sparse.block_size))
+
+    cpp = torch.zeros(Hkv, T, n_blocks, dtype=torch.float64)
+    kernels.pocketllm_infllm_block_scores(ptr(q), ptr(k), *args, I(rule), ptr(cpp))
+    ours = infllm_block_scores(q[0], k[0], start, sparse.kernel_size, sparse.kernel_stride, sparse.block_size, rule)
+    positions = np.arange(start, L)
+    group = reference.kernel_scores(q[0].numpy(), k[0].numpy(), positions, sparse)
+    theirs = reference.block_scores(group, n_blocks, sparse)
+    assert torch.equal(cpp, ours), "C++ block scores differ from the torch op's"
+    assert np.array_equal(ours.numpy(), theirs), "torch block scores differ from the numpy reference's"
+
+    mask = torch.zeros(Hkv, T, n_blocks, dtype=torch.uint8)
+    kernels.pocketllm_infllm_block_mask(ptr(q), ptr(k), *args, I(sparse.init_blocks), I(sparse.window_size),
+                                        I(sparse.topk), I(rule), ptr(mask))
+    expected = infllm_block_mask(q[0], k[0], start, sparse.kernel_size, sparse.kernel_stride, sparse.block_size,
+                                 sparse.init_blocks, sparse.window_size, sparse.topk, rule)
+    assert torch.equal(mask, expected.to(torch.uint8))
+    assert np.array_equal(expected.numpy(), reference.select_blocks(theirs, positions, sparse))
+    # The selection is sparse: the last query drops blocks it could read.
+    assert mask[:, -1].sum(dim=-1).max().item() == sparse.budget < L // sparse.block_size
+
+
+def test_infllm_selection_ties_prefer_lower_block(kernels):
+    """Identical keys everywhere: every candidate block scores the same, the lowest indices must win."""
+    T, Hq, Hkv, D, start = 1, 2, 1, 8, 511
+    q = torch.ones(1, T, Hq, D)
+    k = torch.ones(1, 512, Hkv, D)
+    args = (32, 16, 64, 1, 64, 4)  # kernel, stride, block, init, window, topk: budget 5 = 3 forced + 2
+    for rule in (0, 1):
+        expected = infllm_block_mask(q[0], k[0, :512], start, *args, rule).to(torch.uint8)
+        mask = torch.zeros(Hkv, T, 8, dtype=torch.uint8)
+        kernels.pocketllm_infllm_block_mask(ptr(q), ptr(k), I(T), I(Hq), I(Hkv), I(D), I(start), *map(I, args),
+                                            I(rule), ptr(mask))
+        assert torch.equal(mask, expected)
+        assert mask[0, 0].tolist() == [1, 1, 1, 0, 0, 0, 1, 1]  # init 0, top-2 of 1..5 = 1, 2, local 6, 7

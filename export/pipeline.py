@@ -38,6 +38,8 @@ class ExportRequest:
     group_size: int | None = None
     calibration: Path | None = None
     force: bool = False
+    experts: str | None = None  # MoE experts: inline | file | all (ExecuTorch); None: file with a cache, else inline
+    expert_cache_mb: int | None = None  # the expert store's default budget (implies experts file)
 
 
 @dataclass
@@ -74,10 +76,17 @@ def plan(request: ExportRequest) -> ExportPlan:
                              "(or quantize the floating-point checkpoint)")
     max_context = resolve_max_context(ckpt.spec, request.max_context)
     quant = have or request.quant
+    moe_options = {}  # target options only MoE exports set (a target without them refuses them)
+    experts = request.experts or ("file" if request.expert_cache_mb is not None else None)
+    if experts is not None or request.expert_cache_mb is not None:
+        if not any(layer.mlp == "moe" for layer in ckpt.spec.layers):
+            flag = "--expert-cache-mb" if request.experts is None else f"--experts {request.experts}"
+            raise PocketllmError(f"{flag}: {ckpt.dir.name} has no mixture-of-experts layers")
+        moe_options = {"experts": experts or "inline", "expert_cache_mb": request.expert_cache_mb}
     chosen = []
     for target in targets:
         options = target.options(max_context=max_context, quant=quant, prefill_chunk=request.prefill_chunk,
-                                 group_size=request.group_size)
+                                 group_size=request.group_size, **moe_options)
         target.check_sdk()
         chosen.append((target, options))
     return ExportPlan(request=request, ckpt=ckpt, max_context=max_context, targets=chosen)

@@ -1,7 +1,8 @@
-// The expert store (expert_store.h) and the kernels of pocketllm::expert_prefetch.out / pocketllm::moe_ffn_stored.out
-// (schemas in export/ops/expert_store.py). moe_ffn_stored runs moe_ffn.cpp's kernels on the experts where the store
-// holds them: in the file's mapping (unbounded) or in slots (budget), one batch of at most capacity() experts at a
-// time, batches in ascending expert order, so the result is the stacked op's bit for bit.
+// The expert store (expert_store.h) and the kernels of pocketllm::expert_store_prefetch.out and
+// pocketllm::expert_store_moe_ffn.out (schemas in export/ops/expert_store.py). expert_store_moe_ffn runs moe_ffn.cpp's
+// kernels on the experts where the store holds them: in the file's mapping (unbounded) or in slots (budget), one
+// batch of at most capacity() experts at a time, batches in ascending expert order, so the result is the stacked
+// op's bit for bit.
 #include "expert_store.h"
 
 #include <fcntl.h>
@@ -544,7 +545,7 @@ std::shared_ptr<ExpertStore> find_expert_store(std::string_view id, std::string*
   }
   const char* mb = std::getenv("POCKETLLM_EXPERT_CACHE_MB");
   const char* pf = std::getenv("POCKETLLM_EXPERT_PREFETCH");
-  const int64_t budget = mb ? std::strtoll(mb, nullptr, 10) << 20 : 0;
+  const int64_t budget = mb ? static_cast<int64_t>(std::strtod(mb, nullptr) * 1048576.0) : 0;  // MiB, fractional ok
   auto store = open_expert_store(env, budget, !(pf && std::string(pf) == "0"), error);
   if (!store) return nullptr;
   if (store->id() != id) {
@@ -593,7 +594,7 @@ bool prefetch_experts(const int64_t* ids, int64_t n, std::string_view store_id, 
   const ExpertLayer* L;
   if (!lookup(store_id, layer, &store, &L, error)) return false;
   std::vector<int64_t> experts;
-  if (!distinct_experts(ids, n, L->experts, &experts)) return true;  // moe_ffn_stored reports it
+  if (!distinct_experts(ids, n, L->experts, &experts)) return true;  // expert_store_moe_ffn reports it
   if (static_cast<int64_t>(experts.size()) > store->capacity()) experts.resize(store->capacity());  // first batch
   store->prefetch(L, std::move(experts));
   return true;
@@ -611,7 +612,7 @@ bool run_stored(const float* x, const int64_t* ids, const float* weights, int64_
   }
   std::vector<int64_t> experts;
   if (!distinct_experts(ids, T * k, L->experts, &experts)) {
-    *error = "moe_ffn_stored: expert_ids must lie in [0, " + std::to_string(L->experts) + ")";
+    *error = "expert_store_moe_ffn: expert_ids must lie in [0, " + std::to_string(L->experts) + ")";
     return false;
   }
   const ExpertBlockLayout lay = expert_block_layout(*L);
@@ -659,11 +660,11 @@ bool resize_like(const Tensor& like, Tensor& out) {
   return executorch::runtime::resize_tensor(out, {sizes, 2}) == Error::Ok;
 }
 
-Tensor& expert_prefetch_out(KernelRuntimeContext& ctx, const Tensor& expert_ids, std::string_view store,
+Tensor& expert_store_prefetch_out(KernelRuntimeContext& ctx, const Tensor& expert_ids, std::string_view store,
                             int64_t layer, Tensor& out) {
   if (expert_ids.dim() != 2 || expert_ids.scalar_type() != ScalarType::Long ||
       out.scalar_type() != ScalarType::Long || !resize_like(expert_ids, out)) {
-    fail(ctx, "expert_prefetch: expected int64 expert_ids [T, k] and an int64 out");
+    fail(ctx, "expert_store_prefetch: expected int64 expert_ids [T, k] and an int64 out");
     return out;
   }
   std::memcpy(out.mutable_data_ptr<int64_t>(), expert_ids.const_data_ptr<int64_t>(), expert_ids.nbytes());
@@ -673,13 +674,13 @@ Tensor& expert_prefetch_out(KernelRuntimeContext& ctx, const Tensor& expert_ids,
   return out;
 }
 
-Tensor& moe_ffn_stored_out(KernelRuntimeContext& ctx, const Tensor& x, const Tensor& ids, const Tensor& w,
+Tensor& expert_store_moe_ffn_out(KernelRuntimeContext& ctx, const Tensor& x, const Tensor& ids, const Tensor& w,
                            std::string_view store, int64_t layer, std::string_view activation, Tensor& out) {
   MoeActivation act;
   if (activation == "reglu") act = MoeActivation::kReglu;
   else if (activation == "swiglu") act = MoeActivation::kSwiglu;
   else {
-    fail(ctx, "moe_ffn_stored: activation must be reglu or swiglu");
+    fail(ctx, "expert_store_moe_ffn: activation must be reglu or swiglu");
     return out;
   }
   const bool ok = x.dim() == 2 && x.scalar_type() == ScalarType::Float && ids.dim() == 2 &&
@@ -687,7 +688,8 @@ Tensor& moe_ffn_stored_out(KernelRuntimeContext& ctx, const Tensor& x, const Ten
                   w.dim() == 2 && w.scalar_type() == ScalarType::Float && w.size(0) == ids.size(0) &&
                   w.size(1) == ids.size(1) && out.scalar_type() == ScalarType::Float && resize_like(x, out);
   if (!ok) {
-    fail(ctx, "moe_ffn_stored: expected x fp32 [T, H], expert_ids int64 [T, k], expert_weights fp32 [T, k], fp32 out");
+    fail(ctx, "expert_store_moe_ffn: expected x fp32 [T, H], expert_ids int64 [T, k], expert_weights fp32 [T, k], "
+              "fp32 out");
     return out;
   }
   std::string error;
@@ -700,8 +702,8 @@ Tensor& moe_ffn_stored_out(KernelRuntimeContext& ctx, const Tensor& x, const Ten
 }  // namespace
 }  // namespace pocketllm
 
-EXECUTORCH_LIBRARY(pocketllm, "expert_prefetch.out", pocketllm::expert_prefetch_out);
-EXECUTORCH_LIBRARY(pocketllm, "moe_ffn_stored.out", pocketllm::moe_ffn_stored_out);
+EXECUTORCH_LIBRARY(pocketllm, "expert_store_prefetch.out", pocketllm::expert_store_prefetch_out);
+EXECUTORCH_LIBRARY(pocketllm, "expert_store_moe_ffn.out", pocketllm::expert_store_moe_ffn_out);
 
 // ------------------------------------------------------------------------------------------ C entry points
 // For the Python runner (opening the bundle's store with its budget, statistics) and the tests (ctypes). Strings
@@ -745,14 +747,14 @@ extern "C" int pocketllm_expert_store_drain(const char* id) {
   return 1;
 }
 
-// The message of the last failed expert_prefetch.out / moe_ffn_stored.out kernel call in this process.
+// The message of the last failed expert_store_prefetch.out / expert_store_moe_ffn.out kernel call in this process.
 extern "C" int pocketllm_expert_store_last_error(char* err, int64_t errlen) {
   std::lock_guard<std::mutex> lk(pocketllm::g_registry_mu);
   copy_error(pocketllm::g_last_error, err, errlen);
   return pocketllm::g_last_error.empty() ? 0 : 1;
 }
 
-extern "C" int pocketllm_expert_prefetch(const int64_t* ids, int64_t T, int64_t k, const char* id, int64_t layer,
+extern "C" int pocketllm_expert_store_prefetch(const int64_t* ids, int64_t T, int64_t k, const char* id, int64_t layer,
                                          char* err, int64_t errlen) {
   std::string error;
   if (!pocketllm::prefetch_experts(ids, T * k, id, layer, &error)) {
@@ -763,7 +765,7 @@ extern "C" int pocketllm_expert_prefetch(const int64_t* ids, int64_t T, int64_t 
 }
 
 // activation: 0 reglu, 1 swiglu.
-extern "C" int pocketllm_moe_ffn_stored(const float* x, const int64_t* ids, const float* weights, int64_t T,
+extern "C" int pocketllm_expert_store_moe_ffn(const float* x, const int64_t* ids, const float* weights, int64_t T,
                                         int64_t k, int64_t H, const char* id, int64_t layer, int64_t activation,
                                         float* out, char* err, int64_t errlen) {
   std::string error;

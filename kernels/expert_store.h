@@ -8,10 +8,10 @@
 //   budget B bytes: an LRU of expert slots, floor(B / slot size) of them, in one anonymous mapping whose pages are
 //     committed as slots fill (resident expert memory <= B); a miss reads the expert's block with pread into the
 //     least recently used unpinned slot. The file itself is never mapped.
-// Prefetch (both modes): expert_prefetch, placed right after SmallThinker's pre-attention router, hands the layer's
-// routed experts to a helper thread, which reads them into slots (budget) or faults their pages in (unbounded)
-// while attention runs; moe_ffn_stored then finds them resident, or waits for a load in flight, or reads a miss
-// itself. A newer prefetch supersedes older ones that have not started.
+// Prefetch (both modes): expert_store_prefetch, placed right after SmallThinker's pre-attention router, hands the
+// layer's routed experts to a helper thread, which reads them into slots (budget) or faults their pages in
+// (unbounded) while attention runs; expert_store_moe_ffn then finds them resident, or waits for a load in flight, or
+// reads a miss itself. A newer prefetch supersedes older ones that have not started.
 //
 // Stores are registered by id (the 16-byte id in the header, as 32 hex digits, which the exported graph names);
 // pocketllm_expert_store_open registers one (the Python runner does; apps call it once after loading the kernel
@@ -53,7 +53,7 @@ struct ExpertBlockLayout {
 ExpertBlockLayout expert_block_layout(const ExpertLayer& L);
 
 struct ExpertStoreStats {
-  int64_t hits;             // moe_ffn_stored found the expert resident
+  int64_t hits;             // expert_store_moe_ffn found the expert resident
   int64_t prefetch_hits;    // ... and it had been brought in by a prefetch, not used since
   int64_t waits;            // ... found it being loaded by the helper, and waited
   int64_t misses;           // ... had to read it itself

@@ -30,6 +30,15 @@ def export(
                                       help="Most tokens per forward call (get_max_seq_len); longer prompts are "
                                            "prefilled in chunks."),
     threads: int = typer.Option(None, "--threads", help="CPU threads for torch."),
+    experts: str = typer.Option(None, "--experts",
+                                help="MoE models (ExecuTorch): inline = experts stacked in the .pte, only the routed "
+                                     "ones read (default); file = experts.bin beside the .pte, read by the kernel "
+                                     "library's expert store (memory-mapped, or an LRU within --expert-cache-mb, "
+                                     "prefetched from SmallThinker's pre-attention router); all = every expert runs "
+                                     "(for comparisons)."),
+    expert_cache_mb: int = typer.Option(None, "--expert-cache-mb",
+                                        help="Expert store budget in MiB recorded in the manifest as the runtime's "
+                                             "default (implies --experts file; runtimes may override it)."),
 ):
     """Export a checkpoint to a bundle: OUT/<artifacts>, tokenizer files, reference/ weights, manifest.json.
 
@@ -37,7 +46,8 @@ def export(
     `pocketllm parity` runs through the numpy reference. 8da4w is torchao/XNNPACK's scheme (ExecuTorch only).
     """
     _export(ExportRequest(checkpoint=checkpoint, out=out, targets=target, quant=quant, max_context=max_context,
-                          prefill_chunk=prefill_chunk, group_size=group_size, calibration=calibration, force=force),
+                          prefill_chunk=prefill_chunk, group_size=group_size, calibration=calibration, force=force,
+                          experts=experts, expert_cache_mb=expert_cache_mb),
             threads)
 
 

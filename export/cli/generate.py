@@ -29,8 +29,17 @@ def generate(
     dtype: DType = typer.Option(DType.fp32, "--dtype"),
     threads: int = typer.Option(None, "--threads"),
     bundle: Path = typer.Option(None, "--bundle", help="Bundle directory, for a target's engine."),
+    expert_cache_mb: float = typer.Option(None, "--expert-cache-mb", min=0.0,
+                                          help="Bundles with an expert store (--experts file): MiB of expert "
+                                               "weights kept resident (0: no budget); default: the bundle's."),
 ):
     """Stream a continuation of PROMPT, then print prefill and decode speed."""
+    if expert_cache_mb is not None:  # read by the ExecuTorch runner (runtime_py/runners/executorch.py)
+        import os
+
+        from pocketllm.runtime_py.runners.executorch import EXPERT_CACHE_ENV
+
+        os.environ[EXPERT_CACHE_ENV] = repr(expert_cache_mb)
     _generate(checkpoint, prompt, max_new_tokens, greedy, temperature, top_p, seed, engine.value, max_context,
               dtype.value, threads, bundle)
 

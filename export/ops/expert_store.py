@@ -1,16 +1,16 @@
-"""pocketllm::expert_prefetch, pocketllm::moe_ffn_stored: MoE experts read from an expert store (a bundle's
+"""pocketllm::expert_store_prefetch, pocketllm::expert_store_moe_ffn: MoE experts read from an expert store (a bundle's
 `experts.bin`, format in runtime_py/ops/expert_store.py) instead of the program's constants.
 
 Schemas:
-    expert_prefetch(Tensor expert_ids, str store, int layer) -> Tensor
-    moe_ffn_stored(Tensor x, Tensor expert_ids, Tensor expert_weights, str store, int layer, str activation)
+    expert_store_prefetch(Tensor expert_ids, str store, int layer) -> Tensor
+    expert_store_moe_ffn(Tensor x, Tensor expert_ids, Tensor expert_weights, str store, int layer, str activation)
         -> Tensor
     and each `.out(..., *, Tensor(a!) out) -> Tensor(a!)`.
 
 store: the store's id (32 hex digits, in the file's header); layer: the model layer whose experts are meant.
-expert_prefetch returns expert_ids unchanged; its effect is on the store: the kernel starts bringing those experts
+expert_store_prefetch returns expert_ids unchanged; its effect is on the store: the kernel starts bringing those experts
 in on a helper thread (SmallThinker's router runs before attention, so the exporter places this call right after
-the router and the loads overlap attention). moe_ffn_stored is moe_ffn / moe_ffn_any4 (export/ops/moe_ffn.py: same
+the router and the loads overlap attention). expert_store_moe_ffn is moe_ffn / moe_ffn_any4 (export/ops/moe_ffn.py: same
 math, same accumulation order) on the layer's experts as the store holds them (fp32, bf16 or any4).
 
 Why the weights are not tensor arguments: ExecuTorch maps (or reads, or mlocks) a program's constants as the app's
@@ -37,11 +37,11 @@ from pocketllm.export.ops.moe_ffn import check_routing_args, moe_ffn_any4_refere
 from pocketllm.runtime_py.ops.expert_store import (ALIGNMENT, EXPERT, HEADER, HEADER_BYTES, LAYER, MAGIC, VERSION,
                                                    ExpertFile, LayerEntry, align, checksum, fold)
 
-LIB.define("expert_prefetch(Tensor expert_ids, str store, int layer) -> Tensor")
-LIB.define("expert_prefetch.out(Tensor expert_ids, str store, int layer, *, Tensor(a!) out) -> Tensor(a!)")
+LIB.define("expert_store_prefetch(Tensor expert_ids, str store, int layer) -> Tensor")
+LIB.define("expert_store_prefetch.out(Tensor expert_ids, str store, int layer, *, Tensor(a!) out) -> Tensor(a!)")
 STORED_ARGS = "Tensor x, Tensor expert_ids, Tensor expert_weights, str store, int layer, str activation"
-LIB.define(f"moe_ffn_stored({STORED_ARGS}) -> Tensor")
-LIB.define(f"moe_ffn_stored.out({STORED_ARGS}, *, Tensor(a!) out) -> Tensor(a!)")
+LIB.define(f"expert_store_moe_ffn({STORED_ARGS}) -> Tensor")
+LIB.define(f"expert_store_moe_ffn.out({STORED_ARGS}, *, Tensor(a!) out) -> Tensor(a!)")
 
 EXPERTS_FILE = "experts.bin"
 _STORES: dict[str, ExpertFile] = {}
@@ -142,11 +142,11 @@ def _torch_arrays(f: ExpertFile, layer: int) -> tuple[str, dict[str, torch.Tenso
     return entry.format, out
 
 
-def moe_ffn_stored_reference(x, expert_ids, expert_weights, store: str, layer: int, activation: str):
-    check_routing_args("moe_ffn_stored", x, expert_ids, expert_weights, activation)
+def expert_store_moe_ffn_reference(x, expert_ids, expert_weights, store: str, layer: int, activation: str):
+    check_routing_args("expert_store_moe_ffn", x, expert_ids, expert_weights, activation)
     f = lookup_store(store)
     if layer not in f.layers:
-        raise PocketllmError(f"moe_ffn_stored: expert store {store} has no layer {layer}")
+        raise PocketllmError(f"expert_store_moe_ffn: expert store {store} has no layer {layer}")
     for e in torch.unique(expert_ids).tolist():
         if 0 <= e < f.layers[layer].experts:
             f.verify(layer, e)
@@ -159,55 +159,55 @@ def moe_ffn_stored_reference(x, expert_ids, expert_weights, store: str, layer: i
 
 def _check_prefetch(expert_ids) -> None:
     if expert_ids.dim() != 2 or expert_ids.dtype != torch.int64:
-        raise PocketllmError(f"expert_prefetch: expert_ids must be int64 [T, k] (got {expert_ids.dtype} "
+        raise PocketllmError(f"expert_store_prefetch: expert_ids must be int64 [T, k] (got {expert_ids.dtype} "
                              f"{list(expert_ids.shape)})")
 
 
 # ------------------------------------------------------------------------------------------ registrations
-@torch.library.impl(LIB, "expert_prefetch", "CompositeExplicitAutograd")
-def _expert_prefetch(expert_ids, store, layer):
+@torch.library.impl(LIB, "expert_store_prefetch", "CompositeExplicitAutograd")
+def _expert_store_prefetch(expert_ids, store, layer):
     _check_prefetch(expert_ids)
     return expert_ids.clone()
 
 
-@torch.library.impl(LIB, "expert_prefetch.out", "CompositeExplicitAutograd")
-def _expert_prefetch_out(expert_ids, store, layer, *, out):
+@torch.library.impl(LIB, "expert_store_prefetch.out", "CompositeExplicitAutograd")
+def _expert_store_prefetch_out(expert_ids, store, layer, *, out):
     _check_prefetch(expert_ids)
     out.resize_(expert_ids.shape)
     out.copy_(expert_ids)
     return out
 
 
-@torch.library.register_fake("pocketllm::expert_prefetch")
-def _expert_prefetch_fake(expert_ids, store, layer):
+@torch.library.register_fake("pocketllm::expert_store_prefetch")
+def _expert_store_prefetch_fake(expert_ids, store, layer):
     _check_prefetch(expert_ids)
     return expert_ids.new_empty(expert_ids.shape)
 
 
-@torch.library.register_fake("pocketllm::expert_prefetch.out")
-def _expert_prefetch_out_fake(expert_ids, store, layer, *, out):
+@torch.library.register_fake("pocketllm::expert_store_prefetch.out")
+def _expert_store_prefetch_out_fake(expert_ids, store, layer, *, out):
     return out
 
 
-@torch.library.impl(LIB, "moe_ffn_stored", "CompositeExplicitAutograd")
-def _moe_ffn_stored(x, expert_ids, expert_weights, store, layer, activation):
-    return moe_ffn_stored_reference(x, expert_ids, expert_weights, store, layer, activation)
+@torch.library.impl(LIB, "expert_store_moe_ffn", "CompositeExplicitAutograd")
+def _expert_store_moe_ffn(x, expert_ids, expert_weights, store, layer, activation):
+    return expert_store_moe_ffn_reference(x, expert_ids, expert_weights, store, layer, activation)
 
 
-@torch.library.impl(LIB, "moe_ffn_stored.out", "CompositeExplicitAutograd")
-def _moe_ffn_stored_out(x, expert_ids, expert_weights, store, layer, activation, *, out):
-    result = moe_ffn_stored_reference(x, expert_ids, expert_weights, store, layer, activation)
+@torch.library.impl(LIB, "expert_store_moe_ffn.out", "CompositeExplicitAutograd")
+def _expert_store_moe_ffn_out(x, expert_ids, expert_weights, store, layer, activation, *, out):
+    result = expert_store_moe_ffn_reference(x, expert_ids, expert_weights, store, layer, activation)
     out.resize_(result.shape)
     out.copy_(result)
     return out
 
 
-@torch.library.register_fake("pocketllm::moe_ffn_stored")
-def _moe_ffn_stored_fake(x, expert_ids, expert_weights, store, layer, activation):
-    check_routing_args("moe_ffn_stored", x, expert_ids, expert_weights, activation)
+@torch.library.register_fake("pocketllm::expert_store_moe_ffn")
+def _expert_store_moe_ffn_fake(x, expert_ids, expert_weights, store, layer, activation):
+    check_routing_args("expert_store_moe_ffn", x, expert_ids, expert_weights, activation)
     return x.new_empty(x.shape)
 
 
-@torch.library.register_fake("pocketllm::moe_ffn_stored.out")
-def _moe_ffn_stored_out_fake(x, expert_ids, expert_weights, store, layer, activation, *, out):
+@torch.library.register_fake("pocketllm::expert_store_moe_ffn.out")
+def _expert_store_moe_ffn_out_fake(x, expert_ids, expert_weights, store, layer, activation, *, out):
     return out

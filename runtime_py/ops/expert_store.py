@@ -1,5 +1,5 @@
 """numpy twin of the expert store (kernels/expert_store.{h,cpp}): the `experts.bin` side file of a bundle and the two
-ops that read it, pocketllm::expert_prefetch and pocketllm::moe_ffn_stored.
+ops that read it, pocketllm::expert_store_prefetch and pocketllm::expert_store_moe_ffn.
 
 An MoE bundle exported with `--experts file` keeps its routed experts out of the `.pte`: one block per (layer,
 expert) in `experts.bin`, which the kernel library reads itself (memory-mapped, or through an LRU of expert slots
@@ -229,13 +229,13 @@ def _view(mm: np.ndarray, offset: int, raw) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------------------ the ops
-def expert_prefetch(expert_ids: np.ndarray, store: ExpertFile, layer: int) -> np.ndarray:
+def expert_store_prefetch(expert_ids: np.ndarray, store: ExpertFile, layer: int) -> np.ndarray:
     """Asks the store to bring the experts in ahead of use; the value is the ids, unchanged."""
     return np.array(expert_ids, copy=True)
 
 
-def moe_ffn_stored(u: np.ndarray, expert_ids: np.ndarray, expert_weights: np.ndarray, store: ExpertFile, layer: int,
-                   activation: str) -> np.ndarray:
+def expert_store_moe_ffn(u: np.ndarray, expert_ids: np.ndarray, expert_weights: np.ndarray, store: ExpertFile,
+                         layer: int, activation: str) -> np.ndarray:
     """moe_ffn / moe_ffn_any4 on the layer's experts as the store holds them (routed experts checked first)."""
     for e in np.unique(expert_ids):
         store.verify(layer, int(e))

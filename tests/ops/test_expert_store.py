@@ -1,6 +1,6 @@
 """The expert store: experts.bin as export/ops/expert_store.py writes it, read by the numpy twin
 (runtime_py/ops/expert_store.py) and by the kernel library's store (kernels/expert_store.cpp, through its C entry
-points), and the two ops over it (pocketllm::expert_prefetch, pocketllm::moe_ffn_stored).
+points), and the two ops over it (pocketllm::expert_store_prefetch, pocketllm::expert_store_moe_ffn).
 
 The stored op is moe_ffn's kernel on the experts where the store holds them, so it must equal the stacked op bit for
 bit, with or without a budget (a budget splits a prefill into batches of experts that accumulate in order). The
@@ -35,10 +35,10 @@ STATS = ("hits", "prefetch_hits", "waits", "misses", "prefetch_loads", "eviction
 @pytest.fixture(scope="module")
 def kernels() -> ctypes.CDLL:
     from pocketllm.runtime_py.runners.executorch import DEFAULT_KERNEL_LIBRARY, load_kernel_library
-    from tests.test_executorch_kernels import build_kernels
+    from tests.kernels import build_kernels
 
     build_kernels()
-    load_kernel_library(needed=["pocketllm::moe_ffn_stored.out", "pocketllm::expert_prefetch.out"])
+    load_kernel_library(needed=["pocketllm::expert_store_moe_ffn.out", "pocketllm::expert_store_prefetch.out"])
     return ctypes.CDLL(str(DEFAULT_KERNEL_LIBRARY))
 
 
@@ -92,14 +92,14 @@ class Store:
 
     def prefetch(self, ids: torch.Tensor, layer: int) -> None:
         err = ctypes.create_string_buffer(512)
-        assert self.lib.pocketllm_expert_prefetch(ptr(ids), I(ids.shape[0]), I(ids.shape[1]), self.id, I(layer), err,
-                                                  I(512)), err.value
+        assert self.lib.pocketllm_expert_store_prefetch(ptr(ids), I(ids.shape[0]), I(ids.shape[1]), self.id, I(layer),
+                                                        err, I(512)), err.value
         self.lib.pocketllm_expert_store_drain(self.id)
 
     def moe(self, x, ids, w, layer, activation="reglu") -> torch.Tensor:
         out = torch.full(x.shape, float("nan"))
         err = ctypes.create_string_buffer(512)
-        ok = self.lib.pocketllm_moe_ffn_stored(ptr(x), ptr(ids), ptr(w), I(x.shape[0]), I(ids.shape[1]),
+        ok = self.lib.pocketllm_expert_store_moe_ffn(ptr(x), ptr(ids), ptr(w), I(x.shape[0]), I(ids.shape[1]),
                                                I(x.shape[1]), self.id, I(layer), I(ACTIVATION_CODE[activation]),
                                                ptr(out), err, I(512))
         if not ok:
@@ -163,8 +163,8 @@ def test_stored_op_equals_stacked_op_bit_for_bit(kernels, tmp_path, fmt, activat
             got = store.moe(x, ids, wts, layer, activation)
             assert torch.equal(got, stacked_kernel(kernels, fmt, w, x, ids, wts, activation))
             f = register_store(path)
-            close(torch.ops.pocketllm.moe_ffn_stored(x, ids, wts, f.id, layer, activation), got)
-            close(torch.from_numpy(np_store.moe_ffn_stored(x.numpy(), ids.numpy(), wts.numpy(), f, layer,
+            close(torch.ops.pocketllm.expert_store_moe_ffn(x, ids, wts, f.id, layer, activation), got)
+            close(torch.from_numpy(np_store.expert_store_moe_ffn(x.numpy(), ids.numpy(), wts.numpy(), f, layer,
                                                            activation)), got)
     stats = store.stats()
     if budget_slots:
@@ -195,7 +195,7 @@ def test_lru_under_a_budget(kernels, tmp_path):
 
 @pytest.mark.parametrize("budget", [True, False], ids=["budget", "unbounded"])
 def test_prefetch_from_routing(kernels, tmp_path, budget):
-    """expert_prefetch with the router's choice loads those experts on the helper thread (slots, or the mapping's
+    """expert_store_prefetch with the router's choice loads those experts on the helper thread (slots, or the mapping's
     pages); the MoE call that follows finds all of them resident."""
     w = layer_weights("any4", 6)
     path = tmp_path / "experts.bin"
@@ -286,7 +286,7 @@ def test_corrupt_expert_block_is_refused_when_first_read(kernels, tmp_path):
             store.moe(x, torch.tensor([[4]]), wts, 7)
     f = register_store(path)
     with pytest.raises(PocketllmError, match="layer 7 expert 4 fails its checksum"):
-        torch.ops.pocketllm.moe_ffn_stored(x, torch.tensor([[4]]), wts, f.id, 7, "reglu")
+        torch.ops.pocketllm.expert_store_moe_ffn(x, torch.tensor([[4]]), wts, f.id, 7, "reglu")
 
 
 def test_budget_smaller_than_one_expert_and_missing_layer(kernels, tmp_path):

@@ -10,4 +10,6 @@ LOWERINGS = {
     "any4_linear_w4a8": Lowering("kernel", "kernels/any4_linear_w4a8.cpp"),
     "moe_ffn": Lowering("kernel", "kernels/moe_ffn.cpp"),
     "moe_ffn_any4": Lowering("kernel", "kernels/moe_ffn.cpp"),
+    "expert_store_prefetch": Lowering("kernel", "kernels/expert_store.cpp"),
+    "expert_store_moe_ffn": Lowering("kernel", "kernels/expert_store.cpp"),
 }

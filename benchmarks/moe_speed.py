@@ -256,6 +256,8 @@ def main() -> None:
     ap.add_argument("--max-context", type=int, default=1024)
     ap.add_argument("--budget-mib", type=float, default=1024)
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "moe_speed")
+    ap.add_argument("--no-stacking", dest="stacking", action="store_false",
+                    help="skip the separate measurement of the inline swap's memory (loads the 4B model once more)")
     ap.add_argument("--stacking-child", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.stacking_child:
@@ -287,9 +289,11 @@ def main() -> None:
         if dt is not None:
             steps[f"export_{name}_min"] = round(dt / 60, 1)
     build_driver()
-    log("memory of stacking the experts (inline swap) alone")
-    stacking = measure_stacking(st_any4)
-    log(f"stacking: {stacking}")
+    stacking = None
+    if args.stacking:
+        log("memory of stacking the experts (inline swap) alone")
+        stacking = measure_stacking(st_any4)
+        log(f"stacking: {stacking}")
 
     variants = {"sparse": (B / "st-sparse", None), "all-experts": (B / "st-all", None),
                 "store": (B / "st-store", 0), f"store-{args.budget_mib / 1024:g}GiB": (B / "st-store", args.budget_mib),

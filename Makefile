@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PROMPT ?= It is a truth universally acknowledged
 
-.PHONY: setup demo demo-executorch test test-all clean kernels cross-tools app-tools
+.PHONY: setup demo demo-executorch demo-coreml test test-all clean kernels cross-tools app-tools
 
 setup: $(STAMP) kernels
 
@@ -38,6 +38,7 @@ app-tools:
 demo: setup
 	$(BIN)/pocketllm generate --checkpoint models/tiny-austen --prompt "$(PROMPT)" --greedy --max-new-tokens 80
 	$(MAKE) --no-print-directory demo-executorch
+	$(MAKE) --no-print-directory demo-coreml
 
 # ExecuTorch: tiny-austen -> any4 .pte bundle (re-exported only when the checkpoint changes), parity, generation.
 DEMO_BUNDLE := out/tiny-austen-any4
@@ -47,6 +48,16 @@ demo-executorch: setup $(DEMO_BUNDLE)/manifest.json
 
 $(DEMO_BUNDLE)/manifest.json: models/tiny-austen/model.safetensors models/tiny-austen/config.json
 	$(BIN)/pocketllm export --checkpoint models/tiny-austen --target executorch --quant any4 --out $(DEMO_BUNDLE) --force
+
+# Core ML: tiny-austen -> any4 .mlpackage bundle (512-token context: InfLLM v2 goes sparse past 384 tokens), parity
+# through the MIL interpreter in fp32 and fp16 modes (Core ML itself runs only on Apple devices), generation.
+COREML_BUNDLE := out/tiny-austen-coreml
+demo-coreml: setup $(COREML_BUNDLE)/manifest.json
+	$(BIN)/pocketllm parity $(COREML_BUNDLE)
+	$(BIN)/pocketllm generate --engine coreml --bundle $(COREML_BUNDLE) --prompt "$(PROMPT)" --greedy --max-new-tokens 80
+
+$(COREML_BUNDLE)/manifest.json: models/tiny-austen/model.safetensors models/tiny-austen/config.json
+	$(BIN)/pocketllm export --checkpoint models/tiny-austen --target coreml --quant any4 --max-context 512 --out $(COREML_BUNDLE) --force
 
 test: setup
 	$(BIN)/python -m pytest -m "not slow"

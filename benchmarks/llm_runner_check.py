@@ -42,7 +42,7 @@ def main() -> None:
     proc = subprocess.run([sys.executable, "-m", "pocketllm.export.cli.main", "generate", "--engine", "executorch", "--bundle",
                            str(args.bundle), "--prompt", args.prompt, "--greedy", "--max-new-tokens",
                            str(args.max_new_tokens)], capture_output=True, text=True, cwd=REPO)
-    ours = proc.stdout.rsplit("\n", 2)[0]  # prompt + continuation; the last line is the speed
+    ours = proc.stdout[:-1]  # prompt + continuation + "\n" (the speed goes to stderr)
     print(f"ExecuTorch TextLLMRunner: {theirs!r}")
     print(f"pocketllm generate:       {ours!r}")
     same = theirs == ours

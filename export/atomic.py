@@ -59,16 +59,21 @@ def atomic_directory(out: Path, force: bool = False) -> Iterator[Path]:
 def atomic_write(path: Path, write: Callable[[str], Any]) -> None:
     """Call write(tmp_path) then rename onto `path`: a failed write never leaves a half-written file."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise PocketllmError(f"{path}: cannot write here ({e.strerror})") from None
     os.close(fd)
     try:
         write(tmp)
         relax_permissions(Path(tmp))
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(e, OSError):  # a full disk, a name that became a directory meanwhile, ...
+            raise PocketllmError(f"{path}: writing failed ({e.strerror or e})") from None
         raise
 
 

@@ -22,6 +22,7 @@ from typing import Iterator
 
 from pocketllm.export.errors import PocketllmError
 from pocketllm.export.families import get_family, spec_from_config
+from pocketllm.export.paths import require_dir
 from pocketllm.export.spec import ModelSpec
 
 CONFIG = "config.json"
@@ -29,6 +30,9 @@ SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "added_tokens.json", "tokenizer_config.json",
                    "special_tokens_map.json", "generation_config.json", "vocab.json", "merges.txt")
+# Safetensors metadata pocketllm's writer (export/checkpoint_writer.py) adds to every shard beside {"format": "pt"}:
+# how `--force` recognises a checkpoint pocketllm wrote (export/outputs.py). Loaders ignore extra metadata.
+CHECKPOINT_MARK = {"generator": "pocketllm"}
 # Tensors some exporters save that carry no weights of their own.
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
@@ -154,9 +158,7 @@ def read_safetensors_header(path: Path) -> dict:
 
 def open_checkpoint(path: str | Path) -> Checkpoint:
     """Validate a checkpoint directory and return its spec and lazy tensor index. No weight data is read."""
-    d = Path(path)
-    if not d.is_dir():
-        raise PocketllmError(f"{d}: checkpoint directory not found")
+    d = require_dir(Path(path), "checkpoint directory")
     config = _read_json(d / CONFIG, "config.json")
     spec = spec_from_config(config, str(d / CONFIG))
 

@@ -11,7 +11,7 @@ from typing import Iterable
 
 import torch
 
-from pocketllm.export.checkpoint import CONFIG, INDEX_FILE, SINGLE_FILE
+from pocketllm.export.checkpoint import CHECKPOINT_MARK, CONFIG, INDEX_FILE, SINGLE_FILE
 
 DEFAULT_SHARD_BYTES = 2 * 1024**3
 
@@ -20,9 +20,24 @@ def write_config(out: Path, config: dict) -> None:
     (Path(out) / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
 
 
+def _sort_metadata(path: Path) -> None:
+    """Put the header's `__metadata__` keys in sorted order, in place: safetensors serialises metadata from a hash
+    map, so two writes of the same tensors would differ in bytes (and checksums) by the order of its keys."""
+    with open(path, "r+b") as f:
+        size = int.from_bytes(f.read(8), "little")
+        raw = f.read(size)
+        header = json.loads(raw)
+        header["__metadata__"] = dict(sorted(header.get("__metadata__", {}).items()))
+        new = json.dumps(header, separators=(",", ":")).encode()
+        if len(new) <= size:  # the same keys and values: the same length unless escaping differs (then leave it)
+            f.seek(8)
+            f.write(new + b" " * (size - len(new)))
+
+
 def write_weights(out: Path, tensors: Iterable[tuple[str, torch.Tensor]], shard_bytes: int = DEFAULT_SHARD_BYTES,
                   total_bytes: int | None = None, progress=None) -> None:
-    """Save tensors as model.safetensors, or as numbered shards + index when they exceed `shard_bytes`."""
+    """Save tensors as model.safetensors, or as numbered shards + index when they exceed `shard_bytes`; every
+    shard's metadata carries CHECKPOINT_MARK (what `--force` recognises as a checkpoint pocketllm wrote)."""
     from safetensors.torch import save_file
 
     single = total_bytes is not None and total_bytes <= shard_bytes
@@ -37,7 +52,8 @@ def write_weights(out: Path, tensors: Iterable[tuple[str, torch.Tensor]], shard_
         if not pending:
             return
         name = f"shard-{len(tmp_names):05d}.tmp"
-        save_file(pending, str(out / name), metadata={"format": "pt"})
+        save_file(pending, str(out / name), metadata={"format": "pt", **CHECKPOINT_MARK})
+        _sort_metadata(out / name)
         tmp_names.append(name)
         shards.append(list(pending))
         pending, pending_bytes = {}, 0

@@ -17,3 +17,7 @@ def resolve_max_context(spec, max_context: int | None) -> int:
         raise PocketllmError(f"max_context {max_context} must be between 1 and the model's "
                              f"max_position_embeddings ({spec.max_position_embeddings})")
     return max_context
+
+# Sampling (`pocketllm generate` without --greedy)
+DEFAULT_TEMPERATURE = 0.8
+DEFAULT_TOP_P = 0.95

@@ -13,6 +13,7 @@ from pocketllm.export.checkpoint import expected_tensors
 from pocketllm.export.checkpoint_writer import DEFAULT_SHARD_BYTES, write_config, write_weights
 from pocketllm.export.errors import PocketllmError
 from pocketllm.export.families import get_family, preset_config, spec_from_config
+from pocketllm.export.outputs import check_out_dir
 from pocketllm.export.tokenizer import write_sentencepiece_tokenizer, write_tokenizer
 
 # A short mixed-domain text: trains the throwaway tokenizers of random checkpoints (and calibrates quantizers).
@@ -115,6 +116,7 @@ def init_checkpoint(arch: str, preset: str, out: Path, seed: int = 0, dtype: str
                     shard_bytes: int | None = None, progress_factory=None) -> Path:
     if dtype not in DTYPES:
         raise PocketllmError(f"unknown --dtype {dtype!r} (expected bf16 or fp32)")
+    check_out_dir(Path(out), force=force)
     config = preset_config(arch, preset)
     config["torch_dtype"] = TORCH_DTYPE_NAMES[DTYPES[dtype]]
     spec = spec_from_config(config)

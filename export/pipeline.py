@@ -4,7 +4,11 @@ parses flags.
     request = ExportRequest(...)      every argument checked before any weight is read (`plan`)
     manifest = run_export(request)    one atomic bundle directory with every target's artifact
 
-Quantization: `--quant any4|int4|int8` writes a quantized checkpoint (export/quant) straight into the bundle's
+InfLLM v2 scoring: `infllm_scores` ("upstream", the default, or "exact"; docs/infllm_v2.md step 3) is an export
+option, not a config key: the plan's spec carries it (SparseSpec.score_rule), the artifacts are built with it, and
+the manifest records it (attention.infllm_v2.score_rule), where parity reads it for the reference.
+
+Quantization: `--quant any4|int4|nf4|int8` writes a quantized checkpoint (export/quant) straight into the bundle's
 `reference/` folder; every target exports those weights and parity runs the numpy reference on them. `8da4w` is
 torchao's in-graph scheme (ExecuTorch only); the reference then holds the floating-point weights.
 """
@@ -12,6 +16,7 @@ torchao's in-graph scheme (ExecuTorch only); the reference then holds the floati
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import resource
 import time
@@ -20,9 +25,11 @@ from pathlib import Path
 from typing import Any, Callable
 
 from pocketllm.export.atomic import atomic_directory
-from pocketllm.export.defaults import DEFAULT_PREFILL_CHUNK, resolve_max_context
+from pocketllm.export.defaults import resolve_max_context
 from pocketllm.export.errors import PocketllmError
+from pocketllm.export.outputs import check_out_dir
 from pocketllm.export.quant.format import SCHEMES
+from pocketllm.export.spec import SCORE_RULES, ModelSpec
 
 PROJECT_SCHEMES = SCHEMES  # written as quantized checkpoints by export/quant
 
@@ -34,22 +41,39 @@ class ExportRequest:
     targets: str = "executorch"  # comma-separated target names
     quant: str = "none"
     max_context: int | None = None
-    prefill_chunk: int = DEFAULT_PREFILL_CHUNK
+    prefill_chunk: int | None = None  # None: each target's default (ExecuTorch 256, Core ML 64)
     group_size: int | None = None
-    calibration: Path | None = None
+    calibration: str | Path | None = None  # any4 calibration: text, or a path to a UTF-8 text file (as quantize)
     force: bool = False
+    target_options: tuple[str, ...] = ()  # "TARGET.KEY=VALUE": options of one target beyond the common ones
+    infllm_scores: str | None = None  # InfLLM v2 score rule (SCORE_RULES); None: "upstream" where InfLLM v2 is used
     experts: str | None = None  # MoE experts: inline | file | all (ExecuTorch); None: file with a cache, else inline
     expert_cache_mb: int | None = None  # the expert store's default budget (implies experts file)
 
 
 @dataclass
 class ExportPlan:
-    """A validated request: the opened checkpoint, the targets and their options."""
+    """A validated request: the opened checkpoint, the spec to export (the checkpoint's, with the export options
+    that live in it), the targets and their options."""
 
     request: ExportRequest
     ckpt: Any  # export.checkpoint.Checkpoint
     max_context: int
     targets: list  # [(Target, options)]
+    warnings: list[str]  # one line each, for the user before the export starts (e.g. slow in-graph dequantization)
+    spec: ModelSpec | None = None
+
+
+def with_score_rule(spec: ModelSpec, infllm_scores: str | None) -> ModelSpec:
+    """`spec` with its InfLLM v2 score rule set; refused for a model without InfLLM v2 layers (it would be ignored)."""
+    if infllm_scores is None:
+        return spec
+    if infllm_scores not in SCORE_RULES:
+        raise PocketllmError(f"--infllm-scores must be one of {', '.join(SCORE_RULES)} (got {infllm_scores!r})")
+    if spec.sparse is None or not any(layer.attention == "infllm" for layer in spec.layers):
+        raise PocketllmError("--infllm-scores applies to InfLLM v2 attention (a MiniCPM4 config with sparse_config); "
+                             "this model has none")
+    return dataclasses.replace(spec, sparse=dataclasses.replace(spec.sparse, score_rule=infllm_scores))
 
 
 def peak_rss_mib() -> float:
@@ -64,32 +88,88 @@ def plan(request: ExportRequest) -> ExportPlan:
     targets = parse_targets(request.targets)
     if request.quant == "8da4w" and [t.name for t in targets] != ["executorch"]:
         raise PocketllmError("--quant 8da4w is ExecuTorch's in-graph scheme: use it with --target executorch alone")
-    out = Path(request.out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not request.force:
-        raise PocketllmError(f"{out}: already exists and is not empty (pass --force to replace it)")
-    if request.calibration is not None and not Path(request.calibration).is_file():
-        raise PocketllmError(f"{request.calibration}: calibration text file not found")
+    calibration = request.calibration
+    calibration_file = Path(calibration) if calibration and Path(calibration).is_file() else None
+    check_out_dir(Path(request.out), force=request.force,
+                  inputs={"--checkpoint": request.checkpoint, "--calibration": calibration_file})
     ckpt = open_checkpoint(request.checkpoint)
+    spec = with_score_rule(ckpt.spec, request.infllm_scores)
     have = ckpt.quantization.scheme if ckpt.quantization is not None else None
     if have is not None and request.quant not in ("none", have):
         raise PocketllmError(f"{ckpt.dir} is already quantized with {have}; export it with --quant {have} "
                              "(or quantize the floating-point checkpoint)")
+    if have is None and request.quant in PROJECT_SCHEMES:  # what quantize_checkpoint will check, before any weight
+        from pocketllm.export.checkpoint import expected_tensors
+        from pocketllm.export.families import get_family
+        from pocketllm.export.quant.calibrate import calibration_text
+        from pocketllm.export.quant.recipe import default_recipe
+
+        calibration_text(None if calibration is None else str(calibration))
+        float_modules = get_family(ckpt.spec.family).float_modules
+        default_recipe(request.quant, request.group_size, keep_float=float_modules).plan(
+            expected_tensors(ckpt.spec), "--group-size")
     max_context = resolve_max_context(ckpt.spec, request.max_context)
     quant = have or request.quant
-    moe_options = {}  # target options only MoE exports set (a target without them refuses them)
+    moe_options = {}  # target options only MoE exports set (a target without them refuses them: Target.options)
     experts = request.experts or ("file" if request.expert_cache_mb is not None else None)
     if experts is not None or request.expert_cache_mb is not None:
         if not any(layer.mlp == "moe" for layer in ckpt.spec.layers):
             flag = "--expert-cache-mb" if request.experts is None else f"--experts {request.experts}"
             raise PocketllmError(f"{flag}: {ckpt.dir.name} has no mixture-of-experts layers")
         moe_options = {"experts": experts or "inline", "expert_cache_mb": request.expert_cache_mb}
-    chosen = []
+    extra = parse_target_options(request.target_options, targets)
+    common = {"max_context": max_context, "quant": quant, "group_size": request.group_size}
+    if request.prefill_chunk is not None:
+        common["prefill_chunk"] = request.prefill_chunk
+    chosen, warnings = [], []
     for target in targets:
-        options = target.options(max_context=max_context, quant=quant, prefill_chunk=request.prefill_chunk,
-                                 group_size=request.group_size, **moe_options)
+        options = target.options(**common, **moe_options, **extra.get(target.name, {}))
         target.check_sdk()
+        target.check(ckpt, options)
         chosen.append((target, options))
-    return ExportPlan(request=request, ckpt=ckpt, max_context=max_context, targets=chosen)
+        warnings += target.warnings(options)
+    return ExportPlan(request=request, ckpt=ckpt, max_context=max_context, targets=chosen, warnings=warnings, spec=spec)
+
+
+COMMON_OPTIONS = ("max_context", "quant", "prefill_chunk", "group_size")  # set by their own flags
+
+
+def parse_target_options(values, targets) -> dict[str, dict[str, Any]]:
+    """["coreml.deployment_target=iOS18", ...] -> {"coreml": {"deployment_target": "iOS18"}}, each value converted
+    to its option's type (int, bool or str). One PocketllmError line per bad entry."""
+    import dataclasses
+
+    by_name = {t.name: t for t in targets}
+    out: dict[str, dict[str, Any]] = {}
+    for raw in values or ():
+        key, eq, value = raw.partition("=")
+        name, dot, field = key.strip().partition(".")
+        if not eq or not dot or not field:
+            raise PocketllmError(f"--target-option {raw!r}: expected TARGET.KEY=VALUE (e.g. "
+                                 "coreml.deployment_target=iOS18)")
+        if name not in by_name:
+            raise PocketllmError(f"--target-option {raw!r}: {name!r} is not among --target "
+                                 f"({', '.join(by_name)})")
+        fields = {f.name: f for f in dataclasses.fields(by_name[name].options_class)
+                  if f.name not in COMMON_OPTIONS}
+        if field not in fields:
+            raise PocketllmError(f"--target-option {raw!r}: {name} has no option {field!r} (options: "
+                                 f"{', '.join(fields) or 'none'})")
+        kind = str(fields[field].type)
+        value = value.strip()
+        try:
+            if kind.startswith("bool"):
+                if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                    raise ValueError
+                converted: Any = value.lower() in ("true", "1", "yes")
+            elif kind.startswith("int"):
+                converted = int(value)
+            else:
+                converted = value
+        except ValueError:
+            raise PocketllmError(f"--target-option {raw!r}: {field} expects {kind}, got {value!r}") from None
+        out.setdefault(name, {})[field] = converted
+    return out
 
 
 def quant_summary(ckpt) -> dict:
@@ -106,9 +186,10 @@ def no_stages(name: str):
     yield
 
 
-def run_export(request: ExportRequest, stage: Callable[[str], Any] = no_stages) -> dict:
+def run_export(request: ExportRequest | ExportPlan, stage: Callable[[str], Any] = no_stages) -> dict:
     """Write the bundle `request.out` atomically; returns its manifest. stage(name) is a context-manager factory
-    for progress display ("quantize", "load", "export", "lower", ...)."""
+    for progress display ("quantize", "load", "export", "lower", ...). Takes a request, or the plan of one (the
+    CLI plans first, to show the plan's warnings before the long part)."""
     from pocketllm.export.bundle.chat import chat_for_manifest
     from pocketllm.export.bundle.manifest import write_manifest
     from pocketllm.export.bundle.reference import REFERENCE_DIR, copy_reference
@@ -116,8 +197,9 @@ def run_export(request: ExportRequest, stage: Callable[[str], Any] = no_stages) 
     from pocketllm.export.checkpoint import open_checkpoint
     from pocketllm.export.nn.load import load_model
 
-    p = plan(request)
-    ckpt, spec, out = p.ckpt, p.ckpt.spec, Path(request.out)
+    p = request if isinstance(request, ExportPlan) else plan(request)
+    request = p.request
+    ckpt, spec, out = p.ckpt, p.spec, Path(request.out)
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
     with atomic_directory(out, force=request.force) as tmp:
@@ -127,12 +209,13 @@ def run_export(request: ExportRequest, stage: Callable[[str], Any] = no_stages) 
 
             t0 = time.perf_counter()
             with stage("quantize"):
-                text = Path(request.calibration).read_text(encoding="utf-8") if request.calibration else None
-                quantize_checkpoint(ckpt, reference, request.quant, group_size=request.group_size, calibration=text)
+                quantize_checkpoint(ckpt, reference, request.quant, group_size=request.group_size,
+                                    calibration=None if request.calibration is None else str(request.calibration))
             timings["quantize_s"] = time.perf_counter() - t0
         else:
             copy_reference(ckpt, reference)
         weights = open_checkpoint(reference)  # the weights every target exports and parity checks
+        weights.spec = with_score_rule(weights.spec, request.infllm_scores)  # built into the artifacts
         quant = quant_summary(weights)
         entries = {}
         for target, options in p.targets:
@@ -152,7 +235,7 @@ def run_export(request: ExportRequest, stage: Callable[[str], Any] = no_stages) 
             targets=entries, chat=chat_for_manifest(tmp, spec.eos_token_ids)[1],
             source={"checkpoint": Path(request.checkpoint).resolve().name, "weight_dtype": ckpt.weight_dtype,
                     "config_sha256": config_sha,
-                    "calibration": Path(request.calibration).name if request.calibration else None},
+                    "calibration": (quant.get("calibration") or {}).get("source")},  # builtin | file:NAME | text
             extra={"export": {"timings": {k: round(v, 2) for k, v in timings.items()},
                               "peak_rss_mib": peak_rss_mib()}})
     return manifest

@@ -8,6 +8,7 @@ written from MODELS.md and shares no code with export/.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 from pocketllm.runtime_py.families import model_class
@@ -26,14 +27,45 @@ class ReferenceModel:
         return model_class(spec.family)(spec, weights, max_context=max_context)
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, max_context: int | None = None):
-        """Validate a HF-style checkpoint directory (export.checkpoint) and load its weights as float32."""
+    def from_checkpoint(cls, path: str | Path, max_context: int | None = None, score_rule: str | None = None,
+                        float_weights: str | None = None):
+        """Validate a HF-style checkpoint directory (export.checkpoint) and load its weights as float32.
+
+        score_rule: the InfLLM v2 score rule to run with ("upstream" | "exact"), for a bundle exported with
+        `--infllm-scores`: it is an export option recorded in the manifest (attention.infllm_v2.score_rule), never a
+        config.json key, so whoever reads the manifest passes it (runtime_py/parity.py). None: the spec's (upstream).
+
+        float_weights "float16": the weights an fp16 artifact (a Core ML package) holds: every floating-point
+        tensor rounded to fp16; packed quantized weights stay exactly as dequantized (the artifact dequantizes
+        them itself), except any4 with one group per row, whose table folds scale and zero and is stored in fp16.
+        """
         from pocketllm.export.checkpoint import open_checkpoint
         from pocketllm.runtime_py.weights import load_weights
 
         ckpt = open_checkpoint(path)
+        spec = ckpt.spec
+        if score_rule is not None and spec.sparse is not None:
+            spec = replace(spec, sparse=replace(spec.sparse, score_rule=score_rule))
         if ckpt.quantization is not None:  # packed 4/8-bit weights, dequantized by runtime_py/quant.py
             from pocketllm.runtime_py.quant import quantized_weight_loader
 
             load_weights = quantized_weight_loader(ckpt.quantization)  # noqa: F811
-        return cls(ckpt.spec, load_weights(ckpt.dir, ckpt.weight_map), max_context=max_context)
+        weights = load_weights(ckpt.dir, ckpt.weight_map)
+        if float_weights == "float16":
+            weights = round_to_fp16(weights, ckpt.quantization)
+        elif float_weights not in (None, "float32"):
+            raise ValueError(f"float_weights must be None, 'float32' or 'float16' (got {float_weights!r})")
+        return cls(spec, weights, max_context=max_context)
+
+
+def round_to_fp16(weights: dict, quantization=None) -> dict:
+    """Weights as an fp16 artifact stores them (see ReferenceModel.from_checkpoint's float_weights)."""
+    import numpy as np
+
+    exact = set()
+    for module, tq in (quantization.modules.items() if quantization is not None else ()):
+        w = weights.get(f"{module}.weight")
+        per_row_any4 = tq.scheme == "any4" and w is not None and tq.group_size in (0, w.shape[-1])
+        if not per_row_any4:
+            exact.add(f"{module}.weight")
+    return {name: w if name in exact else w.astype(np.float16).astype(np.float32) for name, w in weights.items()}

@@ -32,14 +32,15 @@ def quantized_dir(tiny_dirs, tmp_path_factory):
 
 
 @pytest.mark.parametrize("args,fragments", [
-    (["--scheme", "fp3"], ["unknown --scheme 'fp3'", "any4, int4, nf4, int8"]),
+    (["--scheme", "fp3"], ["--scheme", "'fp3' is not one of 'any4', 'int4', 'nf4', 'int8'"]),
     (["--scheme", "any4", "--group-size", "48"], ["group size 48 does not divide the input width 64",
                                                  "model.layers.0.self_attn.q_proj.weight"]),
     (["--scheme", "any4", "--group-size", "-4"], ["--group-size must be 0", "-4"]),
     (["--scheme", "int8", "--group-size", "32"], ["int8 is per output channel"]),
     (["--scheme", "any4", "--group-size", "32", "--calibration", "no/such/file.txt"],
      ["no/such/file.txt", "calibration file not found"]),
-    (["--scheme", "any4", "--group-size", "32", "--act-stat", "median"], ["unknown activation statistic 'median'"]),
+    (["--scheme", "any4", "--group-size", "32", "--act-stat", "median"],
+     ["--act-stat", "'median' is not one of 'abs_mean', 'mean_abs', 'rms'"]),
 ])
 def test_bad_options(tiny_dirs, tmp_path, args, fragments):
     out = tmp_path / "out"

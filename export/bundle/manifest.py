@@ -15,16 +15,18 @@ import json
 from pathlib import Path
 from typing import Any
 
+from pocketllm.export import version
 from pocketllm.export.atomic import write_json
 from pocketllm.export.bundle.reference import REFERENCE_DIR
 from pocketllm.export.bundle.schema import SCHEMA_VERSION, validate_manifest
 from pocketllm.export.bundle.tokenizer import adds_bos, chat_template
 from pocketllm.export.errors import PocketllmError
+from pocketllm.export.paths import require_dir
 from pocketllm.export.spec import ModelSpec
 
 MANIFEST = "manifest.json"
 PARITY_FILE = "parity.json"
-GENERATOR = {"name": "pocketllm", "version": "0.2.0"}
+GENERATOR = {"name": "pocketllm", "version": version()}
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
@@ -132,8 +134,7 @@ def read_manifest(bundle: str | Path, verify: bool = True, verify_reference: boo
     verify_reference: the reference weights' too (parity)."""
     bundle = Path(bundle)
     path = bundle / MANIFEST
-    if not bundle.is_dir():
-        raise PocketllmError(f"{bundle}: bundle directory not found")
+    require_dir(bundle, "bundle directory")
     if not path.is_file():
         raise PocketllmError(f"{path}: manifest not found (is {bundle} a bundle written by `pocketllm export`?)")
     try:

@@ -108,8 +108,8 @@ def semantic_errors(m: dict[str, Any]) -> Iterator[str]:
     for name in tok["files"]:
         if name not in files:
             yield f"tokenizer.files: {name!r} is not listed in files"
-    for target, entry in m["targets"].items():
-        if entry["file"] not in files:
+    for target, entry in m["targets"].items():  # a file, or a directory (.mlpackage) with files listed under it
+        if entry["file"] not in files and not any(f.startswith(entry["file"] + "/") for f in files):
             yield f"targets.{target}.file: {entry['file']!r} is not listed in files"
         store = entry.get("expert_store")
         if store is not None:

@@ -1,5 +1,15 @@
 """The tokenizer files of a bundle: copied from the checkpoint as upstream ships them (tokenizer.json and/or a
-SentencePiece tokenizer.model, tokenizer_config.json, ...), so every runtime finds the kind it reads."""
+SentencePiece tokenizer.model, tokenizer_config.json, added_tokens.json, ...), so every runtime finds the kind it
+reads, with two additions for ExecuTorch's C++ tokenizers (pocketllm's own reading is unchanged by them):
+
+- tokenizer.json without a post-processor gets one that prepends BOS when the checkpoint adds it (`num_bos=1`);
+- a SentencePiece tokenizer.model whose checkpoint has added tokens past the model's pieces (MiniCPM4:
+  `<|im_end|>` 73440 .. 73447 after 73440 pieces) gets them appended as user-defined pieces at exactly their ids.
+  ExecuTorch's runner samples over its tokenizer's vocabulary only and its SentencePiece tokenizer cannot decode an
+  id past the model's pieces: without them the model could never end a turn with `<|im_end|>` (measured: the
+  runner emits the best ordinary piece instead). As user-defined pieces they are also found in prompt text, as
+  upstream's tokenizer class splits them out.
+"""
 
 from __future__ import annotations
 
@@ -7,19 +17,48 @@ import json
 import shutil
 from pathlib import Path
 
+from pocketllm.export.errors import PocketllmError
+
 
 def copy_tokenizer(files: list[Path], out_dir: Path, bos_id: int | None = None) -> list[str]:
     """Copy the tokenizer files. When tokenizer_config.json asks for a BOS token (`add_bos_token`, default true, as
     export/tokenizer.py reads it) and tokenizer.json has no post-processor, the bundle's tokenizer.json gets one
     that prepends it (TemplateProcessing "<bos> $A"): ExecuTorch's C++ tokenizer adds BOS only that way (runner
-    `num_bos=1`). pocketllm itself encodes without special tokens and adds BOS from the config, so it is unaffected."""
+    `num_bos=1`). pocketllm itself encodes without special tokens and adds BOS from the config, so it is unaffected.
+    A SentencePiece tokenizer.model gets the checkpoint's added tokens (module docstring)."""
     names = []
     for f in files:
         shutil.copyfile(f, out_dir / f.name)
         names.append(f.name)
     if bos_id is not None and "tokenizer.json" in names:
         _add_bos_post_processor(out_dir, bos_id)
+    if "tokenizer.model" in names:
+        append_added_pieces(out_dir)
     return names
+
+
+def append_added_pieces(out_dir: Path) -> int:
+    """Append the added tokens past tokenizer.model's pieces (export/tokenizer.py `added_tokens`) as user-defined
+    pieces at their ids; returns how many. Refused when those ids leave a gap (no piece can sit at an id past it)."""
+    from sentencepiece import sentencepiece_model_pb2 as sp_pb
+
+    from pocketllm.export.tokenizer import added_tokens
+
+    path = Path(out_dir) / "tokenizer.model"
+    model = sp_pb.ModelProto()
+    model.ParseFromString(path.read_bytes())
+    n = len(model.pieces)
+    extra = sorted((i, t) for t, i in added_tokens(Path(out_dir)).items() if i >= n)
+    if not extra:
+        return 0
+    if [i for i, _ in extra] != list(range(n, n + len(extra))):
+        raise PocketllmError(f"{path}: added tokens at ids {[i for i, _ in extra]} do not follow the model's {n} "
+                             "pieces without a gap; ExecuTorch's SentencePiece tokenizer could not decode them")
+    for _, text in extra:
+        piece = model.pieces.add()
+        piece.piece, piece.score, piece.type = text, 0.0, sp_pb.ModelProto.SentencePiece.USER_DEFINED
+    path.write_bytes(model.SerializeToString())
+    return len(extra)
 
 
 def _add_bos_post_processor(out_dir: Path, bos_id: int) -> bool:

@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn
 
-from pocketllm.export.cli.common import console, user_errors
+from pocketllm.export.cli.common import console, force_option, user_errors
 from pocketllm.export.families import families
 
 
@@ -27,7 +27,7 @@ def init_checkpoint(
     out: Path = typer.Option(..., "--out", help="Directory to create."),
     seed: int = typer.Option(0, "--seed"),
     dtype: WeightDType = typer.Option(WeightDType.bf16, "--dtype", help="Storage dtype of the weights."),
-    force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
+    force: bool = force_option(),
 ):
     """Write a random checkpoint: config.json with upstream keys, safetensors shards + index, tokenizer."""
     _init(arch.value, preset, out, seed, dtype.value, force)

@@ -48,24 +48,19 @@ class BundleSource:
     def __init__(self, bundle: Path, manifest: dict[str, Any], threads: int | None = None):
         self.dir, self.manifest, self.threads = Path(bundle), manifest, threads
         model, tok = manifest["model"], manifest["tokenizer"]
+        self.max_context = int(model["max_context"])  # the KV cache size, fixed at export
         self.spec = SimpleNamespace(vocab_size=model["vocab_size"], max_position_embeddings=model["max_context"],
                                     bos_token_id=tok["bos_id"], eos_token_ids=tuple(tok["eos_ids"]),
                                     family=manifest["architecture"])
 
 
 def open_source(checkpoint, bundle, engine_name: str, threads: int | None = None):
-    """What a command runs: the checkpoint (torch, reference) or, for a target's engine, the bundle."""
+    """What a command runs: the checkpoint (torch, reference) or, for a target's engine, the bundle (its manifest
+    verified). Reads config.json / manifest.json only; run_options.check_engine has checked the combination."""
     if engine_name not in CHECKPOINT_ENGINES:
-        if bundle is None:
-            raise PocketllmError(f"--engine {engine_name} needs --bundle DIR (a bundle written by `pocketllm export`)")
         from pocketllm.export.bundle.manifest import read_manifest
 
         return BundleSource(Path(bundle), read_manifest(bundle, verify=True), threads)
-    if bundle is not None:
-        raise PocketllmError(f"--bundle is read by the artifact engines ({', '.join(targets())}), not --engine "
-                             f"{engine_name}")
-    if checkpoint is None:
-        raise PocketllmError(f"--engine {engine_name} needs --checkpoint DIR")
     from pocketllm.export.checkpoint import open_checkpoint
 
     return open_checkpoint(checkpoint)

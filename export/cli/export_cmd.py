@@ -1,36 +1,62 @@
-"""`pocketllm export`: checkpoint -> bundle (export/pipeline.py), with a line per stage."""
+"""`pocketllm export`: checkpoint -> bundle (export/pipeline.py), a spinner per stage, then what was written and
+where the time went, as tables."""
 
 from __future__ import annotations
 
 import contextlib
-import time
+from enum import Enum
 from pathlib import Path
 
 import typer
 from rich.table import Table
 
-from pocketllm.export.defaults import DEFAULT_GROUP_SIZE, DEFAULT_MAX_CONTEXT, DEFAULT_PREFILL_CHUNK
-from pocketllm.export.cli.common import console, set_threads, user_errors
-from pocketllm.export.pipeline import ExportRequest, run_export
+from pocketllm.export.cli.common import console, force_option, set_threads, threads_option, user_errors, warn
+from pocketllm.export.defaults import DEFAULT_GROUP_SIZE, DEFAULT_MAX_CONTEXT
+from pocketllm.export.pipeline import ExportRequest, plan, run_export
+from pocketllm.export.spec import SCORE_RULES
 from pocketllm.export.targets import targets
+from pocketllm.export.targets.executorch.options import EXPERT_MODES
+
+# Every --quant some target accepts (each target checks its own list in pipeline.plan).
+Quant = Enum("Quant", {s: s for t in targets().values() for s in t.quant_schemes}, type=str)
+ScoreRule = Enum("ScoreRule", {r: r for r in SCORE_RULES}, type=str)  # InfLLM v2 (SparseSpec.score_rule)
+
+
+def _chunk_defaults() -> str:
+    import dataclasses
+
+    return ", ".join(f"{t.name} {f.default}" for t in targets().values()
+                     for f in dataclasses.fields(t.options_class) if f.name == "prefill_chunk")
 
 
 def export(
     checkpoint: Path = typer.Option(..., "--checkpoint", help="Hugging Face style checkpoint directory."),
-    target: str = typer.Option("executorch", "--target",
-                               help=f"One or more of: {', '.join(targets())} (comma-separated: one bundle)."),
-    quant: str = typer.Option("none", "--quant", help="Weights: " + ", ".join(dict.fromkeys(
-                              s for t in targets().values() for s in t.quant_schemes)) + " (each target lists its own)."),
-    max_context: int = typer.Option(None, "--max-context", help=f"KV cache length (default min(max pos, {DEFAULT_MAX_CONTEXT}))."),
+    target: str = typer.Option("executorch", "--target", metavar="<" + "|".join(targets()) + ">[,...]",
+                               help="One or more targets, comma-separated: one bundle. "
+                                    + "; ".join(f"{t.name}: {t.summary}" for t in targets().values()) + "."),
+    quant: Quant = typer.Option("none", "--quant", help="Weights. "
+                                + "; ".join(f"{t.name}: {', '.join(t.quant_schemes)}" for t in targets().values())
+                                + "."),
+    max_context: int = typer.Option(None, "--max-context", min=1,
+                                    help=f"KV cache length (default min(max pos, {DEFAULT_MAX_CONTEXT}))."),
     out: Path = typer.Option(..., "--out", help="Bundle directory to create."),
-    force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
-    calibration: Path = typer.Option(None, "--calibration", help="Text file calibrating any4 (default: built in)."),
-    group_size: int = typer.Option(None, "--group-size", help=f"any4/int4/nf4/8da4w group along K (default {DEFAULT_GROUP_SIZE})."),
-    prefill_chunk: int = typer.Option(DEFAULT_PREFILL_CHUNK, "--prefill-chunk",
+    force: bool = force_option(),
+    calibration: str = typer.Option(None, "--calibration", help="any4 calibration: text, or a path to a UTF-8 text "
+                                    "file (default: a short built-in mixed-domain prompt), as in quantize."),
+    group_size: int = typer.Option(None, "--group-size", help=f"any4/int4/nf4/8da4w group along K (default "
+                                   f"{DEFAULT_GROUP_SIZE}; 0 = one group per row)."),
+    prefill_chunk: int = typer.Option(None, "--prefill-chunk", min=1,
                                       help="Most tokens per forward call (get_max_seq_len); longer prompts are "
-                                           "prefilled in chunks."),
-    threads: int = typer.Option(None, "--threads", help="CPU threads for torch."),
-    experts: str = typer.Option(None, "--experts",
+                                           f"prefilled in chunks (default per target: {_chunk_defaults()})."),
+    target_option: list[str] = typer.Option(None, "--target-option",
+                                            help="TARGET.KEY=VALUE, repeatable: an option of one target, e.g. "
+                                                 "coreml.deployment_target=iOS18 (docs/coreml.md)."),
+    threads: int = threads_option(),
+    infllm_scores: ScoreRule = typer.Option(None, "--infllm-scores", help="InfLLM v2 block scores: upstream "
+                                            "(default; LSE over the coarse compressed keys, as MiniCPM4 is trained "
+                                            "and served) or exact (softmax over the compressed keys); "
+                                            "docs/infllm_v2.md."),
+    experts: str = typer.Option(None, "--experts", metavar="<" + "|".join(EXPERT_MODES) + ">",
                                 help="MoE models (ExecuTorch): inline = experts stacked in the .pte, only the routed "
                                      "ones read (default); file = experts.bin beside the .pte, read by the kernel "
                                      "library's expert store (memory-mapped, or an LRU within --expert-cache-mb, "
@@ -42,28 +68,32 @@ def export(
 ):
     """Export a checkpoint to a bundle: OUT/<artifacts>, tokenizer files, reference/ weights, manifest.json.
 
-    any4/int4/int8 quantize the checkpoint first (export/quant) into OUT/reference: the bundle's weights, which
-    `pocketllm parity` runs through the numpy reference. 8da4w is torchao/XNNPACK's scheme (ExecuTorch only).
+    any4/int4/nf4/int8 quantize first (export/quant) into OUT/reference, the weights parity's reference runs.
+
+    8da4w is torchao/XNNPACK's in-graph scheme (ExecuTorch only); the reference then holds the float weights.
     """
-    _export(ExportRequest(checkpoint=checkpoint, out=out, targets=target, quant=quant, max_context=max_context,
+    _export(ExportRequest(checkpoint=checkpoint, out=out, targets=target, quant=quant.value, max_context=max_context,
                           prefill_chunk=prefill_chunk, group_size=group_size, calibration=calibration, force=force,
-                          experts=experts, expert_cache_mb=expert_cache_mb),
+                          target_options=tuple(target_option or ()),
+                          infllm_scores=infllm_scores.value if infllm_scores else None, experts=experts,
+                          expert_cache_mb=expert_cache_mb),
             threads)
 
 
 @contextlib.contextmanager
 def _stage(name: str):
-    """A spinner line per stage, then a line with its duration."""
-    t0 = time.perf_counter()
+    """A spinner while a stage runs."""
     with console.status(f"{name}..."):
         yield
-    console.print(f"  {name:<10} {time.perf_counter() - t0:7.1f} s")
 
 
 @user_errors
 def _export(request: ExportRequest, threads):
     set_threads(threads)
-    manifest = run_export(request, stage=_stage)
+    p = plan(request)  # every argument checked; no weight read yet
+    for line in p.warnings:
+        warn(line)
+    manifest = run_export(p, stage=_stage)
     table = Table(title=f"wrote {request.out}", title_justify="left")
     for col in ("target", "file", "MiB", "sha256"):
         table.add_column(col)
@@ -73,6 +103,23 @@ def _export(request: ExportRequest, threads):
         table.add_row(name, entry["file"], f"{size / 2**20:.1f}", files[0][1]["sha256"][:12] if len(files) == 1 else
                       f"{len(files)} files")
     console.print(table)
-    export_info = manifest["export"]
-    console.print(f"tokenizer: {', '.join(manifest['tokenizer']['files'])}; total {export_info['timings']['total_s']:.1f} s, "
-                  f"peak RSS {export_info['peak_rss_mib']:.0f} MiB", highlight=False)
+    console.print(timings_table(manifest["export"]))
+    console.print(f"tokenizer: {', '.join(manifest['tokenizer']['files'])}", highlight=False)
+
+
+def timings_table(export_info: dict) -> Table:
+    """manifest["export"] as a table: one row per stage ("executorch.lower_s" -> executorch, lower), the total and
+    the peak RSS."""
+    table = Table(title="export", title_justify="left")
+    for col, justify in (("stage", "left"), ("seconds", "right")):
+        table.add_column(col, justify=justify)
+    timings = dict(export_info["timings"])
+    total = timings.pop("total_s", None)
+    for key, seconds in timings.items():
+        where, _, what = key.rpartition(".")
+        label = what.removesuffix("_s") + (f" ({where})" if where else "")
+        table.add_row(label, f"{seconds:.1f}")
+    if total is not None:
+        table.add_row("total", f"{total:.1f}", style="bold")
+    table.caption = f"peak RSS {export_info['peak_rss_mib']:.0f} MiB"
+    return table

@@ -9,11 +9,13 @@ import numpy as np
 import typer
 
 from pocketllm.export.atomic import atomic_write
-from pocketllm.export.defaults import DEFAULT_MAX_CONTEXT
-from pocketllm.export.cli.common import console, set_threads, user_errors
+from pocketllm.export.cli.common import console, set_threads, threads_option, user_errors
 from pocketllm.export.cli.engines import make_engine, open_source
-from pocketllm.export.cli.run_options import DType, Engine, parse_tokens
-from pocketllm.export.errors import PocketllmError
+from pocketllm.export.cli.run_options import (DType, Engine, bundle_option, check_context, check_engine,
+                                              compute_dtype, checkpoint_option, dtype_option, engine_option,
+                                              max_context_option, parse_tokens)
+from pocketllm.export.defaults import DEFAULT_MAX_CONTEXT
+from pocketllm.export.outputs import check_out_file
 from pocketllm.runtime_py.evaluate import run_logits
 
 
@@ -23,34 +25,34 @@ class Mode(str, Enum):
 
 
 def logits(
-    checkpoint: Path = typer.Option(None, "--checkpoint", help="Hugging Face style checkpoint directory."),
+    checkpoint: Path = checkpoint_option(),
     tokens: str = typer.Option(..., "--tokens", help="Comma-separated token ids, e.g. 1,2,3."),
     mode: Mode = typer.Option(Mode.prefill, "--mode", help="prefill: one call; decode: one token per step."),
-    engine: Engine = typer.Option("torch", "--engine", help="torch (our model), reference (numpy) or a target's "
-                                  "runtime on --bundle."),
+    engine: Engine = engine_option(),
     out: Path = typer.Option(..., "--out", help="Where to write float32 logits [T, vocab] (.npy)."),
-    max_context: int = typer.Option(None, "--max-context", help=f"KV cache length (default min(max pos, {DEFAULT_MAX_CONTEXT}))."),
-    dtype: DType = typer.Option(DType.fp32, "--dtype", help="torch engine compute dtype (auto = checkpoint's)."),
-    threads: int = typer.Option(None, "--threads", help="CPU threads for torch."),
-    bundle: Path = typer.Option(None, "--bundle", help="Bundle directory, for a target's engine."),
+    max_context: int = max_context_option(),
+    dtype: DType = dtype_option(),
+    threads: int = threads_option(),
+    bundle: Path = bundle_option(),
 ):
     """Write the logits of a token sequence to a .npy file."""
-    _logits(checkpoint, tokens, mode.value, engine.value, out, max_context, dtype.value, threads, bundle)
+    _logits(checkpoint, tokens, mode.value, engine.value, out, max_context, dtype.value if dtype else None, threads,
+            bundle)
 
 
 @user_errors
 def _logits(checkpoint, tokens, mode, engine_name, out, max_context, dtype, threads, bundle=None):
+    check_engine(engine_name, checkpoint, bundle, dtype)
+    check_out_file(out, "--out", inputs={"--checkpoint": checkpoint, "--bundle": bundle})
     set_threads(threads)
-    ckpt = open_source(checkpoint, bundle, engine_name, threads)
-    ids = parse_tokens(tokens, ckpt.spec.vocab_size)
-    max_context = max_context or max(len(ids), 1)
-    max_context = min(max(max_context, len(ids)), ckpt.spec.max_position_embeddings)
-    if len(ids) > max_context:
-        raise PocketllmError(f"--tokens has {len(ids)} ids, more than the model's context ({max_context})")
-    engine = make_engine(engine_name, ckpt, max_context, None if dtype == "auto" else dtype)
+    source = open_source(checkpoint, bundle, engine_name, threads)
+    ids = parse_tokens(tokens, source.spec.vocab_size)
+    ctx = check_context(source, max_context, len(ids), f"--tokens ({len(ids)} ids)", "pass fewer --tokens",
+                        default=DEFAULT_MAX_CONTEXT)
+    engine = make_engine(engine_name, source, ctx, compute_dtype(dtype))
     result = run_logits(engine, ids, mode)
     atomic_write(out, lambda tmp: _save_npy(tmp, result))
-    console.print(f"wrote {out} {list(result.shape)} float32 ({engine_name}, {mode})")
+    console.print(f"wrote {out} {list(result.shape)} float32 ({engine_name}, {mode})", highlight=False)
 
 
 def _save_npy(path: str, array: np.ndarray) -> None:

@@ -2,55 +2,56 @@
 
 from __future__ import annotations
 
-import os
 from collections import defaultdict
+from enum import Enum
 from pathlib import Path
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 from rich.table import Table
 
-from pocketllm.export.cli.common import console, set_threads, user_errors
+from pocketllm.export.cli.common import console, force_option, set_threads, threads_option, user_errors
+from pocketllm.export.defaults import DEFAULT_GROUP_SIZE
+from pocketllm.export.quant.format import ACT_STATS, DEFAULT_ACT_STAT, REPORT_FILE, SCHEMES
+
+Scheme = Enum("Scheme", {name: name for name in SCHEMES}, type=str)  # export/quant's schemes
+ActStat = Enum("ActStat", {name: name for name in ACT_STATS}, type=str)
 
 
 def quantize(
     checkpoint: Path = typer.Option(..., "--checkpoint", help="Floating-point checkpoint directory."),
-    scheme: str = typer.Option(..., "--scheme", help="any4 | int4 | nf4 | int8."),
+    scheme: Scheme = typer.Option(..., "--scheme", help="Quantization scheme (docs/quantization.md)."),
     out: Path = typer.Option(..., "--out", help="Directory to create (written atomically)."),
     group_size: int = typer.Option(None, "--group-size",
-                                   help="Columns per scale/zero group: 128 by default for 4-bit schemes; 0 = one "
-                                        "group per row (any4 then maps onto Core ML's per-row palettization). "
-                                        "int8 is per channel and takes none."),
+                                   help=f"Columns per scale/zero group: {DEFAULT_GROUP_SIZE} by default for 4-bit "
+                                        "schemes; 0 = one group per row (any4 then maps onto Core ML's per-row "
+                                        "palettization). int8 is per channel and takes none."),
     calibration: str = typer.Option(None, "--calibration",
                                     help="Calibration text, or a path to a UTF-8 text file (default: a short "
                                          "built-in mixed-domain prompt)."),
     max_calibration_tokens: int = typer.Option(None, "--max-calibration-tokens", min=2,
                                                help="Use at most this many calibration tokens (default 2048)."),
-    act_stat: str = typer.Option(None, "--act-stat",
-                                 help="any4 k-means weight per input column, times the group scale: abs_mean = "
-                                      "|mean activation| (the paper's; default), mean_abs = mean |activation|, "
-                                      "rms = sqrt(mean activation^2)."),
+    act_stat: ActStat = typer.Option(None, "--act-stat",
+                                     help="any4 k-means weight per input column, times the group scale: abs_mean = "
+                                          "|mean activation| (the paper's), mean_abs = mean |activation|, "
+                                          f"rms = sqrt(mean activation^2). Default {DEFAULT_ACT_STAT}."),
     quantize_lm_head: bool = typer.Option(False, "--quantize-lm-head", help="Also quantize an untied lm_head."),
     seed: int = typer.Option(0, "--seed", help="k-means++ seed (any4)."),
-    threads: int = typer.Option(None, "--threads", help="CPU threads for torch."),
-    force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
+    threads: int = threads_option(),
+    force: bool = force_option(),
 ):
     """Quantize the decoder's Linear weights and write a checkpoint that logits, generate and export accept.
 
     Prints the quantization error of every layer; the per-tensor numbers go to OUT/quantization_report.json.
     """
-    _quantize(checkpoint, scheme, out, group_size, calibration, max_calibration_tokens, act_stat, quantize_lm_head,
-              seed, threads, force)
+    _quantize(checkpoint, scheme.value, out, group_size, calibration, max_calibration_tokens,
+              act_stat.value if act_stat else None, quantize_lm_head, seed, threads, force)
 
 
 @user_errors
 def _quantize(checkpoint, scheme, out, group_size, calibration, max_calibration_tokens, act_stat, quantize_lm_head,
               seed, threads, force):
-    # Idle OpenMP workers sleep instead of spinning: on a 2-core machine shared with other work, spinning workers
-    # steal the cores the k-means' many small ops need (measured 14x slower on tiny-austen). Only takes effect when
-    # torch is first imported here; an explicit OMP_WAIT_POLICY wins.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    from pocketllm.export.quant.quantize import REPORT_FILE, quantize_checkpoint
+    from pocketllm.export.quant.quantize import quantize_checkpoint  # OMP_WAIT_POLICY: set at start-up (process.py)
 
     set_threads(threads)
     with Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),

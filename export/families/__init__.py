@@ -7,26 +7,20 @@ config has none).
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
 from functools import cache
 from typing import Any
 
 from pocketllm.export.errors import PocketllmError
 from pocketllm.export.families.base import Family
 from pocketllm.export.families.config import ConfigReader
+from pocketllm.export.registry import discover
 from pocketllm.export.spec import ModelSpec
 
 
 @cache
 def families() -> dict[str, Family]:
     """name -> Family for every package in this folder, in name order."""
-    found = {}
-    for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
-        if info.ispkg:
-            family = importlib.import_module(f"{__name__}.{info.name}").FAMILY
-            found[family.name] = family
-    return found
+    return discover(__name__, __path__, "FAMILY")
 
 
 def get_family(name: str) -> Family:

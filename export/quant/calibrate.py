@@ -18,14 +18,10 @@ import torch
 
 from pocketllm.export.errors import PocketllmError
 from pocketllm.export.init_checkpoint import BUILTIN_TEXT
+from pocketllm.export.paths import read_text_file
+from pocketllm.export.quant.format import ACT_STATS, DEFAULT_ACT_STAT  # noqa: F401  (re-exported)
 
 TEXT_SUFFIXES = (".txt", ".text", ".md", ".json", ".jsonl", ".csv", ".py")
-# How any4 turns the statistics into a column weight a_j:
-#   abs_mean  |mean_t x_tj|        (the paper's: |mean input activation|)
-#   mean_abs  mean_t |x_tj|
-#   rms       sqrt(mean_t x_tj^2)  (the diagonal of E[x x^T], which the output error actually depends on)
-ACT_STATS = ("abs_mean", "mean_abs", "rms")
-DEFAULT_ACT_STAT = "abs_mean"
 
 
 def calibration_text(value: str | None) -> tuple[str, str]:
@@ -34,23 +30,16 @@ def calibration_text(value: str | None) -> tuple[str, str]:
     else: the literal text."""
     if value is None:
         return BUILTIN_TEXT, "builtin"
-    path = Path(value)
-    looks_like_path = not any(ch.isspace() for ch in value) and ("/" in value or path.suffix.lower() in TEXT_SUFFIXES)
-    if path.is_file():
-        try:
-            text = path.read_text(encoding="utf-8")
-        except UnicodeDecodeError as e:
-            raise PocketllmError(f"{path}: calibration file is not UTF-8 text ({e.reason} at byte {e.start})") from None
-        if not text.strip():
-            raise PocketllmError(f"{path}: calibration file is empty")
-        return text, f"file:{path.name}"
-    if path.is_dir():
-        raise PocketllmError(f"{path}: --calibration names a directory; give a text file or literal text")
-    if looks_like_path:
-        raise PocketllmError(f"{path}: calibration file not found")
     if not value.strip():
         raise PocketllmError("--calibration is empty: give a text file, literal text, or leave it out for the "
                              "built-in prompt")
+    path = Path(value)
+    looks_like_path = not any(ch.isspace() for ch in value) and ("/" in value or path.suffix.lower() in TEXT_SUFFIXES)
+    if path.exists() or looks_like_path:
+        text = read_text_file(path, "calibration file")
+        if not text.strip():
+            raise PocketllmError(f"{path}: calibration file is empty")
+        return text, f"file:{path.name}"
     return value, "text"
 
 

@@ -27,6 +27,13 @@ QUANT_METHOD = "pocketllm"
 FORMAT_VERSION = 1
 SCHEMES = ("any4", "int4", "nf4", "int8")
 FOUR_BIT = ("any4", "int4", "nf4")
+# How any4 turns the calibration statistics into a column weight a_j (recorded as calibration.statistic):
+#   abs_mean  |mean_t x_tj|        (the paper's: |mean input activation|)
+#   mean_abs  mean_t |x_tj|
+#   rms       sqrt(mean_t x_tj^2)  (the diagonal of E[x x^T], which the output error actually depends on)
+ACT_STATS = ("abs_mean", "mean_abs", "rms")
+DEFAULT_ACT_STAT = "abs_mean"
+REPORT_FILE = "quantization_report.json"  # every quantized tensor's error, beside config.json
 NIBBLE_ORDER = "low_first"  # column 2j in bits 0-3 of byte j, column 2j+1 in bits 4-7 (ONNX MatMulNBits order)
 
 # Per scheme: packed tensor suffix -> (safetensors dtype, shape as a function of N, K, G).

@@ -27,13 +27,13 @@ from pocketllm.export.checkpoint import CONFIG, Checkpoint, expected_tensors, op
 from pocketllm.export.errors import PocketllmError
 from pocketllm.export.families import get_family
 from pocketllm.export.atomic import atomic_directory
+from pocketllm.export.outputs import check_out_dir
 from pocketllm.export.checkpoint_writer import write_weights
 from pocketllm.export.quant import any4, int4, int8, nf4
 from pocketllm.export.quant.calibrate import DEFAULT_ACT_STAT, ACT_STATS, ActivationStats, calibration_text, calibration_windows
-from pocketllm.export.quant.format import QuantConfig, TensorQuant
+from pocketllm.export.quant.format import REPORT_FILE, QuantConfig, TensorQuant  # noqa: F401  (REPORT_FILE re-exported)
 from pocketllm.export.quant.recipe import Recipe, default_recipe
 
-REPORT_FILE = "quantization_report.json"
 SHARD_BYTES = 256 * 1024**2
 CALIBRATION_WINDOW = 512
 MAX_CALIBRATION_TOKENS = 2048
@@ -103,6 +103,8 @@ def quantize_checkpoint(checkpoint: str | Path | Checkpoint, out: str | Path, sc
     t_start = time.perf_counter()
     ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else open_checkpoint(checkpoint)
     spec = ckpt.spec
+    calibration_file = Path(calibration) if calibration and Path(calibration).is_file() else None
+    check_out_dir(Path(out), force=force, inputs={"--checkpoint": ckpt.dir, "--calibration": calibration_file})
     if ckpt.quantization is not None:
         raise PocketllmError(f"{ckpt.dir}: checkpoint is already quantized (scheme {ckpt.quantization.scheme}); "
                              "quantize the original floating-point checkpoint instead")

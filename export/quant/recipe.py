@@ -9,6 +9,7 @@ Only 2-D `.weight` tensors are candidates; norms, embeddings and everything unma
 from __future__ import annotations
 
 import fnmatch
+import math
 from dataclasses import dataclass
 
 from pocketllm.export.defaults import DEFAULT_GROUP_SIZE
@@ -34,17 +35,38 @@ class Recipe:
         return None
 
     def plan(self, tensors: dict[str, tuple[int, ...]], where: str = "quantize") -> dict[str, TensorQuant]:
-        """module -> TensorQuant for every 2-D `.weight` a rule quantizes; checks each one fits (group size, ...)."""
-        out: dict[str, TensorQuant] = {}
+        """module -> TensorQuant for every 2-D `.weight` a rule quantizes; checks each one fits (group size, ...).
+        A group size that does not divide some width is refused with one that divides them all."""
+        chosen: dict[str, tuple[TensorQuant, tuple[int, ...]]] = {}
         for name, shape in tensors.items():
             if not name.endswith(".weight") or len(shape) != 2:
                 continue
             module = name[:-len(".weight")]
             tq = self.resolve(module)
             if tq is not None:
+                chosen[module] = (tq, shape)
+        widths = [shape[1] for _, shape in chosen.values()]
+        for module, (tq, shape) in chosen.items():
+            try:
                 check_tensor_quant(tq, module, shape, where)
-                out[module] = tq
-        return out
+            except PocketllmError as e:
+                g = tq.group_size
+                if isinstance(g, int) and g > 0 and shape[1] % g:
+                    raise PocketllmError(f"{e}; {suggest_group_size(g, widths)}") from None
+                raise
+        return {module: tq for module, (tq, _) in chosen.items()}
+
+
+def suggest_group_size(group_size: int, widths: list[int]) -> str:
+    """Advice for a group size that does not divide every input width: the largest power of two <= group_size that
+    divides them all (4-bit packing needs an even group), else one group per row."""
+    common = math.gcd(*widths)
+    g = 1 << (min(group_size, common).bit_length() - 1)
+    while g > 1 and common % g:
+        g //= 2
+    if g >= 2:
+        return f"--group-size {g} divides every quantized width of this model (or 0: one group per row)"
+    return "use --group-size 0 (one group per row): no even group size divides every quantized width"
 
 
 def default_recipe(scheme: str, group_size: int | None = None, quantize_lm_head: bool = False,

@@ -6,23 +6,17 @@ without any SDK installed. The CLI's `--target` choices, the pipeline, parity an
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
 from functools import cache
 
 from pocketllm.export.errors import PocketllmError
+from pocketllm.export.registry import discover
 from pocketllm.export.targets.base import Target
 
 
 @cache
 def targets() -> dict[str, Target]:
     """name -> Target for every package in this folder, in name order."""
-    found = {}
-    for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
-        if info.ispkg:
-            target = importlib.import_module(f"{__name__}.{info.name}").TARGET
-            found[target.name] = target
-    return found
+    return discover(__name__, __path__, "TARGET")
 
 
 def get_target(name: str) -> Target:

@@ -145,10 +145,16 @@ def load_llama_ops() -> None:
 
 
 def set_threads(threads: int | None) -> None:
-    if threads:
-        from executorch.extension.pybindings import portable_lib
+    """Size ExecuTorch's threadpool (default: its own choice). Creating the pool logs ExecuTorch's CPU probing to
+    stderr; those lines are filtered (export/noise.py)."""
+    from executorch.extension.pybindings import portable_lib
 
-        portable_lib._unsafe_reset_threadpool(int(threads))
+    from pocketllm.export.noise import native_stderr_filtered
+
+    with native_stderr_filtered():
+        portable_lib._threadpool_get_thread_count()  # creates the pool
+        if threads:
+            portable_lib._unsafe_reset_threadpool(int(threads))
 
 
 class ExecutorchRunner:

@@ -53,7 +53,8 @@ def example_bundle(root: Path, name: str = "tiny-example") -> tuple[Path, dict[s
         "attention": {"per_layer": ["infllm", "infllm"], "rope_per_layer": [True, True],
                       "sliding_window_per_layer": [None, None],
                       "infllm_v2": {"kernel_size": 32, "kernel_stride": 16, "init_blocks": 1, "block_size": 64,
-                                    "window_size": 2048, "topk": 64, "use_nope": False, "dense_len": 8192}},
+                                    "window_size": 2048, "topk": 64, "use_nope": False, "dense_len": 8192,
+                                    "score_rule": "upstream"}},
         "targets": {"executorch": {
             "file": "model.pte", "format_version": 1,
             "methods": ["forward", "get_bos_id", "get_eos_ids", "get_max_seq_len", "get_max_context_len"],
@@ -96,6 +97,33 @@ def _delete(path: str) -> Callable[[dict], None]:
 
 def _pte(m: dict) -> str:
     return m["targets"]["executorch"]["file"]
+
+
+def with_coreml(**changes) -> Callable[[dict], None]:
+    """Add a Core ML target whose artifact is a package directory (its one file listed under it), with `changes`
+    to its entry: valid as it is, so that each change breaks one rule."""
+    def io(name: str, role: str, dtype: str, shape: list) -> dict:
+        return {"name": name, "role": role, "dtype": dtype, "shape": shape}
+
+    def apply(m: dict) -> None:
+        m["files"]["model.mlpackage/Manifest.json"] = {"sha256": "0" * 64, "size": 1}
+        vocab = m["model"]["vocab_size"]
+        entry = {"file": "model.mlpackage", "deployment_target": "iOS18", "compute_precision": "float16",
+                 "functions": {f: {"name": f, "inputs": [io("tokens", "tokens", "int32", [1, t]),
+                                                         io("position", "position", "int32", [1])],
+                                   "outputs": [io("logits", "logits", "float32", [1, t, vocab])]}
+                               for f, t in (("prefill", 64), ("decode", 1))},
+                 "states": [{"name": "k_cache", "dtype": "float16", "shape": [1, 64, 2, 16]}],
+                 "prefill_chunk": 64, "requires_kernels": [], "pad_token_id": -1, "pads_prefill": True,
+                 "rewinds": True, "float_weights": "float16"}
+        entry.update(changes)
+        m["targets"]["coreml"] = entry
+    return apply
+
+
+def _unlisted_package(m: dict) -> None:
+    with_coreml()(m)
+    del m["files"]["model.mlpackage/Manifest.json"]
 
 
 # (name, text both validators' messages must contain, mutation). Each breaks exactly one rule.
@@ -151,6 +179,10 @@ MUTATIONS: list[tuple[str, str, Callable[[dict], None]]] = [
     ("absolute path in an open object", "manifest.json: quantization.checkpoint:",
      _set("quantization/checkpoint", "/home/me/out/tiny.any4-checkpoint")),
     ("export without peak RSS", "manifest.json: export: missing key 'peak_rss_mib'", _delete("export/peak_rss_mib")),
+    ("Core ML package not listed", "manifest.json: targets.coreml.file:", _unlisted_package),
+    ("Core ML pad id", "manifest.json: targets.coreml.pad_token_id:", with_coreml(pad_token_id=-2)),
+    ("Core ML weight precision", "manifest.json: targets.coreml.float_weights:",
+     with_coreml(float_weights="bfloat16")),
 ]
 
 

@@ -9,7 +9,7 @@ import pytest
 
 from pocketllm.export.bundle.schema import load_schema, relpath_pattern, validate_manifest
 from pocketllm.export.errors import PocketllmError
-from tests.bundle.manifest_cases import MUTATIONS, example_bundle, mutated
+from tests.bundle.manifest_cases import MUTATIONS, example_bundle, mutated, with_coreml
 
 
 @pytest.fixture
@@ -36,6 +36,11 @@ def test_chat_may_be_null_and_optional_parts_absent(example):
     m["attention"]["per_layer"] = ["dense", "dense"]
     m["parity"] = {"executorch": {"passed": True}}
     validate_manifest(m)
+
+
+def test_a_package_directory_is_a_target_file_when_its_files_are_listed(example):
+    """A Core ML target's `file` is the .mlpackage directory: valid when files lists what is inside it."""
+    validate_manifest(mutated(example, with_coreml()))
 
 
 @pytest.mark.parametrize("name,expect,mutation", MUTATIONS, ids=[m[0] for m in MUTATIONS])

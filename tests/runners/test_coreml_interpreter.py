@@ -380,6 +380,33 @@ def test_unknown_op_is_a_one_line_error_naming_op_and_function(tmp_path):
     assert "depth_to_space" in message and "function 'main'" in message and "\n" not in message
 
 
+def test_cond_runs_only_the_chosen_block(tmp_path):
+    """`cond` (the Core ML target's routed MoE experts): the chosen block runs, reading values defined before the
+    op (a weight outside the branch); the other block does not run (here it would gather out of range, an error)."""
+    x = np.arange(6, dtype=np.float32).reshape(2, 3)
+    w = np.arange(9, dtype=np.float32).reshape(3, 3) - 4
+
+    @mb.program(input_specs=[mb.TensorSpec((2, 3), F32), mb.TensorSpec((1,), I32)], opset_version=iOS18)
+    def prog(x, flag):
+        weight = mb.const(val=w)
+        pred = mb.greater(x=mb.reduce_sum(x=flag, axes=[0], keep_dims=False), y=np.int32(0))
+        y = mb.cond(pred=pred, _true_fn=lambda: mb.matmul(x=mb.slice_by_size(x=x, begin=[0, 0], size=[1, 3]),
+                                                          y=weight),
+                    _false_fn=lambda: mb.gather(x=x, indices=mb.add(x=flag, y=np.int32(5)), axis=0))
+        return mb.add(x=y, y=1.0)
+
+    path = save(prog, tmp_path / "cond.mlpackage")
+    interpreter = Interpreter(path, mode="fp32")
+    cond = [op for op in interpreter.package.functions["main"].ops if op.type == "cond"]
+    assert len(cond) == 1 and len(cond[0].blocks) == 2
+    (taken,) = interpreter.run("main", {"x": x, "flag": np.int32([1])}).values()  # false block: index 6
+    np.testing.assert_allclose(taken, x[:1] @ w + 1)
+    (other,) = interpreter.run("main", {"x": x, "flag": np.int32([-4])}).values()
+    np.testing.assert_allclose(other, x[1:2] + 1)
+    with pytest.raises(PocketllmError, match="gather"):  # the gather does run when chosen, and checks its index
+        interpreter.run("main", {"x": x, "flag": np.int32([-9])})
+
+
 def test_bad_inputs_and_modes_are_clear_errors(tmp_path):
     add, _ = accumulator()
     path = save(add, tmp_path / "acc.mlpackage")

@@ -54,34 +54,62 @@ def longrope(head_dim: int, orig: int) -> dict:
             "original_max_position_embeddings": orig}
 
 
+# The LongRoPE list of the released MiniCPM4-0.5B config.json (short_factor == long_factor, head_dim 64).
+RELEASED_LONGROPE_64 = [
+    1.0004360675811768, 1.0668443441390991, 1.1631425619125366, 1.3025742769241333, 1.5040205717086792,
+    1.7941505908966064, 2.2101221084594727, 2.802666664123535, 3.6389970779418945, 4.804192543029785,
+    6.39855432510376, 8.527148246765137, 11.277542114257812, 14.684998512268066, 18.69317054748535,
+    23.13019371032715, 27.72362518310547, 32.1606559753418, 36.168827056884766, 39.57627868652344,
+    42.32667541503906, 44.45526885986328, 46.04962921142578, 47.21482849121094, 48.05115509033203,
+    48.64370346069336, 49.05967712402344, 49.34980392456055, 49.551246643066406, 49.69068145751953,
+    49.78697967529297, 49.85338592529297]
+ADDED_TOKENS = 8  # <|im_end|> .. <|fim_suffix|>: the last 8 ids of the vocabulary (added_tokens.json)
+
+
 def released_like(**shape) -> dict:
-    """A config.json with exactly the keys and conventions of the released MiniCPM4-0.5B (MODELS.md section 1): no
-    model_type (the family comes from `architectures`), no rope_theta, no tie_word_embeddings, no head_dim,
-    rms_norm_eps 1e-5, LongRoPE with original = max_position_embeddings and identical short/long lists."""
+    """A config.json with exactly the keys and values of the released MiniCPM4-0.5B (openbmb/MiniCPM4-0.5B
+    config.json; MODELS.md section 1) at any shape: no model_type (the family comes from `architectures`), no
+    rope_theta, no tie_word_embeddings, no head_dim, no sparse_config (the 0.5B runs dense; InfLLM v2 is enabled by
+    adding one), rms_norm_eps 1e-5, LongRoPE with original = max_position_embeddings and identical short/long lists
+    (the released list when head_dim is 64), EOS [2, <|im_end|>] with <|im_end|> the first of the 8 added tokens at
+    the end of the vocabulary (73440 for the released 73448)."""
     max_pos = shape.pop("max_position_embeddings", 32768)
     head_dim = shape["hidden_size"] // shape["num_attention_heads"]
-    factors = longrope(head_dim, max_pos)
-    factors["long_factor"] = list(factors["short_factor"])
-    return {
+    factors = RELEASED_LONGROPE_64 if head_dim == 64 else longrope(head_dim, max_pos)["short_factor"]
+    cfg = {
+        "_name_or_path": "openbmb/MiniCPM4-0.5B",
         "architectures": ["MiniCPMForCausalLM"],
         "auto_map": {"AutoConfig": "configuration_minicpm.MiniCPMConfig",
                      "AutoModel": "modeling_minicpm.MiniCPMModel",
-                     "AutoModelForCausalLM": "modeling_minicpm.MiniCPMForCausalLM"},
+                     "AutoModelForCausalLM": "modeling_minicpm.MiniCPMForCausalLM",
+                     "AutoModelForSeq2SeqLM": "modeling_minicpm.MiniCPMForCausalLM",
+                     "AutoModelForSequenceClassification": "modeling_minicpm.MiniCPMForSequenceClassification"},
         "bos_token_id": 1,
-        "eos_token_id": [2, 73440],
+        "eos_token_id": [2, shape["vocab_size"] - ADDED_TOKENS],
         "hidden_act": "silu",
+        "hidden_size": None,
         "initializer_range": 0.1,
+        "intermediate_size": None,
         "max_position_embeddings": max_pos,
+        "num_attention_heads": None,
+        "num_hidden_layers": None,
+        "num_key_value_heads": None,
         "rms_norm_eps": 1e-05,
-        "rope_scaling": factors,
+        "rope_scaling": {"rope_type": "longrope", "long_factor": list(factors), "short_factor": list(factors),
+                         "original_max_position_embeddings": max_pos},
+        "torch_dtype": "bfloat16",
+        "transformers_version": "4.46.3",
+        "use_cache": True,
+        "vocab_size": None,
         "scale_emb": 12,
         "dim_model_base": 256,
         "scale_depth": 1.4,
-        "sparse_config": dict(SPARSE_UPSTREAM),
-        "torch_dtype": "bfloat16",
-        "use_cache": True,
-        **shape,
     }
+    shape_keys = {k for k, v in cfg.items() if v is None}
+    if set(shape) != shape_keys:
+        raise ValueError(f"released_like: give exactly {sorted(shape_keys)} (got {sorted(shape)})")
+    cfg.update(shape)  # in the released file's key order
+    return cfg
 
 
 def released_0_5b() -> dict:

@@ -24,6 +24,7 @@ def minimax_config(*, vocab_size, hidden_size, num_hidden_layers, num_attention_
         "max_position_embeddings": max_position_embeddings,
         "initializer_range": initializer_range,
         "rms_norm_eps": 1e-5,
+        "use_cache": True,
         "tie_word_embeddings": tie_word_embeddings,
         "sliding_window": None,
         "attention_dropout": 0.0,

@@ -7,7 +7,7 @@ from __future__ import annotations
 from pocketllm.export.errors import PocketllmError
 from pocketllm.export.targets.base import Target
 from pocketllm.export.targets.executorch.ops import LOWERINGS
-from pocketllm.export.targets.executorch.options import QUANT_SCHEMES, ExecutorchOptions
+from pocketllm.export.targets.executorch.options import IN_GRAPH_DEQUANT, QUANT_SCHEMES, ExecutorchOptions
 
 
 class ExecutorchTarget(Target):
@@ -24,6 +24,13 @@ class ExecutorchTarget(Target):
             import executorch.exir  # noqa: F401
         except ImportError:
             raise PocketllmError(f"--target executorch needs the ExecuTorch SDK: pip install {self.sdk}") from None
+
+    def warnings(self, options) -> list[str]:
+        if options.quant in IN_GRAPH_DEQUANT:
+            return [f"{options.quant} weights: ExecuTorch dequantizes them inside the graph on every call (portable "
+                    "kernels): correct, but decoding is many times slower than fp32 (~40x on tiny-austen); any4 "
+                    "(pocketllm's kernel) or 8da4w (XNNPACK) are the fast 4-bit choices"]
+        return []
 
     def export(self, model, spec, options, out_dir, stage):
         from pocketllm.export.targets.executorch.lower import export_executorch

@@ -10,6 +10,7 @@ from pocketllm.export.targets.base import CommonOptions
 
 # packed checkpoints (export/quant: any4 on our kernel, the others dequantized in the graph) and torchao's 8da4w
 QUANT_SCHEMES = ("none", *SCHEMES, "8da4w")
+IN_GRAPH_DEQUANT = tuple(s for s in SCHEMES if s != "any4")  # no kernel of their own: dequantized in the graph
 EXPERT_MODES = ("inline", "file", "all")
 
 

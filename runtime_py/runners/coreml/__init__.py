@@ -12,6 +12,14 @@ from pocketllm.runtime_py.runners.coreml.interpreter import MODES, Interpreter
 from pocketllm.runtime_py.runners.coreml.package import load_package
 
 TARGET = "coreml"
+# `pocketllm parity` runs the interpreter in each mode against the numpy reference on the bundle's weights rounded as
+# the package stores them (fp16), with its own criteria (issue #12's acceptance):
+PARITY_MODES = {
+    # the program's math in float32: the logits are the reference's up to fp16 constants (weights, RoPE tables)
+    "fp32": {"tolerance": 5e-3},
+    # every value the program declares fp16 rounded to fp16, as on a phone: the same greedy continuations
+    "fp16": {"tolerance": None, "identical": True, "min_top1": 0.99},
+}
 
 
 def Runner(bundle, threads=None, manifest=None, mode: str = "fp16"):
@@ -20,4 +28,4 @@ def Runner(bundle, threads=None, manifest=None, mode: str = "fp16"):
     return CoreMLEngine(bundle, mode=mode, manifest=manifest)
 
 
-__all__ = ["CoreMLEngine", "Interpreter", "MODES", "Runner", "TARGET", "load_package"]
+__all__ = ["CoreMLEngine", "Interpreter", "MODES", "PARITY_MODES", "Runner", "TARGET", "load_package"]

@@ -13,9 +13,11 @@ last dimension is the vocabulary) and refuses to guess between two.
 
 Call pattern (an app's): at start_pos 0 the states are reset (a fresh `make_state()`; this restarts recurrent
 states). Runs of two or more tokens go through the prefill function in chunks of its fixed token count, the last
-chunk padded with token id 0; padded rows write cache rows past the prompt, which the causal mask hides and the
-next call overwrites. Single tokens go through the decode function. A chunk that would write past max_context runs
-token by token through the decode function instead. Like the ExecuTorch runner, start_pos may rewind to any
+chunk padded with `targets.coreml.pad_token_id` (default 0; pocketllm's packages use -1, which they know to be
+padding); padded rows write cache rows past the prompt, which the causal mask hides and the next call overwrites.
+When the entry says `pads_prefill: false` (recurrent lightning state, which padding would feed) a short tail runs
+token by token instead. Single tokens go through the decode function. A chunk that would write past max_context
+runs token by token through the decode function instead. Like the ExecuTorch runner, start_pos may rewind to any
 cached position: rows from start_pos on are overwritten by the call (recurrent states cannot rewind; the manifest
 of such a model must say so and callers restart at 0).
 """
@@ -141,6 +143,9 @@ class CoreMLEngine:
                 raise PocketllmError(f"{where}: the prefill function has a flexible token count; "
                                      "targets.coreml.prefill_chunk must give the most tokens per call")
             self.prefill = FunctionIO(**{**self.prefill.__dict__, "num_tokens": chunk})
+        self.pad_id = int(target.get("pad_token_id", 0))
+        recurrent = "lightning" in manifest.get("attention", {}).get("per_layer", [])
+        self.pads_prefill = bool(target.get("pads_prefill", not recurrent))
         self.length = 0
 
     def _guess_roles(self) -> set[str]:
@@ -166,6 +171,8 @@ class CoreMLEngine:
             pos, rest = start_pos + s, tokens.size - s
             chunk = self.prefill.num_tokens if self.prefill else 0
             fits = self.prefill is not None and pos + chunk <= self.max_context
+            if fits and not self.pads_prefill and rest < chunk and self.decode is not None:
+                fits = False  # a recurrent state would take in the padding: token by token
             if fits and (rest > 1 or self.decode is None):
                 n = min(rest, chunk)
                 outs.append(self._call(self.prefill, tokens[s:s + n], pos)[:n])
@@ -184,7 +191,7 @@ class CoreMLEngine:
         self.program.reset_states()
 
     def _call(self, io: FunctionIO, tokens: np.ndarray, pos: int) -> np.ndarray:
-        ids = np.zeros(tokens.size if io.flexible else io.num_tokens, dtype=np.int64)  # pad with id 0
+        ids = np.full(tokens.size if io.flexible else io.num_tokens, self.pad_id, dtype=np.int64)
         ids[:tokens.size] = tokens
         feeds = {io.tokens: ids.reshape((1,) * (io.tokens_rank - 1) + (-1,)),
                  io.position: np.full(io.position_shape, pos, dtype=np.int64)}

@@ -94,7 +94,11 @@ class Interpreter:
         self.state_types = self._collect_states()
         self.states: dict[str, np.ndarray] = {}  # one store for all functions; compiled steps hold this dict
         self.reset_states()
+        # constants folded at load, shared by the functions: a multifunction package's functions read the same
+        # weight blobs (package.py hands out one array per blob), so their dequantised weights are computed once
+        self._folded: dict[tuple, Any] = {}
         self.functions = {name: self._compile(f) for name, f in self.package.functions.items()}
+        del self._folded
 
     # ------------------------------------------------------------------------------------------- states
     def _collect_states(self) -> dict[str, TensorType]:
@@ -139,50 +143,74 @@ class Interpreter:
                 return True, slots[v]
             raise PocketllmError(f"{where}: input '{v}' is not defined before use")
 
-        in_place = in_place_updates(f)
         declared = {name: t for name, t in f.inputs}
-        for index, op in enumerate(f.ops):
-            where = f"{where_fn}, op '{op.name or op.type}' ({op.type})"
-            declared.update(op.outputs)
-            if op.type == "const":
-                (out_name, t), = op.outputs
-                consts[out_name] = finisher(t, self.mode)(self._const_value(op.values["val"]))
-                continue
-            if op.type in STATE_OPS:
-                steps.append(self._state_step(op, slots, consts, states, declared, where))
-                continue
-            kernel = OPS.get(op.type)
-            if kernel is None:
-                raise PocketllmError(f"{where_fn}: MIL op '{op.type}' (op '{op.name}') is not implemented by "
-                                     "pocketllm's Core ML interpreter")
-            static, dynamic = {}, []  # dynamic: (param, slot) or (param, [(is_slot, slot_or_value), ...])
-            for param, bindings in op.inputs.items():
-                resolved = [resolve(b, where) for b in bindings]
-                if (op.type, param) in TUPLE_INPUTS or len(resolved) > 1:
-                    if any(is_slot for is_slot, _ in resolved):
-                        dynamic.append((param, resolved))
+
+        def compile_ops(ops, steps: list[Callable], in_place: set[int]) -> None:
+            for index, op in enumerate(ops):
+                where = f"{where_fn}, op '{op.name or op.type}' ({op.type})"
+                declared.update(op.outputs)
+                if op.type == "const":
+                    (out_name, t), = op.outputs
+                    val = op.values["val"]
+                    key = ("const", id(val), t) if isinstance(val, np.ndarray) and val.size > 1024 else None
+                    if key is None or key not in self._folded:
+                        value = finisher(t, self.mode)(self._const_value(val))
+                        if key is None:
+                            consts[out_name] = value
+                            continue
+                        self._folded[key] = (val, value)  # (val kept: its id stays its own)
+                    consts[out_name] = self._folded[key][1]
+                    continue
+                if op.type in STATE_OPS:
+                    steps.append(self._state_step(op, slots, consts, states, declared, where))
+                    continue
+                if op.type == "cond":
+                    steps.append(self._cond_step(op, resolve, compile_ops, slots, where))
+                    continue
+                if op.blocks:
+                    raise PocketllmError(f"{where_fn}: MIL op '{op.type}' (op '{op.name}') has nested blocks; "
+                                         "pocketllm's Core ML interpreter runs only `cond` among control-flow ops")
+                kernel = OPS.get(op.type)
+                if kernel is None:
+                    raise PocketllmError(f"{where_fn}: MIL op '{op.type}' (op '{op.name}') is not implemented by "
+                                         "pocketllm's Core ML interpreter")
+                static, dynamic = {}, []  # dynamic: (param, slot) or (param, [(is_slot, slot_or_value), ...])
+                for param, bindings in op.inputs.items():
+                    resolved = [resolve(b, where) for b in bindings]
+                    if (op.type, param) in TUPLE_INPUTS or len(resolved) > 1:
+                        if any(is_slot for is_slot, _ in resolved):
+                            dynamic.append((param, resolved))
+                        else:
+                            static[param] = [v for _, v in resolved]
+                    elif resolved[0][0]:
+                        dynamic.append((param, resolved[0][1]))
                     else:
-                        static[param] = [v for _, v in resolved]
-                elif resolved[0][0]:
-                    dynamic.append((param, resolved[0][1]))
-                else:
-                    static[param] = resolved[0][1]
-            if "out_types" in inspect.signature(kernel).parameters:
-                static["out_types"] = [t for _, t in op.outputs]
-            finishers = [finisher(t, self.mode) for _, t in op.outputs]
-            types_ = [t for _, t in op.outputs]
-            if index in in_place:  # x is the state's own array and the update already has the declared dtype
-                kernel, finishers = slice_update_in_place, [lambda v: v]
-            if not dynamic:  # constant folding, including constexpr_* dequantisation: done once here
-                values = _call(kernel, static, where)
-                for (out_name, _), value in zip(op.outputs, _finish(values, finishers, types_, where)):
-                    consts[out_name] = value
-                continue
-            out_slots = []
-            for out_name, _ in op.outputs:
-                slots[out_name] = len(slots)
-                out_slots.append(slots[out_name])
-            steps.append(_make_step(kernel, static, dynamic, out_slots, finishers, types_, where))
+                        static[param] = resolved[0][1]
+                if "out_types" in inspect.signature(kernel).parameters:
+                    static["out_types"] = [t for _, t in op.outputs]
+                finishers = [finisher(t, self.mode) for _, t in op.outputs]
+                types_ = [t for _, t in op.outputs]
+                if index in in_place:  # x is the state's own array and the update already has the declared dtype
+                    kernel, finishers = slice_update_in_place, [lambda v: v]
+                if not dynamic:  # constant folding, including constexpr_* dequantisation: done once here
+                    key = _fold_key(op.type, static, types_)
+                    if key is None or key not in self._folded:
+                        values = _finish(_call(kernel, static, where), finishers, types_, where)
+                        if key is not None:
+                            self._folded[key] = (static, values)  # (static kept: the ids in the key stay theirs)
+                    else:
+                        values = self._folded[key][1]
+                    for (out_name, _), value in zip(op.outputs, values):
+                        consts[out_name] = value
+                    continue
+                out_slots = []
+                for out_name, _ in op.outputs:
+                    slots[out_name] = len(slots)
+                    out_slots.append(slots[out_name])
+                steps.append(_make_step(kernel, static, dynamic, out_slots, finishers, types_, where))
+
+        in_place = in_place_updates(f)
+        compile_ops(f.ops, steps, in_place)
 
         outputs = []
         for name in f.outputs:
@@ -197,6 +225,37 @@ class Interpreter:
             slot_names[slot] = name
         return CompiledFunction(f.name, inputs, states, steps, outputs, len(slots), len(f.ops), len(in_place),
                                 slot_names)
+
+    def _cond_step(self, op, resolve, compile_ops, slots, where) -> Callable:
+        """`cond(pred)`: run the true or the false block (each compiled to its own steps over the same slots; a
+        block reads values defined before the op) and bind the chosen block's outputs to the op's outputs."""
+        if len(op.blocks) != 2 or any(b.inputs for b in op.blocks):
+            raise PocketllmError(f"{where}: expected two blocks without inputs (true, false)")
+        (pred,) = [resolve(b, where) for b in op.inputs["pred"]]
+        branches = []
+        for block in op.blocks:
+            block_steps: list[Callable] = []
+            compile_ops(block.ops, block_steps, set())
+            if len(block.outputs) != len(op.outputs):
+                raise PocketllmError(f"{where}: a block returns {len(block.outputs)} values for {len(op.outputs)} "
+                                     "outputs")
+            branches.append((block_steps, [resolve(("name", n), where) for n in block.outputs]))
+        finishers = [finisher(t, self.mode) for _, t in op.outputs]
+        types_ = [t for _, t in op.outputs]
+        out_slots = []
+        for out_name, _ in op.outputs:
+            slots[out_name] = len(slots)
+            out_slots.append(slots[out_name])
+
+        def step(env):
+            p = env[pred[1]] if pred[0] else pred[1]
+            block_steps, outs = branches[0] if bool(np.asarray(p).reshape(-1)[0]) else branches[1]
+            for s in block_steps:
+                s(env)
+            values = [env[v] if is_slot else v for is_slot, v in outs]
+            for slot, value in zip(out_slots, _finish(tuple(values), finishers, types_, where)):
+                env[slot] = value
+        return step
 
     def _const_value(self, v):
         """A constant as the interpreter holds it: floats in float32 (fp16 values stay exact), ints as stored."""
@@ -312,6 +371,13 @@ def in_place_updates(f: Function) -> set[int]:
     return the store's array itself, so such a value would see the mutation.
     """
     producer, consumers = {}, {}
+    def nested_inputs(op):  # a nested block's reads count as reads by the op holding it
+        for block in op.blocks:
+            for inner in block.ops:
+                yield from inner.inputs.values()
+                yield from nested_inputs(inner)
+            yield [("name", n) for n in block.outputs]
+
     for i, op in enumerate(f.ops):
         for name, _ in op.outputs:
             producer[name] = i
@@ -319,6 +385,10 @@ def in_place_updates(f: Function) -> set[int]:
             for kind, v in bindings:
                 if kind == "name":
                     consumers.setdefault(v, []).append((i, param))
+        for bindings in nested_inputs(op):
+            for kind, v in bindings:
+                if kind == "name":
+                    consumers.setdefault(v, []).append((i, "block"))
     for name in f.outputs:
         consumers.setdefault(name, []).append((len(f.ops), "output"))
 
@@ -355,6 +425,24 @@ def in_place_updates(f: Function) -> set[int]:
         if all(k < i or (k, param) == (i, "x") for k, param in uses):
             chosen.add(i)
     return chosen
+
+
+def _fold_key(op_type: str, static: dict, types_) -> tuple | None:
+    """Key of a constant-folded op whose result other functions may reuse: its type, declared outputs and inputs
+    (large arrays by identity: they are the shared blobs or earlier shared results). None for small results, not
+    worth sharing."""
+    if sum(int(np.prod([d or 0 for d in t.shape])) for t in types_) <= 1024:
+        return None
+    parts = []
+    for k in sorted(static):
+        v = static[k]
+        if isinstance(v, np.ndarray):
+            parts.append((k, "id", id(v)) if v.size > 64 else (k, v.dtype.str, v.shape, v.tobytes()))
+        elif isinstance(v, list) and any(isinstance(x, np.ndarray) for x in v):
+            parts.append((k, tuple(id(x) if isinstance(x, np.ndarray) else repr(x) for x in v)))
+        else:
+            parts.append((k, repr(v)))
+    return (op_type, tuple(types_), tuple(parts))
 
 
 def _call(kernel, kwargs, where):

@@ -67,6 +67,17 @@ class Op:
     inputs: dict[str, list[tuple[str, Any]]]
     outputs: list[tuple[str, TensorType]]
     values: dict[str, Any] = field(default_factory=dict)  # const / constexpr attributes ("val", ...)
+    blocks: list["Block"] = field(default_factory=list)  # nested blocks (`cond`: the true and false branches)
+
+
+@dataclass
+class Block:
+    """A nested block of a control-flow op: its ops (which may read any value defined before the op) and the names
+    of the values it returns."""
+
+    inputs: list[tuple[str, TensorType]]
+    ops: list[Op]
+    outputs: list[str]
 
 
 @dataclass
@@ -235,13 +246,17 @@ class BlobStore:
 
     def __init__(self, model_dir: Path):
         self.model_dir, self.files = model_dir, {}
+        self.blobs: dict[tuple, np.ndarray] = {}  # one array per blob: functions of a multifunction package share it
 
     def read(self, file_name: str, offset: int, dtype: str, shape: tuple[int, ...]) -> np.ndarray:
         rel = file_name.replace("@model_path/", "", 1) if file_name.startswith("@model_path/") else file_name
         path = self.model_dir / rel
-        if path not in self.files:
-            self.files[path] = BlobFile(path)
-        return self.files[path].read(offset, dtype, shape)
+        key = (path, offset, dtype, tuple(shape))
+        if key not in self.blobs:
+            if path not in self.files:
+                self.files[path] = BlobFile(path)
+            self.blobs[key] = self.files[path].read(offset, dtype, shape)
+        return self.blobs[key]
 
 
 # ------------------------------------------------------------------------------------------------ program
@@ -294,8 +309,11 @@ def _function(name: str, f, blobs: BlobStore, model_file: Path) -> Function:
 def _op(o, blobs: BlobStore, where: str) -> Op:
     name = o.attributes["name"].immediateValue.tensor.strings.values[0] if "name" in o.attributes else ""
     here = f"{where}, op '{name or o.type}' ({o.type})"
-    if len(o.blocks):
-        raise PocketllmError(f"{here}: ops with nested blocks (control flow) are not supported")
+    blocks = []
+    for k, b in enumerate(o.blocks):
+        block_inputs = [(i.name, _tensor_type(i.type, f"{here} block {k} input '{i.name}'")) for i in b.inputs]
+        blocks.append(Block(block_inputs, [_op(x, blobs, f"{here} block {k}") for x in b.operations],
+                            list(b.outputs)))
     inputs = {}
     for param, arg in o.inputs.items():
         bindings = []
@@ -307,4 +325,4 @@ def _op(o, blobs: BlobStore, where: str) -> Op:
         inputs[param] = bindings
     outputs = [(out.name, _tensor_type(out.type, f"{here} output '{out.name}'")) for out in o.outputs]
     values = {k: _value(v, blobs, f"{here} attribute '{k}'") for k, v in o.attributes.items() if k != "name"}
-    return Op(o.type, name, inputs, outputs, values)
+    return Op(o.type, name, inputs, outputs, values, blocks)

@@ -34,6 +34,8 @@ public struct CoreMLPlan: Equatable, Sendable {
     public let decode: Function
     public let stateNames: [String]
     public let limits: ModelLimits
+    /// Token id that pads a short prefill tail (targets.coreml.pad_token_id; 0 when the manifest has none).
+    public let padTokenId: Int
 
     public init(manifest: Manifest) throws {
         guard let target = manifest.targets.coreml else {
@@ -64,12 +66,13 @@ public struct CoreMLPlan: Equatable, Sendable {
         self.prefill = prefill
         self.decode = decode
         self.stateNames = stateNames
+        self.padTokenId = target.padTokenId ?? 0
         self.limits = ModelLimits(
             maxContext: manifest.model.maxContext,
             prefillChunk: prefill.tokenCount,
             vocabSize: vocab,
-            padsPrefill: !recurrent && prefill.logitsRows == prefill.tokenCount,
-            rewindsCache: !recurrent)
+            padsPrefill: (target.padsPrefill ?? !recurrent) && !recurrent && prefill.logitsRows == prefill.tokenCount,
+            rewindsCache: (target.rewinds ?? !recurrent) && !recurrent)
     }
 
     /// Directory name for the compiled model (.mlmodelc) cache: changes whenever a file of the package changes.

@@ -153,13 +153,22 @@ public struct Manifest: Decodable, Equatable, Sendable {
         public let states: [TensorSpec]
         public let prefillChunk: Int
         public let requiresKernels: [String]?
+        /// Token id that pads a short prefill tail (pocketllm's packages: -1, treated as padding); absent: 0.
+        public let padTokenId: Int?
+        /// Whether a prompt tail may be padded to a full chunk (false with recurrent state); absent: decided from
+        /// the attention kinds.
+        public let padsPrefill: Bool?
+        /// Whether a call may start at any cached position (false with recurrent state).
+        public let rewinds: Bool?
 
         enum CodingKeys: String, CodingKey {
-            case file, functions, states
+            case file, functions, states, rewinds
             case deploymentTarget = "deployment_target"
             case computePrecision = "compute_precision"
             case prefillChunk = "prefill_chunk"
             case requiresKernels = "requires_kernels"
+            case padTokenId = "pad_token_id"
+            case padsPrefill = "pads_prefill"
         }
 
         public struct Functions: Decodable, Equatable, Sendable {

@@ -129,8 +129,9 @@ public actor CoreMLLanguageModel: LogitsModel {
             throw PocketLLMError.predictionFailed(
                 function: function.name, reason: "\(tokens.count) tokens for a \(function.tokenCount)-token chunk")
         }
-        // Pad a short tail with token 0: its cache rows lie past the prompt, masked by position and overwritten later.
-        let padded = tokens + Array(repeating: 0, count: function.tokenCount - tokens.count)
+        // Pad a short tail with the manifest's pad id (-1 for pocketllm's packages, which then know the real token
+        // count): its cache rows lie past the prompt, masked by position and overwritten later.
+        let padded = tokens + Array(repeating: plan.padTokenId, count: function.tokenCount - tokens.count)
         let output = try await predict(prefillModel, function, tokens: padded, start: start)
         let row = function.logitsRows == 1 ? 0 : tokens.count - 1
         return try Self.logits(output, function, row: row)

@@ -22,6 +22,8 @@ final class CoreMLPlanTests: XCTestCase {
             XCTAssertEqual(plan.decode.tokenCount, 1)
             XCTAssertEqual(plan.limits.maxContext, manifest.model.maxContext)
             XCTAssertEqual(plan.limits.rewindsCache, !(manifest.attention?.hasLightning ?? false))
+            XCTAssertEqual(plan.padTokenId, -1)  // pocketllm's packages treat id -1 as padding
+            XCTAssertEqual(plan.limits.padsPrefill, target.padsPrefill)
             XCTAssertEqual(plan.packagePath, target.file)
         }
     }

@@ -21,6 +21,7 @@ object ManifestSchema {
     val ARCHITECTURES = listOf("minicpm4", "smallthinker", "minimax")
     val WEIGHT_DTYPES = listOf("BF16", "F16", "F32")
     val TOKENIZER_KINDS = listOf("huggingface", "sentencepiece")
+    val SCORE_RULES = listOf("upstream", "exact")  // InfLLM v2 block scores (docs/infllm_v2.md)
     val QUANT_SCHEMES = listOf("none", "any4", "int4", "nf4", "int8", "8da4w")
     val ATTENTION_KINDS = listOf("dense", "infllm", "sliding", "lightning")
     val DTYPES = listOf("int32", "int64", "float16", "bfloat16", "float32", "bool", "uint8", "int8")

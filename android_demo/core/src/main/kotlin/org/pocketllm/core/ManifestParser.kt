@@ -173,11 +173,12 @@ object ManifestParser {
         if (o.has("infllm_v2")) {
             val s = o.obj("infllm_v2")
             val keys = arrayOf("kernel_size", "kernel_stride", "init_blocks", "block_size", "window_size", "topk",
-                "use_nope", "dense_len")
+                "use_nope", "dense_len", "score_rule")
             s.requireKeys(*keys)
             s.closed(*keys)
             s.long("kernel_size", 1); s.long("kernel_stride", 1); s.long("init_blocks", 0); s.long("block_size", 1)
             s.long("window_size", 0); s.long("topk", 1); s.bool("use_nope"); s.long("dense_len", -1)
+            s.oneOf("score_rule", ManifestSchema.SCORE_RULES)
         }
         var lightning: List<Long> = emptyList()
         if (o.has("lightning")) {
@@ -273,6 +274,10 @@ object ManifestParser {
         val states = o.array("states")
         for (i in 0 until states.size) readTensor(states.obj(i), false)
         o.int("prefill_chunk", 1)
+        if (o.has("pad_token_id")) o.int("pad_token_id", -1)
+        if (o.has("pads_prefill")) o.bool("pads_prefill")
+        if (o.has("rewinds")) o.bool("rewinds")
+        if (o.has("float_weights")) o.oneOf("float_weights", ManifestSchema.COMPUTE_PRECISIONS)
         return OtherTarget("coreml", file, readKernels(o))
     }
 
@@ -313,8 +318,10 @@ object ManifestParser {
         val targetFiles = ArrayList<Pair<String, String>>()
         val targets = root.obj("targets")
         for (t in targets.keys()) targetFiles.add(t to targets.obj(t).string("file"))
-        for ((t, file) in targetFiles) {
-            if (file !in m.files) throw ManifestException("targets.$t.file", "'$file' is not listed in files")
+        for ((t, file) in targetFiles) {  // a file, or a directory (.mlpackage) with files listed under it
+            if (file !in m.files && m.files.keys.none { it.startsWith("$file/") }) {
+                throw ManifestException("targets.$t.file", "'$file' is not listed in files")
+            }
         }
         val chat = m.chat
         if (chat != null) {

@@ -48,6 +48,11 @@ class SchemaMirrorTest {
         assertEquals((0 until dtypes.length()).map { dtypes.getString(it) }, ManifestSchema.DTYPES)
         val targets = props.getJSONObject("targets").getJSONObject("properties")
         assertEquals(targets.keys().asSequence().toList(), ManifestSchema.TARGETS)
+        val coreml = defs.getJSONObject("coreml_target").getJSONObject("properties")
+        for (key in listOf("compute_precision", "float_weights")) {
+            val e = coreml.getJSONObject(key).getJSONArray("enum")
+            assertEquals((0 until e.length()).map { e.getString(it) }, ManifestSchema.COMPUTE_PRECISIONS)
+        }
         assertEquals(schema.getJSONObject("properties").getJSONObject("schema_version").getInt("const"), SCHEMA_VERSION)
     }
 }

@@ -1,0 +1,22 @@
+"""How the Core ML target runs each pocketllm op (no coremltools import here: the converters themselves are in
+converters.py, registered with coremltools when lower.py imports it). Core ML has no custom kernels: every op is a
+coremltools converter emitting MIL, or unsupported with the reason."""
+
+from pocketllm.export.targets.base import Lowering
+
+LOWERINGS = {
+    "any4_linear": Lowering("converter", "converters.py: constexpr_lut_to_dense (uint4 codes, per-row LUT) + group "
+                                         "scales and zeros on per-group partial sums"),
+    "any4_linear_w4a8": Lowering("unsupported", "int8 activations: Core ML has no int8-activation matmul; any4 "
+                                                "weights run as any4_linear (fp16 activations)"),
+    "infllm_attention": Lowering("converter", "converters.py: composite MIL (compressed keys, block scores, topk, "
+                                              "gather of the selected blocks); the swapped core keeps the compressed "
+                                              "keys in a state (pocketllm_coreml::infllm_attention)"),
+    "lightning_attention": Lowering("converter", "converters.py: block form in MIL, recurrent state as a Core ML "
+                                                 "state"),
+    "moe_ffn": Lowering("unsupported", "MoE layers export from export/nn/moe.py's experts: decode runs only the "
+                                       "routed experts through one `cond` per expert (swaps.CoreMLDispatch), prefill "
+                                       "every expert; the fused op's stacked weights would be gathered per call"),
+    "moe_ffn_any4": Lowering("unsupported", "as moe_ffn: routed experts through `cond` per expert "
+                                            "(swaps.CoreMLDispatch), any4 experts as any4_linear"),
+}

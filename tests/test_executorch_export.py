@@ -221,6 +221,42 @@ def test_damaged_expert_store_in_a_bundle(bundles, tmp_path):
     assert r.exit_code == 2 and "experts.bin: size" in r.output and "does not match manifest.json" in r.output
 
 
+@pytest.mark.parametrize("damage", ["corrupt", "truncated"])
+def test_damaged_expert_store_through_the_cli(bundles, tmp_path, damage):
+    """The manifest's sha256 is the first defence; the store's own checks are the second (an app that does not hash
+    gigabytes at every start, a file damaged before its manifest was written). Here manifest.json is made to agree
+    with the damaged experts.bin, so the store itself must refuse it: one line, exit 2, through `pocketllm logits`."""
+    from pocketllm.export.bundle.manifest import file_entry
+    from pocketllm.runtime_py.ops.expert_store import ExpertFile
+
+    bundle = tmp_path / "b"
+    shutil.copytree(bundles["smallthinker_file"][1], bundle)
+    path = bundle / "experts.bin"
+    data = bytearray(path.read_bytes())
+    if damage == "corrupt":
+        for layer in ExpertFile(path).layers.values():  # every expert of every layer: whichever the router picks
+            for e in range(layer.experts):
+                data[layer.first_offset + e * layer.block_stride + 100] ^= 0xFF
+    else:
+        del data[len(data) - 4096:]
+    path.write_bytes(bytes(data))
+    manifest_path = bundle / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["files"]["experts.bin"] = file_entry(path)
+    manifest["targets"]["executorch"]["expert_store"]["bytes"] = path.stat().st_size
+    manifest_path.write_text(json.dumps(manifest, indent=2))
+    r = runner.invoke(app, ["logits", "--engine", "executorch", "--bundle", str(bundle), "--tokens", "1,5,9",
+                            "--out", str(tmp_path / "l.npy")])
+    lines = r.output.strip().splitlines()
+    assert r.exit_code == 2, r.output
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.output
+    expected = {"corrupt": r"experts\.bin: layer \d+ expert \d+ fails its checksum \(the file is corrupt\); "
+                           r"re-export the bundle$",
+                "truncated": r"experts\.bin: truncated expert store \(\d+ bytes; its header says "}[damage]
+    assert re.search(expected, lines[0]), lines[0]
+    assert not (tmp_path / "l.npy").exists()
+
+
 def test_bundle_is_relocatable(bundles, tmp_path):
     """A bundle copied elsewhere passes parity there: its reference weights travel inside it and its manifest
     holds no absolute path (no path of the exporting machine at all)."""

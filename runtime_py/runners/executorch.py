@@ -16,6 +16,7 @@ $POCKETLLM_EXPERT_CACHE_MB, else the manifest's `expert_store.cache_mb` (the exp
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 from pathlib import Path
@@ -217,13 +218,26 @@ class ExecutorchRunner:
             t = self.torch.from_numpy(tokens[s:s + self.chunk].copy())[None]
             pos = self.torch.tensor([int(start_pos) + s], dtype=self.torch.long)
             try:
-                logits = self.method.execute([t, pos])[0]
-            except RuntimeError as e:
-                why = self.experts.last_error() if self.experts is not None else ""
-                raise PocketllmError(why or f"{self.bundle / self.target['file']}: forward failed ({e})") from None
+                with self._native_log() as native:
+                    try:
+                        logits = self.method.execute([t, pos])[0]
+                    except RuntimeError as e:
+                        why = self.experts.last_error() if self.experts is not None else ""
+                        if why:  # the store's one line says it all: not ExecuTorch's trace of the failed call
+                            native.drop_kernel_failure()
+                        raise PocketllmError(why or f"{self.bundle / self.target['file']}: forward failed ({e})")
+            except PocketllmError as e:
+                raise PocketllmError(str(e)) from None
             outs.append(logits[0].numpy().astype(np.float32, copy=True))
         self.length = start_pos + tokens.size
         return outs[0] if len(outs) == 1 else np.concatenate(outs)
+
+    def _native_log(self):
+        """Around execute: with an expert store, fd 2 is filtered so that a damaged experts.bin reads as one line
+        (export/noise.py); without one, nothing is redirected (no cost per call)."""
+        from pocketllm.export.noise import NativeFilter, native_stderr_filtered
+
+        return native_stderr_filtered() if self.experts is not None else contextlib.nullcontext(NativeFilter())
 
     def reset(self) -> None:
         self.length = 0

@@ -176,7 +176,8 @@ def quant_summary(ckpt) -> dict:
     q = ckpt.quantization
     if q is None:
         return {"scheme": "none", "bits_per_weight": 32}
-    return {"scheme": q.scheme, "group_size": q.group_size, "bits_per_weight": round(q.bits_per_weight(), 4),
+    # group_size 0 (one group per row, int8's default) is null in the manifest, whose schema wants a positive size
+    return {"scheme": q.scheme, "group_size": q.group_size or None, "bits_per_weight": round(q.bits_per_weight(), 4),
             "modules": len(q.modules), "calibration": q.calibration,
             "lm_head": "fp32" if not any(m == "lm_head" for m in q.modules) else q.scheme}
 
@@ -228,6 +229,8 @@ def run_export(request: ExportRequest | ExportPlan, stage: Callable[[str], Any] 
                 quant = entry["quantization"]
             entries[target.name] = entry
         tok_files = copy_tokenizer(ckpt.tokenizer_files, tmp, spec.bos_token_id)
+        for target, _ in p.targets:
+            target.add_tokenizer(tmp, tok_files)
         config_sha = hashlib.sha256((ckpt.dir / "config.json").read_bytes()).hexdigest()
         timings["total_s"] = time.perf_counter() - t_start
         manifest = write_manifest(

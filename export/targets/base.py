@@ -85,3 +85,7 @@ class Target:
     def export(self, model, spec, options, out_dir: Path, stage: Callable[[str], Any]) -> dict[str, Any]:
         """Write the artifact into out_dir; return the manifest's `targets.<name>` entry."""
         raise NotImplementedError
+
+    def add_tokenizer(self, out_dir: Path, names: list[str]) -> None:
+        """Called once the bundle's tokenizer files (`names`, in out_dir) are written: copy what the artifact needs
+        beside itself (ONNX: onnxruntime-genai reads them from the model folder). Default: nothing."""

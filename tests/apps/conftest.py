@@ -18,7 +18,7 @@ from pocketllm.export.bundle.chat import (VERIFY_CONVERSATIONS, VERIFY_SYSTEM, d
 from pocketllm.export.bundle.schema import SCHEMA_PATH
 from pocketllm.export.cli.main import app
 from tests.bundle.chat_templates import DECOMPOSABLE
-from tests.bundle.manifest_cases import MUTATIONS, example_bundle, mutated
+from tests.bundle.manifest_cases import MUTATIONS, example_bundle, example_bundle_with_onnx, mutated
 
 REPO = Path(__file__).resolve().parents[2]
 CORE = REPO / "android_demo" / "core"
@@ -171,7 +171,8 @@ def example_fixtures(tmp_path_factory) -> Path:
         chats.append(chat_case(name, m, template, bos, eos))
     work = root / "work"
     work.mkdir()
-    return write_fixtures(root / "fixtures.json", work, [bundle], chats)
+    with_onnx, _ = example_bundle_with_onnx(root)  # the app keeps an ONNX target's entry and files for display
+    return write_fixtures(root / "fixtures.json", work, [bundle, with_onnx], chats)
 
 
 @pytest.fixture(scope="session")

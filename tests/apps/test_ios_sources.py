@@ -207,8 +207,10 @@ def test_swift_core_builds_and_passes_its_tests_on_exported_bundles(tmp_path_fac
     tiny_dirs = request.getfixturevalue("tiny_dirs")  # only when the test runs: writing them takes a while
 
     root = tmp_path_factory.mktemp("ios-fixtures")
+    # with an ONNX folder beside the .pte when that target exists: the app decodes the entry and offers ExecuTorch
+    both = "executorch,onnx" if "onnx" in TARGETS else "executorch"
     exported = [("bundles/austen-executorch", "executorch",
-                 export_bundle(TINY_AUSTEN, "executorch", root / "bundles/austen-executorch", "--prefill-chunk", "32"))]
+                 export_bundle(TINY_AUSTEN, both, root / "bundles/austen-executorch", "--prefill-chunk", "32"))]
     if "coreml" in TARGETS:
         exported.append(("bundles/tiny-coreml", "coreml",
                          export_bundle(tiny_dirs["minicpm4_dense"], "coreml", root / "bundles/tiny-coreml")))

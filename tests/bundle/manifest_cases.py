@@ -121,6 +121,51 @@ def with_coreml(**changes) -> Callable[[dict], None]:
     return apply
 
 
+ONNX_FILES = {"onnx/model.onnx": b"ONNX" + bytes(range(256)) * 2,
+              "onnx/genai_config.json": b'{"model": {"type": "decoder"}}',
+              "onnx/tokenizer.json": b"{}"}
+
+
+def with_onnx(**changes) -> Callable[[dict], None]:
+    """Add an ONNX target entry as `pocketllm export --target onnx` writes it (its folder's files listed), with
+    `changes` to the entry (value None deletes the key): valid as it is, so that each change breaks one rule."""
+    def apply(m: dict) -> None:
+        for rel, data in ONNX_FILES.items():
+            m["files"][rel] = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
+        kv = [1, m["model"]["num_kv_heads"], "past_sequence_length", m["model"]["head_dim"]]
+        entry = {"dir": "onnx", "file": "onnx/model.onnx", "format_version": 1, "external_data": None,
+                 "genai_config": "onnx/genai_config.json",
+                 "inputs": [{"name": "input_ids", "dtype": "int64", "shape": [1, "sequence_length"]},
+                            {"name": "attention_mask", "dtype": "int64", "shape": [1, "total_sequence_length"]},
+                            {"name": "past_key_values.0.key", "dtype": "float32", "shape": kv},
+                            {"name": "past_key_values.0.value", "dtype": "float32", "shape": kv}],
+                 "outputs": [{"name": "logits", "dtype": "float32",
+                              "shape": [1, "sequence_length", m["model"]["vocab_size"]]},
+                             {"name": "present.0.key", "dtype": "float32", "shape": kv},
+                             {"name": "present.0.value", "dtype": "float32", "shape": kv}],
+                 "kv_layers": [0], "state_layers": [], "requires_kernels": [], "prefill_chunk": 256,
+                 "past_present_share_buffer": False, "opset": {"ai.onnx": 21},
+                 "operators": ["ai.onnx::MatMul", "com.microsoft::MatMulNBits"]}
+        for key, value in changes.items():
+            if value is None:
+                entry.pop(key, None)
+            else:
+                entry[key] = value
+        m["targets"]["onnx"] = entry
+    return apply
+
+
+def example_bundle_with_onnx(root: Path, name: str = "tiny-example-onnx") -> tuple[Path, dict[str, Any]]:
+    """The example bundle with an ONNX target beside its ExecuTorch one, the ONNX folder's files written."""
+    d, manifest = example_bundle(root, name)
+    for rel, data in ONNX_FILES.items():
+        (d / rel).parent.mkdir(parents=True, exist_ok=True)
+        (d / rel).write_bytes(data)
+    with_onnx()(manifest)
+    (d / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    return d, manifest
+
+
 def _unlisted_package(m: dict) -> None:
     with_coreml()(m)
     del m["files"]["model.mlpackage/Manifest.json"]
@@ -183,6 +228,11 @@ MUTATIONS: list[tuple[str, str, Callable[[dict], None]]] = [
     ("Core ML pad id", "manifest.json: targets.coreml.pad_token_id:", with_coreml(pad_token_id=-2)),
     ("Core ML weight precision", "manifest.json: targets.coreml.float_weights:",
      with_coreml(float_weights="bfloat16")),
+    ("ONNX model not .onnx", "manifest.json: targets.onnx.file:", with_onnx(file="onnx/model.ort")),
+    ("ONNX without genai_config", "manifest.json: targets.onnx: missing key 'genai_config'",
+     with_onnx(genai_config=None)),
+    ("ONNX custom kernel", "manifest.json: targets.onnx.requires_kernels.0:",
+     with_onnx(requires_kernels=["infllm_attention"])),
 ]
 
 

@@ -9,7 +9,7 @@ import pytest
 
 from pocketllm.export.bundle.schema import load_schema, relpath_pattern, validate_manifest
 from pocketllm.export.errors import PocketllmError
-from tests.bundle.manifest_cases import MUTATIONS, example_bundle, mutated, with_coreml
+from tests.bundle.manifest_cases import MUTATIONS, example_bundle, mutated, with_coreml, with_onnx
 
 
 @pytest.fixture
@@ -41,6 +41,12 @@ def test_chat_may_be_null_and_optional_parts_absent(example):
 def test_a_package_directory_is_a_target_file_when_its_files_are_listed(example):
     """A Core ML target's `file` is the .mlpackage directory: valid when files lists what is inside it."""
     validate_manifest(mutated(example, with_coreml()))
+
+
+def test_an_onnx_target_entry_validates(example):
+    """The ONNX target's entry as the exporter writes it (folder files listed, genai's I/O names)."""
+    validate_manifest(mutated(example, with_onnx()))
+    validate_manifest(mutated(example, with_onnx(external_data="onnx/model.onnx.data")))
 
 
 @pytest.mark.parametrize("name,expect,mutation", MUTATIONS, ids=[m[0] for m in MUTATIONS])

@@ -52,7 +52,7 @@ def test_max_context_zero_is_refused_everywhere(command, tmp_path):
     (["--greedy", "--temperature", "0.5"], ["--greedy", "--temperature would be ignored"]),
     (["--greedy", "--top-p", "0.9", "--temperature", "0.5"], ["--temperature and --top-p would be ignored"]),
     (["--dtype", "bf16", "--engine", "reference"], ["--dtype bf16 applies to the torch engine only"]),
-    (["--bundle", "/tmp/b", "--engine", "reference"], ["--bundle is read by the coreml, executorch engine(s)"]),
+    (["--bundle", "/tmp/b", "--engine", "reference"], ["--bundle is read by the coreml, executorch, onnx engine(s)"]),
 ])
 def test_options_that_would_be_ignored_or_fail_later_are_refused_first(args, fragments):
     r = invoke(*GEN, *args)

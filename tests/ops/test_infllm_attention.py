@@ -504,3 +504,63 @@ def test_infllm_selection_ties_prefer_lower_block(kernels):
                                             I(rule), ptr(mask))
         assert torch.equal(mask, expected)
         assert mask[0, 0].tolist() == [1, 1, 1, 0, 0, 0, 1, 1]  # init 0, top-2 of 1..5 = 1, 2, local 6, 7
+
+
+# ------------------------------------------------------------------------------------------ ONNX decomposition
+ONNX_SPARSE = SparseSpec(kernel_size=32, kernel_stride=16, init_blocks=1, block_size=64, window_size=64, topk=2,
+                         dense_len=-1)
+
+
+@pytest.fixture(scope="module", params=["upstream", "exact"])
+def onnx_selection(request, tmp_path_factory):
+    """export/targets/onnx/decompose.py's steps 2-6 alone as an ONNX graph in onnxruntime: (q [T, Hq, D],
+    k [L, Hkv, D]) -> (block scores float64 [Hkv, T, n_blocks], selection bool), queries at the last T positions."""
+    ort = pytest.importorskip("onnxruntime")
+    from torch.export import Dim
+
+    from pocketllm.export.targets.onnx import decompose
+
+    sparse = SparseSpec(**{**ONNX_SPARSE.__dict__, "score_rule": request.param})
+
+    class Probe(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("table", decompose.constants_table(16))
+
+        def forward(self, q, k):
+            L, T, B = k.shape[0], q.shape[0], sparse.block_size
+            pos = torch.arange(T) + (L - T)
+            group = decompose.kernel_scores(q, k, pos, sparse, self.table)
+            scores = decompose.block_scores(group, (L + B - 1) // B, sparse)
+            return scores, decompose.select_blocks(scores, pos, sparse)
+
+    path = tmp_path_factory.mktemp("onnx-infllm") / f"selection-{request.param}.onnx"
+    with torch.no_grad():
+        torch.onnx.export(Probe(), (torch.randn(7, 4, 16), torch.randn(200, 2, 16)), str(path), dynamo=True,
+                          input_names=["q", "k"], output_names=["scores", "selected"], optimize=False,
+                          dynamic_shapes=({0: Dim("T", min=1)}, {0: Dim("L", min=1)}))
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    return sparse, ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+def test_onnx_block_scores_and_selection_are_bit_identical(onnx_selection):
+    """onnxruntime computes the reference's float64 block scores bit for bit (ordered sums as CumSum, exp_fixed
+    with Pow(2, k)), hence the same blocks, ties included: block-periodic keys make every block score equal, so only
+    the lower-index rule decides. Short contexts (fewer keys than one kernel) select the forced blocks only."""
+    sparse, session = onnx_selection
+    rng = np.random.default_rng(1)
+    dropped = 0
+    for L, T in [(5, 5), (31, 31), (33, 2), (200, 200), (450, 450), (700, 1), (1000, 300), (1001, 1)]:
+        for periodic in (False, True):
+            q = (rng.standard_normal((T, 4, 16)) * 2).astype(np.float32)
+            k = rng.standard_normal((L, 2, 16)).astype(np.float32)
+            if periodic:
+                k = np.tile(k[:64], (L // 64 + 1, 1, 1))[:L]
+            pos = np.arange(L - T, L)
+            want = reference.block_scores(reference.kernel_scores(q, k, pos, sparse), -(-L // 64), sparse)
+            scores, selected = session.run(None, {"q": q, "k": k})
+            assert scores.dtype == np.float64 and np.array_equal(scores, want), (L, T, periodic)
+            assert np.array_equal(selected, reference.select_blocks(want, pos, sparse)), (L, T, periodic)
+            dropped += int((selected.sum(-1) < (pos // 64 + 1)).any())
+    assert dropped >= 6

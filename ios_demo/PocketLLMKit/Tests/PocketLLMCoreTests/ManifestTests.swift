@@ -27,6 +27,10 @@ final class ManifestTests: XCTestCase {
             default:
                 XCTFail("unexpected fixture target \(expected.target)")
             }
+            if let onnx = manifest.targets.onnx {  // an ONNX folder beside the app's target: decoded, not offered
+                XCTAssertNotNil(manifest.files[onnx.file], "the ONNX model is listed in files")
+                XCTAssertFalse(manifest.targets.available.isEmpty)
+            }
         }
     }
 

@@ -8,11 +8,15 @@ that tells a pocketllm user nothing they can act on.
   midr file ...", "Resetting threadpool to N threads."): `native_stderr_filtered()` around the calls that print
   them (runtime_py/runners/executorch.py); every other line, errors included, still reaches stderr.
 
-Errors are never filtered: only warnings and the native lines matched by NATIVE_NOISE.
+Errors are never filtered: only warnings and the native lines matched by NATIVE_NOISE. One exception, which loses no
+information: when an expert store's kernel call fails, the runner raises the store's own error line and drops
+ExecuTorch's trace of that call (NATIVE_KERNEL_FAILURE: the kernel's ET_LOG line, which repeats it, and method.cpp's
+"KernelCall failed" / "arg N with type id T" lines).
 """
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import re
@@ -44,14 +48,53 @@ def is_noise(line: str) -> bool:
     return any(p.search(line) for p in NATIVE_NOISE)
 
 
+class NativeFilter:
+    """What native_stderr_filtered drops: NATIVE_NOISE, plus the patterns a block adds while it runs (drop)."""
+
+    def __init__(self):
+        self.extra: list[re.Pattern] = []
+
+    def drop(self, pattern: str) -> None:
+        self.extra.append(re.compile(pattern))
+
+    def drop_kernel_failure(self) -> None:
+        self.drop(NATIVE_KERNEL_FAILURE)
+
+    def keeps(self, line: str) -> bool:
+        return not is_noise(line) and not any(p.search(line) for p in self.extra)
+
+
+# ExecuTorch's trace of a kernel call that failed (method.cpp: "KernelCall failed ...", one "arg N with type id T"
+# per argument) and the kernel's own ET_LOG line: dropped when the failure is reported as one PocketllmError line.
+NATIVE_KERNEL_FAILURE = r"^\[(method|expert_store)\.cpp:\d+\] "
+
+
 @contextmanager
-def native_stderr_filtered() -> Iterator[None]:
-    """Run a block whose native code may log known noise to fd 2: the block's stderr goes to a temporary file and
-    every line that is not noise is written back to stderr when the block ends (also when it raises)."""
+def native_stderr_filtered() -> Iterator[NativeFilter]:
+    """Run a block whose native code may log known noise: its stderr (fd 2, and Python's sys.stderr, where
+    ExecuTorch's Python bindings send the runtime's log lines) is held back, and every line that is not noise is
+    written back when the block ends (also when it raises). The block may add patterns to drop
+    (NativeFilter.drop), e.g. the runtime's trace of a failure it turns into one error line."""
+    filt = NativeFilter()
+    python_err, held = sys.stderr, io.StringIO()
+    sys.stderr = held
     try:
-        sys.stderr.flush()
+        with _fd2_filtered(filt):
+            yield filt
+    finally:
+        sys.stderr = python_err
+        kept = [line for line in held.getvalue().splitlines(keepends=True) if filt.keeps(line)]
+        if kept and python_err is not None:
+            python_err.write("".join(kept))
+
+
+@contextmanager
+def _fd2_filtered(filt: NativeFilter) -> Iterator[None]:
+    """fd 2 into a temporary file for the block; lines filt keeps are written back to fd 2 afterwards."""
+    try:
+        sys.__stderr__.flush()
         saved = os.dup(2)
-    except (OSError, ValueError):  # no usable fd 2: nothing to filter
+    except (AttributeError, OSError, ValueError):  # no usable fd 2: nothing to filter
         yield
         return
     with tempfile.TemporaryFile() as tmp:
@@ -60,13 +103,13 @@ def native_stderr_filtered() -> Iterator[None]:
             yield
         finally:
             try:
-                sys.stderr.flush()
-            except (OSError, ValueError):
+                sys.__stderr__.flush()
+            except (AttributeError, OSError, ValueError):
                 pass
             os.dup2(saved, 2)
             os.close(saved)
             tmp.seek(0)
             kept = [line for line in tmp.read().decode("utf-8", "replace").splitlines(keepends=True)
-                    if not is_noise(line)]
+                    if filt.keeps(line)]
             if kept:
                 os.write(2, "".join(kept).encode())

@@ -60,6 +60,8 @@ class ExportRequest:
     quantize_lm_head: bool = False  # --quantize-lm-head: the LM head (tied: the one table) in the layers' 4-bit scheme
     target_options: tuple[str, ...] = ()  # "TARGET.KEY=VALUE": options of one target beyond the common ones
     infllm_scores: str | None = None  # InfLLM v2 score rule (SCORE_RULES); None: "upstream" where InfLLM v2 is used
+    experts: str | None = None  # MoE experts: inline | file | all (ExecuTorch); None: file with a cache, else inline
+    expert_cache_mb: int | None = None  # the expert store's default budget (implies experts file)
 
 
 @dataclass
@@ -149,13 +151,20 @@ def plan(request: ExportRequest) -> ExportPlan:
                        tied=ckpt.spec.tie_word_embeddings).plan(expected_tensors(ckpt.spec), "--group-size")
     max_context = resolve_max_context(ckpt.spec, request.max_context)
     quant = request.quant if request.quant == W4A8 else (have or request.quant)
+    moe_options = {}  # target options only MoE exports set (a target without them refuses them: Target.options)
+    experts = request.experts or ("file" if request.expert_cache_mb is not None else None)
+    if experts is not None or request.expert_cache_mb is not None:
+        if not any(layer.mlp == "moe" for layer in ckpt.spec.layers):
+            flag = "--expert-cache-mb" if request.experts is None else f"--experts {request.experts}"
+            raise PocketllmError(f"{flag}: {ckpt.dir.name} has no mixture-of-experts layers")
+        moe_options = {"experts": experts or "inline", "expert_cache_mb": request.expert_cache_mb}
     extra = parse_target_options(request.target_options, targets)
     common = {"max_context": max_context, "quant": quant, "group_size": request.group_size}
     if request.prefill_chunk is not None:
         common["prefill_chunk"] = request.prefill_chunk
     chosen, warnings = [], []
     for target in targets:
-        options = target.options(**common, **extra.get(target.name, {}))
+        options = target.options(**common, **moe_options, **extra.get(target.name, {}))
         target.check_sdk()
         target.check(ckpt, options)
         chosen.append((target, options))

@@ -259,12 +259,13 @@ struct Routing {
   bool tiled(int64_t a) const { return tokens_of(a) >= kPanelTokens; }
 };
 
-bool route(const int64_t* ids, int64_t T, int64_t k, int64_t E, Routing& r) {
+// slot: nullptr, or [E] with slot[e] < 0 for experts left out of this call (their pairs get pair = -1).
+bool route(const int64_t* ids, int64_t T, int64_t k, int64_t E, const int64_t* slot, Routing& r) {
   std::vector<int64_t> count(E, 0), next(E, 0);
-  for (int64_t i = 0; i < T * k; ++i) {
+  for (int64_t i = 0; i < T * k; ++i)
     if (ids[i] < 0 || ids[i] >= E) return false;
-    ++count[ids[i]];
-  }
+  for (int64_t i = 0; i < T * k; ++i)
+    if (!slot || slot[ids[i]] >= 0) ++count[ids[i]];
   int64_t P = 0;
   for (int64_t e = 0; e < E; ++e)
     if (count[e]) {
@@ -278,16 +279,31 @@ bool route(const int64_t* ids, int64_t T, int64_t k, int64_t E, Routing& r) {
   r.pair.resize(T * k);
   for (int64_t t = 0; t < T; ++t)
     for (int64_t j = 0; j < k; ++j) {
-      const int64_t p = next[ids[t * k + j]]++;
+      const int64_t e = ids[t * k + j];
+      if (slot && slot[e] < 0) {
+        r.pair[t * k + j] = -1;
+        continue;
+      }
+      const int64_t p = next[e]++;
       r.token[p] = t;
       r.pair[t * k + j] = p;
     }
   return true;
 }
 
-// out[t] = sum over t's slots in ascending expert order (slot order on ties) of w[t, j] * y[pair(t, j)].
+// Where expert e's block of a tensor starts (see MoeFloatExperts): stacked (stride 0) or at block(e) * stride bytes.
+template <typename T>
+inline const T* expert_block(const void* base, int64_t e, const int64_t* slot, int64_t stride_bytes,
+                             int64_t elements_per_expert) {
+  const int64_t b = slot ? slot[e] : e;
+  if (stride_bytes) return reinterpret_cast<const T*>(static_cast<const char*>(base) + b * stride_bytes);
+  return static_cast<const T*>(base) + b * elements_per_expert;
+}
+
+// out[t] = sum over t's slots in ascending expert order (slot order on ties) of w[t, j] * y[pair(t, j)]; slots left
+// out of the call (pair -1) are skipped; accumulate: the sum continues from out's values instead of zero.
 void combine(const Routing& r, const int64_t* ids, const float* w, const float* y, int64_t T, int64_t k, int64_t H,
-             float* out) {
+             bool accumulate, float* out) {
   parallel_dynamic(T, 4, [&](int64_t b, int64_t e) {
     std::vector<int64_t> order(k);
     for (int64_t t = b; t < e; ++t) {
@@ -295,8 +311,9 @@ void combine(const Routing& r, const int64_t* ids, const float* w, const float* 
       std::iota(order.begin(), order.end(), 0);
       std::stable_sort(order.begin(), order.end(), [&](int64_t i, int64_t j) { return id[i] < id[j]; });
       float* o = out + t * H;
-      std::fill(o, o + H, 0.0f);
+      if (!accumulate) std::fill(o, o + H, 0.0f);
       for (const int64_t j : order) {
+        if (r.pair[t * k + j] < 0) continue;
         const float wt = w[t * k + j];
         const float* yp = y + r.pair[t * k + j] * H;
         const v8f wv = splat(wt);
@@ -403,8 +420,8 @@ void run_float(const float* x, const int64_t* ids, const float* weights, int64_t
     std::vector<float> g, u;
     for (int64_t item = b; item < e; ++item) {
       const int64_t a = item / nb, f0 = (item % nb) * kNeuronBlock, f1 = std::min(F, f0 + kNeuronBlock);
-      const W* ge = gate + r.expert[a] * F * H;
-      const W* ue = up + r.expert[a] * F * H;
+      const W* ge = expert_block<W>(gate, r.expert[a], ex.slot, ex.expert_stride, F * H);
+      const W* ue = expert_block<W>(up, r.expert[a], ex.slot, ex.expert_stride, F * H);
       const int64_t first = r.begin[a], n = r.tokens_of(a);
       if (!r.tiled(a)) {
         for (int64_t p = first; p < first + n; ++p) {
@@ -431,17 +448,18 @@ void run_float(const float* x, const int64_t* ids, const float* weights, int64_t
   const int64_t eighths = std::is_same_v<W, float> ? kAutoSkipEighthsFp32 : kAutoSkipEighthsBf16;
   list_neurons(r, h.data(), F, skip_limit(act, sparsity, F, eighths), list, count);
   const int64_t row_bytes = std::min<int64_t>(1024, H * sizeof(W));  // the hardware prefetcher does the rest
+  auto up_of = [&](int64_t a) { return expert_block<W>(up, r.expert[a], ex.slot, ex.expert_stride, F * H); };
   up_pass(
       r, h.data(), F, act, list, count,
-      [&](int64_t a, int64_t p, int64_t f) { return dot_w(up + (r.expert[a] * F + f) * H, xw + r.token[p] * H, H); },
-      [&](int64_t a, int64_t f) { prefetch_bytes(up + (r.expert[a] * F + f) * H, row_bytes); });
+      [&](int64_t a, int64_t p, int64_t f) { return dot_w(up_of(a) + f * H, xw + r.token[p] * H, H); },
+      [&](int64_t a, int64_t f) { prefetch_bytes(up_of(a) + f * H, row_bytes); });
 
   // down: decode-like experts read the rows of their listed neurons only
   const int64_t nc = (H + kColumnBlock - 1) / kColumnBlock;
   parallel_dynamic(A * nc, 1, [&](int64_t b, int64_t e) {
     for (int64_t item = b; item < e; ++item) {
       const int64_t a = item / nc, c0 = (item % nc) * kColumnBlock, c1 = std::min(H, c0 + kColumnBlock);
-      const W* de = down_t + r.expert[a] * F * H;
+      const W* de = expert_block<W>(down_t, r.expert[a], ex.slot, ex.expert_stride, F * H);
       const int64_t first = r.begin[a], n = r.tokens_of(a);
       if (!r.tiled(a)) {
         for (int64_t p = first; p < first + n; ++p) {
@@ -456,7 +474,7 @@ void run_float(const float* x, const int64_t* ids, const float* weights, int64_t
       tokens_times_columns(de, H, F, hs.data(), ys.data(), n, c0, c1);
     }
   });
-  combine(r, ids, weights, y.data(), T, k, H, out);
+  combine(r, ids, weights, y.data(), T, k, H, ex.accumulate, out);
 }
 
 // ------------------------------------------------------------------------------------------ any4 experts
@@ -474,11 +492,11 @@ struct Any4Rows {
   int64_t K, G, g;
   bool simd;  // any4_decode.h's row dot handles this K and g
 
-  Any4Rows(const Any4Stack& st, int64_t expert, int64_t N, int64_t K_)
-      : q(st.qweight + expert * N * (K_ / 2)),
-        lut(st.lut + expert * N * 16),
-        s(static_cast<const SZ*>(st.scales) + expert * N * st.groups),
-        z(static_cast<const SZ*>(st.zeros) + expert * N * st.groups),
+  Any4Rows(const Any4Stack& st, const MoeAny4Experts& ex, int64_t expert, int64_t N, int64_t K_)
+      : q(expert_block<uint8_t>(st.qweight, expert, ex.slot, ex.expert_stride, N * (K_ / 2))),
+        lut(expert_block<uint16_t>(st.lut, expert, ex.slot, ex.expert_stride, N * 16)),
+        s(expert_block<SZ>(st.scales, expert, ex.slot, ex.expert_stride, N * st.groups)),
+        z(expert_block<SZ>(st.zeros, expert, ex.slot, ex.expert_stride, N * st.groups)),
         K(K_),
         G(st.groups),
         g(K_ / st.groups),
@@ -563,7 +581,7 @@ void run_any4(const float* x, const int64_t* ids, const float* weights, int64_t 
     std::vector<float> wbuf, g, u;
     for (int64_t item = b; item < e; ++item) {
       const int64_t a = item / nb, f0 = (item % nb) * kNeuronBlock, f1 = std::min(F, f0 + kNeuronBlock);
-      const Rows gr(ex.gate, r.expert[a], F, H), ur(ex.up, r.expert[a], F, H);
+      const Rows gr(ex.gate, ex, r.expert[a], F, H), ur(ex.up, ex, r.expert[a], F, H);
       const int64_t first = r.begin[a], n = r.tokens_of(a);
       if (!r.tiled(a)) {
         for (int64_t p = first; p < first + n; ++p) {
@@ -597,9 +615,9 @@ void run_any4(const float* x, const int64_t* ids, const float* weights, int64_t 
       r, h.data(), F, act, list, count,
       [&](int64_t a, int64_t p, int64_t f) {
         const int64_t t = r.token[p];
-        return Rows(ex.up, r.expert[a], F, H).dot(f, x + t * H, xp.data() + t * H, xsum_u.data() + t * Gu);
+        return Rows(ex.up, ex, r.expert[a], F, H).dot(f, x + t * H, xp.data() + t * H, xsum_u.data() + t * Gu);
       },
-      [&](int64_t a, int64_t f) { Rows(ex.up, r.expert[a], F, H).prefetch(f); });
+      [&](int64_t a, int64_t f) { Rows(ex.up, ex, r.expert[a], F, H).prefetch(f); });
 
   // down [H, F]: decode inputs of each decode-like pair's h, then rows (all neurons: each row holds every neuron's
   // weight in its groups)
@@ -615,7 +633,7 @@ void run_any4(const float* x, const int64_t* ids, const float* weights, int64_t 
     std::vector<float> wbuf;
     for (int64_t item = b; item < e; ++item) {
       const int64_t a = item / nr, r0 = (item % nr) * kNeuronBlock, r1 = std::min(H, r0 + kNeuronBlock);
-      const Rows dr(ex.down, r.expert[a], H, F);
+      const Rows dr(ex.down, ex, r.expert[a], H, F);
       const int64_t first = r.begin[a], n = r.tokens_of(a);
       if (!r.tiled(a)) {
         for (int64_t p = first; p < first + n; ++p)
@@ -629,7 +647,7 @@ void run_any4(const float* x, const int64_t* ids, const float* weights, int64_t 
       rows_times_tokens(wbuf.data(), r1 - r0, F, hs.data(), n, y.data() + first * H + r0, H);
     }
   });
-  combine(r, ids, weights, y.data(), T, k, H, out);
+  combine(r, ids, weights, y.data(), T, k, H, ex.accumulate, out);
 }
 
 }  // namespace
@@ -637,7 +655,7 @@ void run_any4(const float* x, const int64_t* ids, const float* weights, int64_t 
 bool moe_ffn_float(const float* x, const int64_t* ids, const float* weights, int64_t T, int64_t k, int64_t H,
                    const MoeFloatExperts& experts, MoeActivation act, NeuronSparsity sparsity, float* out) {
   Routing r;
-  if (!route(ids, T, k, experts.num_experts, r)) return false;
+  if (!route(ids, T, k, experts.num_experts, experts.slot, r)) return false;
   if (experts.bf16) run_float<uint16_t>(x, ids, weights, T, k, H, experts, act, sparsity, r, out);
   else run_float<float>(x, ids, weights, T, k, H, experts, act, sparsity, r, out);
   return true;
@@ -646,7 +664,7 @@ bool moe_ffn_float(const float* x, const int64_t* ids, const float* weights, int
 bool moe_ffn_any4(const float* x, const int64_t* ids, const float* weights, int64_t T, int64_t k, int64_t H,
                   const MoeAny4Experts& experts, MoeActivation act, NeuronSparsity sparsity, float* out) {
   Routing r;
-  if (!route(ids, T, k, experts.num_experts, r)) return false;
+  if (!route(ids, T, k, experts.num_experts, experts.slot, r)) return false;
   constexpr auto kBf16 = any4::Lut::kBf16, kFp16 = any4::Lut::kFp16;
   const auto& e = experts;
   if (e.lut_bf16 && e.scales_fp16) run_any4<kBf16, uint16_t>(x, ids, weights, T, k, H, e, act, sparsity, r, out);

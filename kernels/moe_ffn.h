@@ -14,6 +14,15 @@ namespace pocketllm {
 
 enum class MoeActivation : int64_t { kReglu = 0, kSwiglu = 1 };
 
+// Where each expert's weights are, and which experts a call runs (both structs below end with these fields).
+//   expert_stride 0, slot nullptr: stacked tensors, expert e's block of each tensor at e x its size (the op's case).
+//   expert_stride > 0: expert e's block of every tensor at byte offset block(e) x expert_stride from the tensor's
+//     pointer: the tensors of one expert are interleaved in blocks of that stride (an expert store's file or slots,
+//     kernels/expert_store.h), block(e) = slot ? slot[e] : e.
+//   slot[e] < 0: expert e is left out of this call (its (token, slot) pairs are skipped);
+//   accumulate: out is added to rather than overwritten. Together they split a call into batches of experts in
+//     ascending id order with the same result bit for bit (each token's sum continues in the same order).
+
 // Float experts: gate, up and down_t, each [E, F, H] (down_t[e] = down[e]^T, so a neuron's down weights are one
 // contiguous row), all fp32 or all bf16 (bf16: uint16_t bit patterns).
 struct MoeFloatExperts {
@@ -22,6 +31,9 @@ struct MoeFloatExperts {
   const void* down_t;
   bool bf16;
   int64_t num_experts, ffn;  // E, F
+  int64_t expert_stride = 0;
+  const int64_t* slot = nullptr;
+  bool accumulate = false;
 };
 
 // One any4 projection stacked over the experts, checkpoint orientation [E, N out, K in]: codes [E, N, K/2] (low
@@ -41,6 +53,9 @@ struct MoeAny4Experts {
   bool lut_bf16;     // all three LUTs: true = bf16 bits, false = fp16 bits
   bool scales_fp16;  // all scales and zeros: true = fp16 bits, false = fp32
   int64_t num_experts, ffn;
+  int64_t expert_stride = 0;
+  const int64_t* slot = nullptr;
+  bool accumulate = false;
 };
 
 // ReGLU neuron sparsity: a token's up row f (and, for float experts, its down row f) is not read when

@@ -2,8 +2,9 @@
 
 Checkpoints are the tiny presets cut to 1-2 layers (lowering cost grows with the graph, ~15-40 s per bundle on two
 cores) while keeping every feature: MiniCPM4 dense (llama::custom_sdpa) and InfLLM v2 with sparse selection engaged,
-SmallThinker MoE with NoPE + sliding-window layers, MiniMax lightning + softmax layers. The lowerings happen once
-per session (module fixtures); each test then only runs the .pte.
+SmallThinker MoE with NoPE + sliding-window layers (experts stacked in the .pte on pocketllm::moe_ffn, and in
+experts.bin through the expert store), MiniMax lightning + softmax layers with SwiGLU experts. The lowerings happen
+once per session (module fixtures); each test then only runs the .pte.
 """
 
 from __future__ import annotations
@@ -87,6 +88,10 @@ def configs() -> dict[str, dict]:
     return {"minicpm4_dense": dense, "minicpm4_infllm": sparse, "smallthinker": st, "minimax": mm}
 
 
+EXPORT_FLAGS = {"smallthinker_file": ["--experts", "file", "--expert-cache-mb", "64"]}  # bundles of another's weights
+SAME_WEIGHTS = {"smallthinker_file": "smallthinker"}
+
+
 @pytest.fixture(scope="module")
 def bundles(tmp_path_factory) -> dict[str, tuple[Path, Path]]:
     """name -> (checkpoint, bundle), each bundle exported once through the CLI."""
@@ -96,9 +101,12 @@ def bundles(tmp_path_factory) -> dict[str, tuple[Path, Path]]:
     for i, (name, cfg) in enumerate(configs().items()):
         ckpt = make_checkpoint(root / f"{name}-ckpt", cfg, seed=10 + i, ascii_only=name == "minicpm4_dense",
                                bf16_values=name in BF16_VALUED)
+        out[name] = (ckpt, None)
+    for name in [*configs(), *SAME_WEIGHTS]:
+        ckpt = out[SAME_WEIGHTS.get(name, name)][0]
         bundle = root / f"{name}-bundle"
         r = runner.invoke(app, ["export", "--checkpoint", str(ckpt), "--target", "executorch", "--max-context",
-                                str(MAX_CONTEXT), "--out", str(bundle)])
+                                str(MAX_CONTEXT), "--out", str(bundle), *EXPORT_FLAGS.get(name, [])])
         assert r.exit_code == 0, r.output
         out[name] = (ckpt, bundle)
     return out
@@ -141,7 +149,112 @@ def test_bundle_contents(bundles):
     dense = json.loads((bundles["minicpm4_dense"][1] / "manifest.json").read_text())["targets"]["executorch"]
     assert "llama::custom_sdpa.out" in dense["operators"] and dense["llama_sdpa_layers"] == 1
     mm = json.loads((bundles["minimax"][1] / "manifest.json").read_text())["targets"]["executorch"]
-    assert mm["requires_kernels"] == ["pocketllm::lightning_attention.out"]
+    assert mm["requires_kernels"] == ["pocketllm::lightning_attention.out", "pocketllm::moe_ffn.out"]
+    assert mm["moe"] == {"experts": "inline", "ops": ["moe_ffn"], "expert_dtype": ["fp32"], "all_experts_layers": []}
+    st = json.loads((bundles["smallthinker"][1] / "manifest.json").read_text())["targets"]["executorch"]
+    assert st["requires_kernels"] == ["pocketllm::moe_ffn.out"] and st["moe"]["expert_dtype"] == ["bf16"]
+    assert "aten::topk.values" in st["operators"]  # the routers stay in the graph; only the experts moved
+
+
+# ------------------------------------------------------------------------------------------------ expert store
+def test_expert_store_bundle(bundles):
+    """--experts file: experts.bin beside a .pte that holds no expert weight, listed in the manifest with its
+    sha256; the store's id and the export's budget recorded for runtimes."""
+    _, bundle = bundles["smallthinker_file"]
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    target = manifest["targets"]["executorch"]
+    assert target["requires_kernels"] == ["pocketllm::expert_store_moe_ffn.out", "pocketllm::expert_store_prefetch.out"]
+    store = target["expert_store"]
+    assert store["file"] == "experts.bin" and store["cache_mb"] == 64 and store["prefetch"] == "pre_attention_router"
+    assert manifest["files"]["experts.bin"]["size"] == store["bytes"] == (bundle / "experts.bin").stat().st_size
+    inline = (bundles["smallthinker"][1] / "model.pte").stat().st_size
+    assert (bundle / "model.pte").stat().st_size < inline - store["bytes"] // 2  # the experts left the program
+
+
+@pytest.mark.parametrize("budget_mb", ["0", "0.04"], ids=["unbounded", "2-slots"])
+def test_parity_through_the_expert_store(bundles, monkeypatch, budget_mb):
+    """Parity of the file bundle with the store memory-mapped, and with a budget of two expert slots (set at run
+    time, overriding the manifest's 64 MiB): every prefill then runs in batches of experts, and experts are evicted
+    and read again."""
+    from pocketllm.runtime_py.runners.executorch import ExecutorchRunner
+
+    _, bundle = bundles["smallthinker_file"]
+    monkeypatch.setenv("POCKETLLM_EXPERT_CACHE_MB", budget_mb)
+    r = runner.invoke(app, ["parity", str(bundle), "--steps", "32"])
+    assert r.exit_code == 0, r.output
+    report = json.loads((bundle / "parity.json").read_text())["executorch"]
+    assert report["passed"] and report["continuations_identical"] and report["max_abs_delta"] <= 1e-3
+    engine = ExecutorchRunner(bundle, verify=False)
+    engine.forward(np.arange(3, 60) % 500, 0)
+    stats = engine.experts.stats()
+    if budget_mb == "0":
+        assert stats["slots"] == 0 and stats["evictions"] == 0 and stats["misses"] + stats["hits"] > 0
+    else:
+        assert stats["slots"] == 2 and stats["evictions"] > 0
+        assert stats["peak_resident_bytes"] <= 2 * 20480
+
+
+def test_damaged_expert_store_in_a_bundle(bundles, tmp_path):
+    """Unverified loads (verify=False skips the manifest's sha256) still meet the store's own checks: a truncated
+    experts.bin is refused when the runner opens it, a corrupt expert block when a token is first routed to it, each
+    with one line."""
+    from pocketllm.export.errors import PocketllmError
+    from pocketllm.runtime_py.ops.expert_store import ExpertFile
+    from pocketllm.runtime_py.runners.executorch import ExecutorchRunner
+
+    bundle = tmp_path / "b"
+    shutil.copytree(bundles["smallthinker_file"][1], bundle)
+    path = bundle / "experts.bin"
+    entry = ExpertFile(path).layers[0]
+    data = bytearray(path.read_bytes())
+    for e in range(entry.experts):
+        data[entry.first_offset + e * entry.block_stride + 100] ^= 0xFF
+    path.write_bytes(bytes(data))
+    engine = ExecutorchRunner(bundle, verify=False, expert_cache_mb=0)
+    with pytest.raises(PocketllmError, match=r"^experts\.bin: layer 0 expert \d fails its checksum \(the file is "
+                                             r"corrupt\); re-export the bundle$"):
+        engine.forward(np.array([5, 6, 7]), 0)
+    path.write_bytes(bytes(data[:len(data) - 4096]))
+    with pytest.raises(PocketllmError, match=r"^experts\.bin: truncated expert store \(\d+ bytes; its header says "):
+        ExecutorchRunner(bundle, verify=False)
+    r = runner.invoke(app, ["generate", "--engine", "executorch", "--bundle", str(bundle), "--prompt", "x"])
+    assert r.exit_code == 2 and "experts.bin: size" in r.output and "does not match manifest.json" in r.output
+
+
+@pytest.mark.parametrize("damage", ["corrupt", "truncated"])
+def test_damaged_expert_store_through_the_cli(bundles, tmp_path, damage):
+    """The manifest's sha256 is the first defence; the store's own checks are the second (an app that does not hash
+    gigabytes at every start, a file damaged before its manifest was written). Here manifest.json is made to agree
+    with the damaged experts.bin, so the store itself must refuse it: one line, exit 2, through `pocketllm logits`."""
+    from pocketllm.export.bundle.manifest import file_entry
+    from pocketllm.runtime_py.ops.expert_store import ExpertFile
+
+    bundle = tmp_path / "b"
+    shutil.copytree(bundles["smallthinker_file"][1], bundle)
+    path = bundle / "experts.bin"
+    data = bytearray(path.read_bytes())
+    if damage == "corrupt":
+        for layer in ExpertFile(path).layers.values():  # every expert of every layer: whichever the router picks
+            for e in range(layer.experts):
+                data[layer.first_offset + e * layer.block_stride + 100] ^= 0xFF
+    else:
+        del data[len(data) - 4096:]
+    path.write_bytes(bytes(data))
+    manifest_path = bundle / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["files"]["experts.bin"] = file_entry(path)
+    manifest["targets"]["executorch"]["expert_store"]["bytes"] = path.stat().st_size
+    manifest_path.write_text(json.dumps(manifest, indent=2))
+    r = runner.invoke(app, ["logits", "--engine", "executorch", "--bundle", str(bundle), "--tokens", "1,5,9",
+                            "--out", str(tmp_path / "l.npy")])
+    lines = r.output.strip().splitlines()
+    assert r.exit_code == 2, r.output
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.output
+    expected = {"corrupt": r"experts\.bin: layer \d+ expert \d+ fails its checksum \(the file is corrupt\); "
+                           r"re-export the bundle$",
+                "truncated": r"experts\.bin: truncated expert store \(\d+ bytes; its header says "}[damage]
+    assert re.search(expected, lines[0]), lines[0]
+    assert not (tmp_path / "l.npy").exists()
 
 
 def test_bundle_is_relocatable(bundles, tmp_path):
@@ -364,7 +477,26 @@ def test_any4_head_variants_parity(bundles, tmp_path, flags, head, kernel):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["smallthinker", "minimax", "minicpm4_dense"])
 def test_any4_parity_other_families(bundles, tmp_path, name):
-    check_any4_parity(export_any4(bundles[name][0], tmp_path / "any4"))
+    report = check_any4_parity(export_any4(bundles[name][0], tmp_path / "any4"))
+    manifest = json.loads((tmp_path / "any4" / "manifest.json").read_text())
+    if name != "minicpm4_dense":  # the routed experts' packed tensors stacked, on the any4 expert kernel
+        assert "pocketllm::moe_ffn_any4.out" in manifest["targets"]["executorch"]["requires_kernels"]
+    assert report["passed"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,budget_mb", [("smallthinker", "0.05"), ("minimax", "0")])
+def test_any4_parity_through_the_expert_store(bundles, tmp_path, monkeypatch, name, budget_mb):
+    """any4 experts in experts.bin: SmallThinker under a budget of a few experts (prefetched from its pre-attention
+    router), MiniMax memory-mapped (its router follows attention: no prefetch)."""
+    out = tmp_path / "any4-file"
+    r = runner.invoke(app, ["export", "--checkpoint", str(bundles[name][0]), "--quant", "any4", "--group-size", "16",
+                            "--max-context", str(MAX_CONTEXT), "--experts", "file", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    monkeypatch.setenv("POCKETLLM_EXPERT_CACHE_MB", budget_mb)
+    check_any4_parity(out)
+    store = json.loads((out / "manifest.json").read_text())["targets"]["executorch"]["expert_store"]
+    assert store["prefetch"] == ("pre_attention_router" if name == "smallthinker" else "none")
 
 
 @pytest.mark.slow

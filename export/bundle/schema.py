@@ -1,7 +1,8 @@
 """manifest.json against its JSON Schema (`manifest.schema.json`, draft 2020-12) plus the rules a schema cannot state.
 
 `validate_manifest(manifest)` raises one PocketllmError line naming the key path, the value and what was expected.
-The same rules are mirrored by android_demo/core (ManifestParser.kt); tests feed both the same broken manifests.
+The same rules are mirrored by android_demo/core (ManifestParser.kt); tests feed both the same broken manifests
+(the expert store's rules, newer than the app, are checked here only: tests/bundle/test_schema.py).
 """
 
 from __future__ import annotations
@@ -110,6 +111,13 @@ def semantic_errors(m: dict[str, Any]) -> Iterator[str]:
     for target, entry in m["targets"].items():  # a file, or a directory (.mlpackage) with files listed under it
         if entry["file"] not in files and not any(f.startswith(entry["file"] + "/") for f in files):
             yield f"targets.{target}.file: {entry['file']!r} is not listed in files"
+        store = entry.get("expert_store")
+        if store is not None:
+            if store["file"] not in files:
+                yield f"targets.{target}.expert_store.file: {store['file']!r} is not listed in files"
+            elif files[store["file"]]["size"] != store["bytes"]:
+                yield (f"targets.{target}.expert_store.bytes: {store['bytes']} is not the size of "
+                       f"{store['file']} in files ({files[store['file']]['size']})")
     if m["chat"] is not None:
         extra = [i for i in m["chat"]["stop_ids"] if i not in tok["eos_ids"]]
         if extra:

@@ -16,6 +16,7 @@ from pocketllm.export.pipeline import ExportRequest, plan, run_export
 from pocketllm.export.quant.recipe import HEAD_CHOICES
 from pocketllm.export.spec import SCORE_RULES
 from pocketllm.export.targets import targets
+from pocketllm.export.targets.executorch.options import EXPERT_MODES
 
 # Every --quant some target accepts (each target checks its own list in pipeline.plan).
 Quant = Enum("Quant", {s: s for t in targets().values() for s in t.quant_schemes}, type=str)
@@ -65,6 +66,15 @@ def export(
                                             "(default; LSE over the coarse compressed keys, as MiniCPM4 is trained "
                                             "and served) or exact (softmax over the compressed keys); "
                                             "docs/infllm_v2.md."),
+    experts: str = typer.Option(None, "--experts", metavar="<" + "|".join(EXPERT_MODES) + ">",
+                                help="MoE models (ExecuTorch): inline = experts stacked in the .pte, only the routed "
+                                     "ones read (default); file = experts.bin beside the .pte, read by the kernel "
+                                     "library's expert store (memory-mapped, or an LRU within --expert-cache-mb, "
+                                     "prefetched from SmallThinker's pre-attention router); all = every expert runs "
+                                     "(for comparisons)."),
+    expert_cache_mb: int = typer.Option(None, "--expert-cache-mb",
+                                        help="Expert store budget in MiB recorded in the manifest as the runtime's "
+                                             "default (implies --experts file; runtimes may override it)."),
 ):
     """Export a checkpoint to a bundle: OUT/<artifacts>, tokenizer files, reference/ weights, manifest.json.
 
@@ -80,7 +90,8 @@ def export(
                           prefill_chunk=prefill_chunk, group_size=group_size, calibration=calibration, force=force,
                           lm_head=lm_head, embedding=embedding, quantize_lm_head=quantize_lm_head,
                           target_options=tuple(target_option or ()),
-                          infllm_scores=infllm_scores.value if infllm_scores else None),
+                          infllm_scores=infllm_scores.value if infllm_scores else None, experts=experts,
+                          expert_cache_mb=expert_cache_mb),
             threads)
 
 

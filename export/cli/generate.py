@@ -5,6 +5,8 @@ stderr with the other messages."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import sys
 from pathlib import Path
 
@@ -35,10 +37,34 @@ def generate(
     dtype: DType = dtype_option(),
     threads: int = threads_option(),
     bundle: Path = bundle_option(),
+    expert_cache_mb: float = typer.Option(None, "--expert-cache-mb", min=0.0,
+                                          help="Bundles with an expert store (--experts file): MiB of expert "
+                                               "weights kept resident (0: no budget); default: the bundle's."),
 ):
     """Stream a continuation of PROMPT to stdout, then print prefill and decode speed (stderr)."""
-    _generate(checkpoint, prompt, max_new_tokens, greedy, temperature, top_p, seed, engine.value, max_context,
-              dtype.value if dtype else None, threads, bundle)
+    with expert_budget(expert_cache_mb):
+        _generate(checkpoint, prompt, max_new_tokens, greedy, temperature, top_p, seed, engine.value, max_context,
+                  dtype.value if dtype else None, threads, bundle)
+
+
+@contextlib.contextmanager
+def expert_budget(mib: float | None):
+    """--expert-cache-mb for the ExecuTorch runner, which reads it from $POCKETLLM_EXPERT_CACHE_MB (set for this
+    command only: in-process callers such as tests see their own environment again afterwards)."""
+    if mib is None:
+        yield
+        return
+    from pocketllm.runtime_py.runners.executorch import EXPERT_CACHE_ENV
+
+    saved = os.environ.get(EXPERT_CACHE_ENV)
+    os.environ[EXPERT_CACHE_ENV] = repr(mib)
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop(EXPERT_CACHE_ENV, None)
+        else:
+            os.environ[EXPERT_CACHE_ENV] = saved
 
 
 @user_errors

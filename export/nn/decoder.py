@@ -42,22 +42,26 @@ class DecoderLayer(nn.Module):
         else:
             self.mlp = GatedMLP(spec.hidden_size, spec.intermediate_size, "silu")
 
-    def feed_forward(self, u: torch.Tensor, layer_input: torch.Tensor) -> torch.Tensor:
+    def feed_forward(self, u: torch.Tensor, layer_input: torch.Tensor, route=None) -> torch.Tensor:
         if self.layer.mlp == "moe":
-            return self.block_sparse_moe(u, layer_input)
+            return self.block_sparse_moe(u, layer_input, route)
         return self.mlp(u)
 
     def forward(self, h, rotary, positions, start_pos):
         layer_input = h  # what SmallThinker's pre-attention router reads
+        route = None
+        if self.layer.mlp == "moe" and self.block_sparse_moe.pre_attention:
+            # routed before attention (same result): an expert store loads the chosen experts while attention runs
+            route = self.block_sparse_moe.route(layer_input)
         if self.layer.residual == "post_norm":  # MiniMax: the normed input is the residual, weighted by alpha
             layer = self.layer
             x = self.input_layernorm(h)
             h = x * layer.attn_alpha + self.self_attn(x, rotary, positions, start_pos) * layer.attn_beta
             u = self.post_attention_layernorm(h)
-            return u * layer.mlp_alpha + self.feed_forward(u, layer_input) * layer.mlp_beta
+            return u * layer.mlp_alpha + self.feed_forward(u, layer_input, route) * layer.mlp_beta
         h = h + self.self_attn(self.input_layernorm(h), rotary, positions, start_pos) * self.residual_scale
         u = self.post_attention_layernorm(h)
-        return h + self.feed_forward(u, layer_input) * self.residual_scale
+        return h + self.feed_forward(u, layer_input, route) * self.residual_scale
 
 
 class DecoderStack(nn.Module):

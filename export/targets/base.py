@@ -59,10 +59,17 @@ class Target:
     quantized_lm_head: bool = True  # its artifact can hold a quantized LM head / embedding table (pocketllm's ops)
 
     def options(self, **values: Any):
-        """The target's options from the pipeline's values (one-line PocketllmError when invalid)."""
+        """The target's options from the pipeline's values (one-line PocketllmError when invalid). Values beyond
+        CommonOptions' (e.g. `experts`) are target options: a target whose options lack one refuses it."""
+        import dataclasses
+
         if values.get("quant", "none") not in self.quant_schemes:
             raise PocketllmError(f"--quant {values.get('quant')!r} is not available for --target {self.name} "
                                  f"(expected one of: {', '.join(self.quant_schemes)})")
+        known = {f.name for f in dataclasses.fields(self.options_class)}
+        for key in values:
+            if key not in known:
+                raise PocketllmError(f"--{key.replace('_', '-')} is not available for --target {self.name}")
         return self.options_class(**values)
 
     def check_sdk(self) -> None:

@@ -7,10 +7,16 @@ the next call, and a call at start_pos 0 restarts lightning states, so `reset()`
 Custom ops (`pocketllm::*`) need our kernel library (kernels/, built by `make setup`). It is loaded once per process;
 a second library registering the same op names would abort the process, so loading is guarded by the runtime's
 operator registry.
+
+A bundle exported with `--experts file` keeps its MoE experts in experts.bin, which the kernel library's expert store
+reads (kernels/expert_store.h). The runner opens it with a budget: the `expert_cache_mb` argument, else
+$POCKETLLM_EXPERT_CACHE_MB, else the manifest's `expert_store.cache_mb` (the export's --expert-cache-mb), else none
+(memory-mapped, routed experts resident as used). 0 means no budget; MiB may be fractional.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 from pathlib import Path
@@ -21,6 +27,10 @@ from pocketllm.runtime_py.errors import PocketllmError
 
 TARGET = "executorch"
 KERNEL_LIBRARY_ENV = "POCKETLLM_KERNELS"
+EXPERT_CACHE_ENV = "POCKETLLM_EXPERT_CACHE_MB"
+EXPERT_PREFETCH_ENV = "POCKETLLM_EXPERT_PREFETCH"
+EXPERT_STATS = ("hits", "prefetch_hits", "waits", "misses", "prefetch_loads", "evictions", "bytes_read",
+                "resident_bytes", "peak_resident_bytes", "slots", "load_ns")  # kernels/expert_store.h
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_KERNEL_LIBRARY = REPO / "kernels" / "build" / "libpocketllm_kernels.so"
 _loaded: dict[str, ctypes.CDLL] = {}
@@ -66,6 +76,68 @@ def load_kernel_library(path: str | Path | None = None, needed: list[str] | tupl
     return path
 
 
+def kernel_library_handle(path: str | Path | None = None) -> ctypes.CDLL:
+    """ctypes handle of the loaded kernel library (for its C entry points), loading it if nobody has."""
+    path = Path(path) if path else kernel_library_path()
+    if _loaded:
+        return next(iter(_loaded.values()))
+    try:  # loaded by someone else (e.g. a test's ctypes.CDLL): the same handle, no second registration
+        return ctypes.CDLL(str(path), mode=os.RTLD_NOLOAD | ctypes.RTLD_GLOBAL)
+    except OSError:
+        pass
+    load_kernel_library(path, ["pocketllm::expert_store_moe_ffn.out"])
+    return next(iter(_loaded.values()))
+
+
+class ExpertStore:
+    """A bundle's experts.bin opened in the kernel library's expert store (registered under its id, which the
+    program's expert_store_moe_ffn calls name). budget_mb 0 / None: no budget (memory-mapped)."""
+
+    def __init__(self, path: Path, budget_mb: float | None, prefetch: bool = True, expected_id: str | None = None,
+                 library: str | Path | None = None):
+        self.lib = kernel_library_handle(library)
+        self.path, self.budget_mb, self.prefetch = Path(path), float(budget_mb or 0), prefetch
+        ident, err = ctypes.create_string_buffer(33), ctypes.create_string_buffer(512)
+        budget = ctypes.c_int64(int(self.budget_mb * 2**20))
+        ok = self.lib.pocketllm_expert_store_open(str(self.path).encode(), budget,
+                                                  ctypes.c_int64(int(prefetch)), ident, err, ctypes.c_int64(512))
+        if not ok:
+            raise PocketllmError(err.value.decode(errors="replace"))
+        self.id = ident.value.decode()
+        if expected_id is not None and self.id != expected_id:
+            raise PocketllmError(f"{self.path}: expert store {self.id}, but the manifest names {expected_id} "
+                                 "(experts.bin from another export?)")
+
+    def stats(self) -> dict[str, int]:
+        out = (ctypes.c_int64 * len(EXPERT_STATS))()
+        if not self.lib.pocketllm_expert_store_stats(self.id.encode(), out):
+            raise PocketllmError(f"expert store {self.id} is not open")
+        return dict(zip(EXPERT_STATS, out))
+
+    def drain(self) -> None:
+        self.lib.pocketllm_expert_store_drain(self.id.encode())
+
+    def last_error(self) -> str:
+        err = ctypes.create_string_buffer(512)
+        return err.value.decode(errors="replace") if self.lib.pocketllm_expert_store_last_error(err, 512) else ""
+
+
+def expert_budget_mb(argument: float | None, manifest_entry: dict) -> float:
+    """The expert store budget in MiB: the argument, else $POCKETLLM_EXPERT_CACHE_MB, else the manifest's."""
+    if argument is not None:
+        return float(argument)
+    env = os.environ.get(EXPERT_CACHE_ENV)
+    if env:
+        try:
+            value = float(env)
+        except ValueError:
+            value = -1.0
+        if not value >= 0:
+            raise PocketllmError(f"${EXPERT_CACHE_ENV} must be a number of MiB, 0 for no budget (got {env!r})")
+        return value
+    return float(manifest_entry.get("cache_mb") or 0)
+
+
 def load_llama_ops() -> None:
     """ExecuTorch's llama::update_cache / custom_sdpa kernels (shipped in the wheel)."""
     if "llama::custom_sdpa.out" in registered_operators():
@@ -90,7 +162,8 @@ class ExecutorchRunner:
     """The `.pte` of a bundle. threads: ExecuTorch threadpool size (XNNPACK and our kernels share it)."""
 
     def __init__(self, bundle: str | Path, verify: bool = True, threads: int | None = None,
-                 kernel_library: str | Path | None = None, manifest: dict | None = None):
+                 kernel_library: str | Path | None = None, manifest: dict | None = None,
+                 expert_cache_mb: float | None = None, expert_store_prefetch: bool | None = None):
         from pocketllm.export.bundle.manifest import read_manifest
 
         self.bundle = Path(bundle)
@@ -109,6 +182,13 @@ class ExecutorchRunner:
         custom = target.get("requires_kernels", [])
         if custom:
             load_kernel_library(kernel_library, custom)
+        self.experts = None
+        store = target.get("expert_store")
+        if store is not None:
+            if expert_store_prefetch is None:
+                expert_store_prefetch = os.environ.get(EXPERT_PREFETCH_ENV, "1") != "0"
+            self.experts = ExpertStore(self.bundle / store["file"], expert_budget_mb(expert_cache_mb, store),
+                                       expert_store_prefetch, store["id"], kernel_library)
         set_threads(threads)
 
         import torch
@@ -137,9 +217,27 @@ class ExecutorchRunner:
         for s in range(0, tokens.size, self.chunk):  # prompts longer than the program's T bound, in chunks
             t = self.torch.from_numpy(tokens[s:s + self.chunk].copy())[None]
             pos = self.torch.tensor([int(start_pos) + s], dtype=self.torch.long)
-            outs.append(self.method.execute([t, pos])[0][0].numpy().astype(np.float32, copy=True))
+            try:
+                with self._native_log() as native:
+                    try:
+                        logits = self.method.execute([t, pos])[0]
+                    except RuntimeError as e:
+                        why = self.experts.last_error() if self.experts is not None else ""
+                        if why:  # the store's one line says it all: not ExecuTorch's trace of the failed call
+                            native.drop_kernel_failure()
+                        raise PocketllmError(why or f"{self.bundle / self.target['file']}: forward failed ({e})")
+            except PocketllmError as e:
+                raise PocketllmError(str(e)) from None
+            outs.append(logits[0].numpy().astype(np.float32, copy=True))
         self.length = start_pos + tokens.size
         return outs[0] if len(outs) == 1 else np.concatenate(outs)
+
+    def _native_log(self):
+        """Around execute: with an expert store, fd 2 is filtered so that a damaged experts.bin reads as one line
+        (export/noise.py); without one, nothing is redirected (no cost per call)."""
+        from pocketllm.export.noise import NativeFilter, native_stderr_filtered
+
+        return native_stderr_filtered() if self.experts is not None else contextlib.nullcontext(NativeFilter())
 
     def reset(self) -> None:
         self.length = 0

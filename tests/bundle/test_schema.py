@@ -70,3 +70,49 @@ def test_relative_path_pattern(path, ok):
 def test_not_an_object():
     with pytest.raises(PocketllmError, match="expected a JSON object"):
         validate_manifest([1, 2])
+
+
+# ------------------------------------------------------------------------------------------ MoE expert store
+def with_expert_store(tmp_path, example) -> dict:
+    """The example plus an ExecuTorch expert store (SmallThinker exported with --experts file)."""
+    import hashlib
+
+    data = b"PLMEXPRT" + bytes(4088)
+    (tmp_path / "tiny-example" / "experts.bin").write_bytes(data)
+    m = json.loads(json.dumps(example))
+    m["files"]["experts.bin"] = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
+    m["targets"]["executorch"]["moe"] = {"experts": "file", "ops": ["expert_store_moe_ffn"], "expert_dtype": ["any4"],
+                                         "all_experts_layers": []}
+    m["targets"]["executorch"]["expert_store"] = {
+        "file": "experts.bin", "id": "0123456789abcdef0123456789abcdef", "format_version": 1, "alignment": 16384,
+        "layers": [0, 1], "bytes": len(data), "expert_block_bytes": 2048, "cache_mb": 1024,
+        "prefetch": "pre_attention_router"}
+    return m
+
+
+def test_expert_store_entries_validate(tmp_path, example):
+    m = with_expert_store(tmp_path, example)
+    validate_manifest(m)
+    m["targets"]["executorch"]["expert_store"]["cache_mb"] = None  # no budget recorded: memory-mapped
+    m["targets"]["executorch"]["moe"] = {"experts": "inline", "ops": ["moe_ffn", "moe_ffn_any4"],
+                                         "expert_dtype": ["bf16", "any4"], "all_experts_layers": [3]}
+    validate_manifest(m)
+
+
+@pytest.mark.parametrize("path,value,expect", [
+    ("expert_store/file", "other.bin", "targets.executorch.expert_store.file: 'other.bin' is not listed in files"),
+    ("expert_store/bytes", 8192, "targets.executorch.expert_store.bytes: 8192 is not the size of experts.bin"),
+    ("expert_store/id", "XYZ", "targets.executorch.expert_store.id: 'XYZ' does not match"),
+    ("expert_store/cache_mb", 0, "targets.executorch.expert_store.cache_mb: 0 is less than the minimum of 1"),
+    ("expert_store/prefetch", "always", "targets.executorch.expert_store.prefetch: expected one of"),
+    ("expert_store/format_version", 2, "targets.executorch.expert_store.format_version: expected 1"),
+    ("moe/experts", "some", "targets.executorch.moe.experts: expected one of inline, file, all"),
+    ("moe/ops", ["moe_ffn_fast"], "targets.executorch.moe.ops.0: expected one of"),
+])
+def test_broken_expert_store_entry_is_refused_with_its_key(tmp_path, example, path, value, expect):
+    m = with_expert_store(tmp_path, example)
+    node, *keys = path.split("/")
+    m["targets"]["executorch"][node][keys[0]] = value
+    with pytest.raises(PocketllmError) as e:
+        validate_manifest(m)
+    assert expect in str(e.value) and "\n" not in str(e.value), str(e.value)

@@ -156,7 +156,8 @@ def test_prefill_case_mixes_crowded_and_rare_experts():
 
 
 def test_repeated_expert_in_one_token_counts_twice(kernels):
-    """expert_ids is taken literally: a token listing one expert twice gets it twice (weights add)."""
+    """expert_ids is taken literally: a token listing one expert twice gets it twice (weights add), in the torch op,
+    the C++ kernel and the numpy twin."""
     gen = torch.Generator().manual_seed(3)
     x = torch.randn(2, 32, generator=gen)
     gate, up, down_t = float_experts(4, 16, 32, torch.float32, gen)
@@ -166,6 +167,8 @@ def test_repeated_expert_in_one_token_counts_twice(kernels):
     ref = moe_ffn_reference(x, ids, w, gate, up, down_t, "reglu")
     close(ref[0], once[0])
     close(kernel_float(kernels, x, ids, w, gate, up, down_t, "reglu"), ref)
+    as_np = [t.numpy() for t in (gate, up, down_t)]  # numpy fancy-index `out[rows] +=` would count it once
+    close(torch.from_numpy(np_moe.moe_ffn(x.numpy(), ids.numpy(), w.numpy(), *as_np, "reglu")), ref)
 
 
 # ------------------------------------------------------------------------------------------ any4 experts

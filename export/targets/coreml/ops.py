@@ -22,4 +22,8 @@ LOWERINGS = {
                                        "every expert; the fused op's stacked weights would be gathered per call"),
     "moe_ffn_any4": Lowering("unsupported", "as moe_ffn: routed experts through `cond` per expert "
                                             "(swaps.CoreMLDispatch), any4 experts as any4_linear"),
+    "expert_store_moe_ffn": Lowering("unsupported", "the expert store (experts.bin) is read by pocketllm's ExecuTorch "
+                                                    "kernel library (kernels/expert_store.cpp); a Core ML package "
+                                                    "holds its experts, so --experts is refused for --target coreml"),
+    "expert_store_prefetch": Lowering("unsupported", "as expert_store_moe_ffn: no expert store in a Core ML package"),
 }

@@ -11,8 +11,9 @@ stay single custom ops on our kernels (ops.py): any4 layers (pocketllm::any4_lin
 `--quant any4-w4a8`), int8 layers and 8-bit LM heads (pocketllm::int8_linear); a packed embedding table gathers its
 rows with portable ops (embedding + dequantize) from the same constant a tied head's op reads (stored once);
 float linear layers go to XNNPACK (fp32, or torchao's int8-activation x int4-weight for `8da4w`); int4/nf4
-checkpoints (export/quant) dequantize in the graph (portable kernels, slow); MoE layers run every expert with zero
-weights for unselected ones (export/nn/moe.py, static shapes).
+checkpoints (export/quant) dequantize in the graph (portable kernels, slow); MoE layers run only their routed
+experts (`pocketllm::moe_ffn` on stacked constants, or `pocketllm::expert_store_moe_ffn` on the bundle's
+experts.bin: options.experts), or, with experts "all", every expert with zero weights for unselected ones.
 """
 
 from __future__ import annotations
@@ -27,8 +28,9 @@ from torch import nn
 
 from pocketllm.export.spec import ModelSpec
 from pocketllm.export.targets.executorch.options import W4A8, ExecutorchOptions
-from pocketllm.export.targets.executorch.swaps import (any4_luts_to_bf16, embedding_table_to_bf16, quantize_torchao,
-                                                      use_llama_ops, use_xnnpack_norms_and_rope)
+from pocketllm.export.targets.executorch.swaps import (any4_luts_to_bf16, embedding_table_to_bf16, moe_blocks,
+                                                      quantize_torchao, use_expert_store, use_llama_ops,
+                                                      use_stacked_experts, use_xnnpack_norms_and_rope)
 
 PTE_FILE = "model.pte"
 FORMAT_VERSION = 1  # of the .pte contract above; bumped when methods or inputs change
@@ -145,6 +147,18 @@ def export_executorch(model: nn.Module, spec: ModelSpec, options: ExecutorchOpti
     timings: dict[str, float] = {}
     quant_info: dict[str, Any] = {}
     n_swapped = use_llama_ops(model) if options.llama_sdpa else 0
+    moe_info, store_info = None, None
+    if moe_blocks(model):  # before 8da4w and W4A8: stacked experts keep their own kernels (pocketllm::moe_ffn*)
+        moe_info = {"experts": "all", "ops": [], "expert_dtype": [], "all_experts_layers": [i for i, _ in
+                                                                                             moe_blocks(model)]}
+        if options.experts != "all":
+            with stage("experts"):
+                t0 = time.perf_counter()
+                if options.experts == "inline":
+                    moe_info = use_stacked_experts(model)
+                else:
+                    moe_info, store_info = use_expert_store(model, Path(out_dir), options.expert_cache_mb)
+                timings["experts_s"] = time.perf_counter() - t0
     use_xnnpack_norms_and_rope(model)
     if options.quant == W4A8:
         from pocketllm.export.nn.quant_linear import use_w4a8
@@ -181,6 +195,11 @@ def export_executorch(model: nn.Module, spec: ModelSpec, options: ExecutorchOpti
         timings["serialize_s"] = time.perf_counter() - t0
     ops = program_operators(et)
     custom = [op for op in ops if op.startswith(CUSTOM_OP_NAMESPACES)]
+    extra = {}
+    if moe_info is not None:
+        extra["moe"] = moe_info
+    if store_info is not None:
+        extra["expert_store"] = store_info
     return {
         "file": PTE_FILE,
         "format_version": FORMAT_VERSION,
@@ -197,6 +216,7 @@ def export_executorch(model: nn.Module, spec: ModelSpec, options: ExecutorchOpti
         "llama_sdpa_layers": n_swapped,
         "embedding_table_dtype": embedding_dtype,
         "quantization": quant_info,
+        **extra,
         "timings": {k: round(v, 2) for k, v in timings.items()},
     }
 

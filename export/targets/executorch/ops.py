@@ -11,4 +11,6 @@ LOWERINGS = {
     "int8_linear": Lowering("kernel", "kernels/int8_linear.cpp"),
     "moe_ffn": Lowering("kernel", "kernels/moe_ffn.cpp"),
     "moe_ffn_any4": Lowering("kernel", "kernels/moe_ffn.cpp"),
+    "expert_store_prefetch": Lowering("kernel", "kernels/expert_store.cpp"),
+    "expert_store_moe_ffn": Lowering("kernel", "kernels/expert_store.cpp"),
 }

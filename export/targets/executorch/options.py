@@ -15,17 +15,32 @@ W4A8 = "any4-w4a8"
 QUANT_SCHEMES = ("none", *SCHEMES, W4A8, "8da4w")
 # no kernel of their own (any4: any4_linear / any4_linear_w4a8, int8: int8_linear): dequantized in the graph
 IN_GRAPH_DEQUANT = tuple(s for s in SCHEMES if s not in ("any4", "int8"))
+EXPERT_MODES = ("inline", "file", "all")
 
 
 @dataclass(frozen=True)
 class ExecutorchOptions(CommonOptions):
     """max_context: KV cache positions (get_max_context_len). prefill_chunk: most tokens per forward call
     (get_max_seq_len, the dynamic T's upper bound): memory planning sizes activations, logits included, for it.
-    group_size: 8da4w's group along K (default 128, falling back to the largest of 128/64/32 dividing K)."""
+    group_size: 8da4w's group along K (default 128, falling back to the largest of 128/64/32 dividing K).
+    experts (MoE models): "inline" = each layer's experts stacked into the program, pocketllm::moe_ffn(_any4) reads
+    only the routed ones; "file" = experts.bin beside the .pte, read by the kernel library's expert store
+    (memory-mapped, or an LRU of experts within expert_cache_mb, prefetched from SmallThinker's pre-attention
+    router); "all" = every expert runs with zero weight for the unchosen ones (the graph before moe_ffn, kept for
+    comparisons). expert_cache_mb: the runtime's default expert budget recorded in the manifest (implies "file")."""
 
     llama_sdpa: bool = True  # dense layers through llama::update_cache / llama::custom_sdpa
+    experts: str = "inline"
+    expert_cache_mb: int | None = None
 
     def __post_init__(self):
+        if self.experts not in EXPERT_MODES:
+            raise PocketllmError(f"unknown --experts {self.experts!r} (expected one of: {', '.join(EXPERT_MODES)})")
+        if self.expert_cache_mb is not None:
+            if self.expert_cache_mb < 1:
+                raise PocketllmError(f"--expert-cache-mb must be a positive number of MiB (got {self.expert_cache_mb})")
+            if self.experts != "file":
+                raise PocketllmError("--expert-cache-mb bounds the expert store: use it with --experts file")
         if self.prefill_chunk < 1:
             raise PocketllmError(f"--prefill-chunk must be positive (got {self.prefill_chunk})")
         if self.quant not in QUANT_SCHEMES:

@@ -12,10 +12,16 @@
   delegates `mean` only over the last two dims of 4-D tensors), and rotate-half as a matmul by a signed
   permutation (no slice_copy / cat on portable kernels). Same values up to the summation order of the mean;
   rotate-half is exact.
+- MoE layers (SmallThinker, MiniMax) run only their routed experts (ExecutorchOptions.experts): "inline" stacks each
+  layer's experts once into constants of the program and calls `pocketllm::moe_ffn` / `moe_ffn_any4`; "file"
+  writes them to the bundle's experts.bin and calls `pocketllm::expert_store_moe_ffn` (with
+  `pocketllm::expert_store_prefetch` right after a pre-attention router); "all" keeps the graph that runs every
+  expert with zero weight for the unchosen ones (for comparison).
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -187,3 +193,89 @@ def use_xnnpack_norms_and_rope(model: nn.Module) -> dict[str, int]:
 
         rotary.at = at
     return {"rms_norms": norms, "rope_rotate_half": "matmul" if isinstance(rotary, RotaryTable) else "none"}
+
+
+# ------------------------------------------------------------------------------------------ MoE experts
+def moe_blocks(model: nn.Module) -> list[tuple[int, nn.Module]]:
+    """(layer index, MoE) of every mixture-of-experts layer."""
+    return [(i, layer.block_sparse_moe) for i, layer in enumerate(model.model.layers)
+            if getattr(layer, "block_sparse_moe", None) is not None]
+
+
+def _release_freed_memory() -> None:
+    from pocketllm.export.quant.quantize import _release_freed_memory as release
+
+    release()
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.uint8: "u8"}[dtype]
+
+
+def use_stacked_experts(model: nn.Module) -> dict[str, Any]:
+    """Every MoE layer's dispatch -> StackedExperts (one pocketllm::moe_ffn / moe_ffn_any4 call), layer by layer;
+    each expert's tensors are freed as they are copied into the stacks, and freed heap pages are returned to the OS
+    after each layer, so peak memory stays about one model. Layers whose experts cannot be stacked (int4/nf4/int8)
+    keep the all-experts graph. Returns the manifest's `moe` entry."""
+    from pocketllm.export.nn.moe import stack_experts
+
+    ops, dtypes, kept = set(), set(), []
+    for i, moe in moe_blocks(model):
+        stacked = stack_experts(moe)
+        if stacked is None:
+            kept.append(i)
+            continue
+        moe.dispatch = stacked
+        moe.experts = nn.ModuleList()
+        ops.add("moe_ffn_any4" if "gate_qweight" in stacked.names else "moe_ffn")
+        dtypes.add("any4" if "gate_qweight" in stacked.names else _dtype_name(stacked.gate.dtype))
+        _release_freed_memory()
+    return {"experts": "inline", "ops": sorted(ops), "expert_dtype": sorted(dtypes), "all_experts_layers": kept}
+
+
+def use_expert_store(model: nn.Module, out_dir: Path, cache_mb: int | None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Every MoE layer's experts -> out_dir/experts.bin, written expert by expert (each freed once written), and
+    its dispatch -> StoredExperts. Returns (the manifest's `moe` entry, its `expert_store` entry)."""
+    from pocketllm.export.nn.moe import StoredExperts, expert_dtypes, expert_tensors, free_expert
+    from pocketllm.export.ops.expert_store import EXPERTS_FILE, ExpertFileWriter
+    from pocketllm.runtime_py.ops.expert_store import ALIGNMENT, VERSION, LayerEntry
+
+    plan, kept = [], []
+    for i, moe in moe_blocks(model):
+        dtypes = expert_dtypes(moe)
+        if dtypes is None:
+            kept.append(i)
+            continue
+        kind, t = expert_tensors(moe.experts[0])
+        m = moe.moe
+        if kind == "any4":
+            entry = LayerEntry(i, "any4", m.num_experts, m.ffn_hidden_size, model.spec.hidden_size,
+                               t["gate_scales"].shape[1], t["up_scales"].shape[1], t["down_scales"].shape[1],
+                               _dtype_name(dtypes["gate_lut"]), _dtype_name(dtypes["gate_scales"]))
+        else:
+            entry = LayerEntry(i, _dtype_name(dtypes["gate"]), m.num_experts, m.ffn_hidden_size,
+                               model.spec.hidden_size)
+        plan.append((i, moe, entry, dtypes))
+    if not plan:
+        raise PocketllmError("--experts file: no MoE layer of this model can keep its experts in a file "
+                             "(they are not all float or all any4)")
+    writer = ExpertFileWriter(Path(out_dir) / EXPERTS_FILE, [entry for _, _, entry, _ in plan])
+    for i, moe, entry, dtypes in plan:
+        for e in range(len(moe.experts)):
+            _, tensors = expert_tensors(moe.experts[e])
+            writer.write_expert(i, e, {n: t.to(dtypes[n]) for n, t in tensors.items()})
+            del tensors
+            free_expert(moe, e)
+        _release_freed_memory()
+    store_id = writer.close()
+    for i, moe, entry, _ in plan:
+        moe.dispatch = StoredExperts(moe.moe.activation, store_id, i, prefetch=moe.pre_attention)
+        moe.experts = nn.ModuleList()
+    formats = sorted({entry.format for _, _, entry, _ in plan})
+    info = {"experts": "file", "ops": ["expert_store_moe_ffn"], "expert_dtype": formats, "all_experts_layers": kept}
+    store = {"file": EXPERTS_FILE, "id": store_id, "format_version": VERSION, "alignment": ALIGNMENT,
+             "layers": [i for i, *_ in plan], "bytes": writer.size,
+             "expert_block_bytes": max(entry.block_bytes for entry in writer.layers),
+             "cache_mb": cache_mb or None,
+             "prefetch": "pre_attention_router" if any(moe.pre_attention for _, moe, _, _ in plan) else "none"}
+    return info, store

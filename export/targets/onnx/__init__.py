@@ -27,7 +27,6 @@ PROTOBUF_LIMIT = 2 * 1024**3  # one ModelProto cannot be serialised above this
 
 class OnnxTarget(Target):
     name = "onnx"
-    quantized_lm_head = False  # no int8_linear lowering: the head and the embedding table stay in floating point
     summary = "ONNX folder for onnxruntime / onnxruntime-genai (standard ops + MatMulNBits, past/present KV I/O)"
     artifact = ONNX_DIR
     quant_schemes = QUANT_SCHEMES

@@ -27,4 +27,8 @@ LOWERINGS = {
                                        "ScatterND add), so only the routed experts run; the fused op is not used"),
     "moe_ffn_any4": Lowering("unsupported", "as moe_ffn: routed experts through swaps.OnnxRoutedDispatch, any4 "
                                             "experts as any4_linear"),
+    "expert_store_moe_ffn": Lowering("unsupported", "the expert store (experts.bin) is read by pocketllm's ExecuTorch "
+                                                    "kernel library (kernels/expert_store.cpp); an ONNX model holds its "
+                                                    "experts, so --experts is refused for --target onnx"),
+    "expert_store_prefetch": Lowering("unsupported", "as expert_store_moe_ffn: no expert store in an ONNX model"),
 }

@@ -90,3 +90,17 @@ class Target:
     def add_tokenizer(self, out_dir: Path, names: list[str]) -> None:
         """Called once the bundle's tokenizer files (`names`, in out_dir) are written: copy what the artifact needs
         beside itself (ONNX: onnxruntime-genai reads them from the model folder). Default: nothing."""
+
+
+def weight_bytes(ckpt, float_bytes: int) -> int:
+    """About how many bytes the checkpoint's weights take in an artifact that stores floating-point tensors in
+    `float_bytes` each and packed quantized tensors as packed; from the tensor table (no weight data read)."""
+    q = ckpt.quantization
+    total = 0
+    for name, shape in ckpt.shapes.items():
+        n = 1
+        for d in shape:
+            n *= d
+        packed = q is not None and q.is_packed(name)
+        total += n * ({"U8": 1, "I8": 1, "F16": 2}.get(ckpt.dtypes[name], float_bytes) if packed else float_bytes)
+    return total

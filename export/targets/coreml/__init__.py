@@ -12,7 +12,7 @@ from __future__ import annotations
 import importlib.util
 
 from pocketllm.export.errors import PocketllmError
-from pocketllm.export.targets.base import Target
+from pocketllm.export.targets.base import Target, weight_bytes
 from pocketllm.export.targets.coreml.ops import LOWERINGS
 from pocketllm.export.targets.coreml.options import QUANT_SCHEMES, CoreMLOptions
 
@@ -42,13 +42,7 @@ class CoreMLTarget(Target):
                                  "it in fp16: quantize without --quantize-lm-head")
         if q is None and options.quant != "none":
             return
-        total = 0
-        for name, shape in ckpt.shapes.items():
-            n = 1
-            for d in shape:
-                n *= d
-            packed = q is not None and q.is_packed(name)
-            total += n * ({"U8": 1, "I8": 1}.get(ckpt.dtypes[name], 2) if packed else 2)
+        total = weight_bytes(ckpt, float_bytes=2)
         if total > options.max_weight_file_bytes:
             from pocketllm.export.targets.coreml.lower import size_text  # (no coremltools import at module level)
 

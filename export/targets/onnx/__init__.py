@@ -17,7 +17,7 @@ import shutil
 from pathlib import Path
 
 from pocketllm.export.errors import PocketllmError
-from pocketllm.export.targets.base import Target
+from pocketllm.export.targets.base import Target, weight_bytes
 from pocketllm.export.targets.onnx.ops import LOWERINGS
 from pocketllm.export.targets.onnx.options import QUANT_SCHEMES, REFUSED_SCHEMES, OnnxOptions
 
@@ -56,13 +56,7 @@ class OnnxTarget(Target):
                                  "onnx keeps it in fp32: quantize without --quantize-lm-head")
         if options.external_data != "never":
             return
-        total = 0
-        for name, shape in ckpt.shapes.items():
-            n = 1
-            for d in shape:
-                n *= d
-            packed = q is not None and q.is_packed(name)
-            total += n * ({"U8": 1, "I8": 1, "F16": 2}.get(ckpt.dtypes[name], 4) if packed else 4)
+        total = weight_bytes(ckpt, float_bytes=4)
         if total >= PROTOBUF_LIMIT:
             raise PocketllmError(f"--target onnx: the weights take about {total / 2**30:.2f} GiB, over protobuf's 2 GiB "
                                  "limit for one model.onnx; use onnx.external_data=auto or always (model.onnx.data)")

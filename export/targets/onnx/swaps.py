@@ -27,7 +27,7 @@ from pocketllm.export.nn.attention import Attention
 from pocketllm.export.nn.attention_core import DenseCore, InfLLMCore, SlidingWindowCore
 from pocketllm.export.nn.kv_cache import KVCache
 from pocketllm.export.nn.lightning import LightningAttention, RecurrentState
-from pocketllm.export.nn.moe import MoE
+from pocketllm.export.nn.moe import MoE, RoutedDispatch
 from pocketllm.export.targets.onnx.contrib import LIB  # noqa: F401  (registers the pocketllm_onnx ops)
 from pocketllm.export.targets.onnx.decompose import causal_mask, constants_table, infllm_attention, masked_attention
 from pocketllm.export.targets.onnx.options import ANY4_LUT_OPSET
@@ -113,7 +113,7 @@ def onnx_core(core: nn.Module, inputs: CallInputs, sparse, head_dim: int) -> nn.
 
 
 # ------------------------------------------------------------------------------------------ MoE: routed experts only
-class OnnxRoutedDispatch(nn.Module):
+class OnnxRoutedDispatch(RoutedDispatch):
     """sum over each token's k experts of weight * expert(u), running each expert only on the tokens routed to it.
 
     u: [N, hidden]; weights: [N, k] fp32; ids: [N, k]. In ONNX: per expert Equal/ReduceMax -> NonZero (its rows,

@@ -21,26 +21,24 @@ def what_is(path: Path) -> str:
     return "missing" if not path.exists() and not path.is_symlink() else "not a file or directory"
 
 
+def _require(path: Path, what: str, kind: str) -> Path:
+    path = Path(path)
+    found = what_is(path)
+    if found == "missing":
+        raise PocketllmError(f"{path}: {what} not found")
+    if found != kind:
+        raise PocketllmError(f"{path} is {found}, not a {what}")
+    return path
+
+
 def require_dir(path: Path, what: str) -> Path:
     """`path` must be a directory; `what` names it in the message ("checkpoint directory")."""
-    path = Path(path)
-    kind = what_is(path)
-    if kind == "missing":
-        raise PocketllmError(f"{path}: {what} not found")
-    if kind != "a directory":
-        raise PocketllmError(f"{path} is {kind}, not a {what}")
-    return path
+    return _require(path, what, "a directory")
 
 
 def require_file(path: Path, what: str) -> Path:
     """`path` must be a regular file; `what` names it in the message ("text file", "prompts file")."""
-    path = Path(path)
-    kind = what_is(path)
-    if kind == "missing":
-        raise PocketllmError(f"{path}: {what} not found")
-    if kind != "a file":
-        raise PocketllmError(f"{path} is {kind}, not a {what}")
-    return path
+    return _require(path, what, "a file")
 
 
 def read_text_file(path: Path, what: str) -> str:

@@ -67,6 +67,20 @@ Q4_0_F32HEAD = "llama.cpp Q4_0 f32 head"
 REFERENCE_THREADS = 2
 EXACT_TOLERANCE = 1e-3
 ENV = {"OMP_WAIT_POLICY": "PASSIVE", "OPENBLAS_NUM_THREADS": "1"}
+# llama.cpp (built with OpenMP) runs with its own default wait policy, as its users run it: with PASSIVE its threads
+# sleep between graph launches and 2-thread decode of the 0.5b halves (llama-bench -t 1,2 -n 32 on the quiet 2-core
+# machine, 2026-12-01: PASSIVE 51-76 / 36.5-36.9 tok/s, default 69-72 / 81-83 tok/s). The ExecuTorch drivers do
+# not use OpenMP (pthreadpool and the kernels' own helpers), so the policy does not touch them.
+LLAMA_ENV_DROP = ("OMP_WAIT_POLICY",)
+
+
+def engine_env(cmd: list) -> dict:
+    """The environment of a child: ENV, except that a llama.cpp binary keeps its OpenMP defaults."""
+    env = {**os.environ, **ENV}
+    if any(Path(str(c)).name.startswith(("llama", "llamacpp")) for c in cmd[:4]):
+        for k in LLAMA_ENV_DROP:
+            env.pop(k, None)
+    return env
 
 
 # ------------------------------------------------------------------------------------------------ pure parts
@@ -474,7 +488,7 @@ class Worker:
         self.log.write("+ " + " ".join(map(shlex.quote, self.cmd)) + "\n")
         self.log.flush()
         self.proc = subprocess.Popen(self.cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log,
-                                     text=True, bufsize=1, env={**os.environ, **ENV})
+                                     text=True, bufsize=1, env=engine_env(self.cmd))
         self.ready = self._read()
 
     def _read(self) -> dict:
@@ -530,7 +544,7 @@ def et_command(exe: Path, b: dict, kernels: Path, mode: str = "mmap", llama_ops:
 
 def time_v(cmd: list, log: Path, fatal: bool = True) -> dict:
     p = subprocess.run(["/usr/bin/time", "-v", *map(str, cmd)], capture_output=True, text=True,
-                       env={**os.environ, **ENV})
+                       env=engine_env(cmd))
     with open(log, "a") as f:
         f.write("+ /usr/bin/time -v " + " ".join(map(shlex.quote, map(str, cmd))) + "\n" + p.stdout + p.stderr)
     out = parse_time_v(p.stderr)
@@ -655,7 +669,7 @@ def llama_bench(llama: dict, gguf: Path, args, log: Path, commands: list) -> lis
            ",".join(map(str, args.threads)), "-p", str(args.prefill_tokens), "-n", str(args.decode_steps),
            "-r", "3", "-o", "json"]
     commands.append(cmd)
-    p = subprocess.run(list(map(str, cmd)), capture_output=True, text=True, env={**os.environ, **ENV})
+    p = subprocess.run(list(map(str, cmd)), capture_output=True, text=True, env=engine_env(cmd))
     with open(log, "a") as f:
         f.write(p.stderr)
     try:
@@ -860,7 +874,8 @@ def main(argv: list[str] | None = None) -> None:
                      "decode_steps": args.decode_steps, "long_context": args.long_context,
                      "long_threads": args.long_threads, "long_rounds": args.long_rounds,
                      "long_variants": args.long_variants, "kv_capacity": capacity,
-                     "llama_cpp_kv": "f16 (default)", "llama_cpp_n_batch": 512, "checkpoint": str(args.checkpoint)},
+                     "llama_cpp_kv": "f16 (default)", "llama_cpp_omp_wait_policy": "default (unset)",
+                     "executorch_env": ENV, "llama_cpp_n_batch": 512, "checkpoint": str(args.checkpoint)},
         "method": __doc__.split("Steps", 1)[1].strip(),
     }
     problems = check_result(result)

@@ -28,7 +28,8 @@ class ReferenceModel:
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, max_context: int | None = None, score_rule: str | None = None,
-                        float_weights: str | None = None, activations: str = "fp32"):
+                        float_weights: str | None = None, activations: str = "fp32",
+                        activation_jitter: float = 0.0):
         """Validate a HF-style checkpoint directory (export.checkpoint) and load its weights as float32.
 
         score_rule: the InfLLM v2 score rule to run with ("upstream" | "exact"), for a bundle exported with
@@ -39,7 +40,9 @@ class ReferenceModel:
         tensor rounded to fp16; packed quantized weights stay exactly as dequantized (the artifact dequantizes
         them itself), except any4 with one group per row, whose table folds scale and zero and is stored in fp16.
 
-        activations "int8": the decoder's any4 layers run with W4A8 numerics (a W4A8 bundle's contract).
+        activations "int8": the decoder's any4 layers run with W4A8 numerics (a W4A8 bundle's contract);
+        activation_jitter eps > 0 moves each of their inputs by a relative eps * N(0, 1) before int8 rounding (the
+        noise floor W4A8 parity measures, runtime_py/parity.py).
         """
         from pocketllm.export.checkpoint import open_checkpoint
         from pocketllm.runtime_py.errors import PocketllmError
@@ -52,7 +55,7 @@ class ReferenceModel:
         if ckpt.quantization is not None:  # packed 4/8-bit weights, dequantized by runtime_py/quant.py
             from pocketllm.runtime_py.quant import quantized_weight_loader
 
-            load_weights = quantized_weight_loader(ckpt.quantization, activations)  # noqa: F811
+            load_weights = quantized_weight_loader(ckpt.quantization, activations, activation_jitter)  # noqa: F811
         elif activations != "fp32":
             raise PocketllmError(f"{path}: activations {activations!r} need a quantized (any4) checkpoint")
         weights = load_weights(ckpt.dir, ckpt.weight_map)

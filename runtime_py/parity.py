@@ -54,13 +54,25 @@ DEFAULT_TOLERANCE = {"none": 1e-3, "any4": 1e-3, "int4": 1e-3, "int8": 1e-3, "nf
 # 8da4w quantizes activations dynamically inside XNNPACK: no reference runs those exact numerics, so its deltas
 # against the float reference are reported, and only top-1 agreement is required.
 MIN_TOP1_UNMATCHED = 0.9
-# W4A8 (quantization.activations "int8"): the reference reproduces the kernel's numerics bit for bit, but it rounds
-# each activation to int8 from its own fp32 input, which differs from the artifact's in the last bits (attention,
-# norms and sums run in other orders). An activation that sits on a rounding boundary can then round the other way
-# in one engine: one int8 step of one element, visible at that position (and faintly after it). The contract: the
-# tolerance holds at >= MIN_W4A8_ROWS of all compared positions, and top-1 agrees at >= MIN_W4A8_TOP1 of the steps.
-MIN_W4A8_ROWS = 0.95
-MIN_W4A8_TOP1 = 0.99
+# W4A8 (quantization.activations "int8"): the reference reproduces the kernel's numerics bit for bit (the op tests
+# hold the kernel to that on the same inputs), but each engine rounds every activation to int8 from its own fp32
+# input, and those differ in the last bits (norms, attention and sums run in other orders). An activation near a
+# rounding boundary then rounds the other way, and in a deep model those one-step flips compound: on tiny-austen
+# (8 layers) a difference of one fp32 rounding already moves the logits ~1e-2 (benchmarks/w4a8_sensitivity.py), so no
+# fixed tolerance separates rounding from a defect. The contract is measured against the reference's own noise floor:
+# the reference runs again with every int8-rounded activation moved by a relative W4A8_JITTER * N(0, 1) (8 fp32 ulps,
+# the top of what summation order does), and the artifact's per-position |delta| must be no larger than that
+# run's, up to W4A8_NOISE_FACTOR, at the median and the 90th percentile (plus the exact tolerance, for models too
+# shallow to flip at all); its top-1 disagreement at most W4A8_NOISE_FACTOR x the noise run's + W4A8_TOP1_SLACK.
+# Calibration (2026-12-01, tiny-austen W4A8 bundle, 3 prompts x 32 steps; median / p90 of |delta|): the .pte
+# 0.0066 / 0.0145; jitter 1e-7 0.0068 / 0.0175, 2^-20 0.0119 / 0.0249; the same weights with fp32 activations (a
+# bundle running exact any4 under a W4A8 label) 0.0367 / 0.0662, which fails. On the random-weight 0.5b preset the
+# floor itself is ~0.9 logits with 42% top-1 agreement (chaotic: the contract can tell little there; the op tests and
+# trained models carry the weight), and its .pte sits on it (0.90 / 1.10 vs 0.92 / 1.10, top-1 35%).
+W4A8_JITTER = 2.0 ** -20
+W4A8_NOISE_FACTOR = 1.5
+W4A8_QUANTILES = (0.5, 0.9)
+W4A8_TOP1_SLACK = 0.02
 
 
 def read_prompts(path: Path | None) -> list[str]:
@@ -170,12 +182,12 @@ def manifest_score_rule(manifest: dict) -> str | None:
 
 
 def reference_for(bundle: Path, manifest: dict, checkpoint: Path | None, max_context: int,
-                  float_weights: str | None = None):
+                  float_weights: str | None = None, activation_jitter: float = 0.0):
     """The numpy reference on the bundle's reference weights (or on `checkpoint` when given), with the numerics the
     artifact promises: InfLLM v2 blocks scored with the rule the manifest records; a W4A8 bundle
     (`quantization.activations` "int8") runs its decoder's any4 layers with int8 activations exactly as the kernel
-    does, every other variant in fp32; float_weights "float16" rounds the weights as an fp16 artifact stores them
-    (ReferenceModel.from_checkpoint)."""
+    does, every other variant in fp32; float_weights "float16" rounds the weights as an fp16 artifact stores them;
+    activation_jitter: the W4A8 noise-floor reference (ReferenceModel.from_checkpoint)."""
     from pocketllm.runtime_py import ReferenceModel
 
     if checkpoint is None:
@@ -189,7 +201,8 @@ def reference_for(bundle: Path, manifest: dict, checkpoint: Path | None, max_con
     # int8 activations the reference reproduces: W4A8 (any4 weights) only; 8da4w's run inside XNNPACK
     activations = q.get("activations", "fp32") if q.get("scheme") == "any4" else "fp32"
     return ReferenceModel.from_checkpoint(path, max_context=max_context, score_rule=manifest_score_rule(manifest),
-                                          float_weights=float_weights, activations=activations), path
+                                          float_weights=float_weights, activations=activations,
+                                          activation_jitter=activation_jitter), path
 
 
 def runner_modes(target: str) -> dict[str, dict]:
@@ -205,41 +218,65 @@ def runner_modes(target: str) -> dict[str, dict]:
 
 def contract_criteria(tolerance: float | None, w4a8: bool) -> dict:
     """The criteria of a bundle's parity contract: exact variants |delta| <= tolerance everywhere with identical
-    continuations; W4A8 |delta| <= tolerance at >= MIN_W4A8_ROWS of the positions and top-1 >= MIN_W4A8_TOP1;
-    unmatched numerics (8da4w, tolerance None) top-1 >= MIN_TOP1_UNMATCHED."""
+    continuations; W4A8 within the reference's own noise floor (see W4A8_JITTER); unmatched numerics (8da4w,
+    tolerance None) top-1 >= MIN_TOP1_UNMATCHED."""
     if tolerance is None:
         return {"min_top1": MIN_TOP1_UNMATCHED}
     if w4a8:
-        return {"tolerance": tolerance, "min_within": MIN_W4A8_ROWS, "min_top1": MIN_W4A8_TOP1}
+        return {"tolerance": tolerance, "noise_jitter": W4A8_JITTER, "noise_factor": W4A8_NOISE_FACTOR,
+                "quantiles": list(W4A8_QUANTILES), "top1_slack": W4A8_TOP1_SLACK}
     return {"tolerance": tolerance, "identical": True}
 
 
-def verdict(results: list[dict], criteria: dict) -> dict:
+def _rows(results: list[dict]) -> np.ndarray:
+    """Every compared position's max |delta logit| (prefill positions, then greedy steps), over the prompts."""
+    return np.array([d for r in results for d in r["per_position_max_abs_delta_prefill"] + r["per_step_max_abs_delta"]],
+                    dtype=np.float64)
+
+
+def noise_floor(results: list[dict], criteria: dict) -> dict:
+    """The W4A8 noise floor: the jittered reference's |delta| quantiles and top-1 agreement against the reference."""
+    rows = _rows(results)
+    return {"jitter": criteria["noise_jitter"], "positions": int(rows.size),
+            "quantiles": {str(q): float(np.quantile(rows, q)) for q in criteria["quantiles"]},
+            "max_abs_delta": float(rows.max()), "top1_agreement": float(np.mean([r["top1_agreement"] for r in results]))}
+
+
+def verdict(results: list[dict], criteria: dict, noise: dict | None = None) -> dict:
     """Summary of one run over the prompts and whether it passes `criteria`: tolerance (max |delta logit|, None =
     not required), identical (every greedy continuation the reference's), min_top1 (mean per-step top-1
-    agreement), min_within (W4A8: the share of compared positions within tolerance; then the tolerance need not
-    hold at every position)."""
+    agreement); W4A8 (noise_jitter): `noise` = noise_floor(...) of the jittered reference, and the artifact's |delta|
+    quantiles must stay within noise_factor x the floor's + tolerance, its top-1 disagreement within noise_factor x
+    the floor's + top1_slack."""
     max_delta = max(max(r["max_abs_delta_prefill"], r["max_abs_delta_steps"]) for r in results)
     top1 = float(np.mean([r["top1_agreement"] for r in results]))
     identical = all(r["continuation_identical"] for r in results)
     tolerance = criteria.get("tolerance")
-    rows = [d for r in results for d in r["per_position_max_abs_delta_prefill"] + r["per_step_max_abs_delta"]]
-    within = float(np.mean([d <= tolerance for d in rows])) if tolerance is not None and rows else None
-    if criteria.get("min_within") is not None:
-        passed = within is not None and within >= criteria["min_within"]
-        contract = (f"W4A8: |delta| <= {tolerance} at >= {criteria['min_within']:.0%} of positions (int8 rounding of "
-                    f"an activation on a rounding boundary may differ), top-1 agreement >= "
-                    f"{criteria.get('min_top1', 0.0):.0%}")
+    rows = _rows(results)
+    within = float(np.mean(rows <= tolerance)) if tolerance is not None and rows.size else None
+    extra = {}
+    if criteria.get("noise_jitter") is not None:
+        if noise is None:
+            raise ValueError("a W4A8 verdict needs the noise floor")
+        factor = criteria["noise_factor"]
+        quantiles = {str(q): float(np.quantile(rows, q)) for q in criteria["quantiles"]}
+        bounds = {q: factor * v + tolerance for q, v in noise["quantiles"].items()}
+        need_top1 = 1.0 - (factor * (1.0 - noise["top1_agreement"]) + criteria["top1_slack"])
+        passed = all(quantiles[q] <= bounds[q] for q in bounds) and top1 >= need_top1
+        names = " and ".join(f"p{round(float(q) * 100)}" for q in bounds)
+        contract = (f"W4A8: |delta| {names} <= {factor} x the reference's own under {criteria['noise_jitter']:.1e} "
+                    f"relative activation jitter + {tolerance}, top-1 agreement >= {need_top1:.1%}")
+        extra = {"quantiles": quantiles, "bounds": bounds, "noise_floor": noise, "min_top1_here": need_top1}
     else:
         passed = tolerance is None or max_delta <= tolerance
         contract = (f"exact: |delta| <= {tolerance} at every position"
                     + (", identical greedy continuations" if criteria.get("identical") else "")
                     if tolerance is not None else f"unmatched numerics: top-1 agreement >= "
                     f"{criteria.get('min_top1', 0.0):.0%}")
-    passed = passed and (not criteria.get("identical") or identical) and top1 >= criteria.get("min_top1", 0.0)
+        passed = passed and (not criteria.get("identical") or identical) and top1 >= criteria.get("min_top1", 0.0)
     return {"passed": bool(passed), "max_abs_delta": max_delta, "positions_within_tolerance": within,
             "top1_agreement": top1, "continuations_identical": identical, "tolerance": tolerance,
-            "contract": contract, "criteria": {k: v for k, v in criteria.items() if k != "doc"}}
+            "contract": contract, "criteria": {k: v for k, v in criteria.items() if k != "doc"}, **extra}
 
 
 def run_parity(bundle: Path, *, target: str | None = None, prompts_file: Path | None = None, steps: int = 64,
@@ -291,7 +328,7 @@ def run_parity(bundle: Path, *, target: str | None = None, prompts_file: Path | 
         encoded.append((text, ids[:max_context - n], n, len(ids)))  # a long prompt keeps its beginning (reported)
     recorded = [RecordedReference(reference, block) for _ in encoded]
 
-    def run(engine) -> tuple[list[dict], float]:
+    def run(engine, runs: int = 1, run_index: int = 0) -> tuple[list[dict], float]:
         t0 = time.perf_counter()
         results = []
         for i, (text, ids, n, full) in enumerate(encoded):
@@ -299,7 +336,7 @@ def run_parity(bundle: Path, *, target: str | None = None, prompts_file: Path | 
             r["prompt"], r["prompt_truncated"], r["prompt_tokens_full"] = text[:80], len(ids) < full, full
             results.append(r)
             if progress:
-                progress(i + 1, len(prompts))
+                progress(run_index * len(prompts) + i + 1, runs * len(prompts))
         return results, round(time.perf_counter() - t0, 2)
 
     base = {"bundle": bundle.name, "target": target, "quant": quant,
@@ -309,12 +346,17 @@ def run_parity(bundle: Path, *, target: str | None = None, prompts_file: Path | 
             "tolerance", "contract", "steps", "infllm_engaged")
     if not modes:
         engine = engine or open_runner(bundle, target, threads=threads, verify=False)
-        results, seconds = run(engine)
         default = DEFAULT_TOLERANCE.get(quant) if tolerance is None else tolerance
         w4a8 = manifest.get("quantization", {}).get("activations") == "int8" and \
             manifest.get("quantization", {}).get("scheme") == "any4"
         criteria = contract_criteria(default, w4a8)
-        report = {**base, **verdict(results, criteria), "seconds": seconds, "prompts": results,
+        results, seconds = run(engine, 1 + w4a8)
+        noise = None
+        if "noise_jitter" in criteria:  # the reference against itself under rounding-sized jitter, same tokens
+            jittered, _ = reference_for(bundle, manifest, checkpoint, max_context, float_weights,
+                                        activation_jitter=criteria["noise_jitter"])
+            noise = noise_floor(run(jittered, 2, 1)[0], criteria)
+        report = {**base, **verdict(results, criteria, noise), "seconds": seconds, "prompts": results,
                   "infllm_engaged": any(r["infllm_engaged"] for r in results) if block else None}
         summary = {k: report[k] for k in keys} | {"prompts": len(results)}
     else:

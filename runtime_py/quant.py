@@ -86,16 +86,25 @@ class _W4A8Transposed:
 
     def __rmatmul__(self, x: np.ndarray) -> np.ndarray:
         w = self.w
+        if w.jitter is not None:  # the noise-floor run of W4A8 parity (runtime_py/parity.py)
+            eps, rng = w.jitter
+            x = np.asarray(x, dtype=np.float32)
+            x = (x * (1 + eps * rng.standard_normal(x.shape))).astype(np.float32)
         return any4_linear_w4a8(x, w.qweight, w.lut_i8, w.lut_scale, w.scales, w.zeros, w.group_size)
 
 
 class W4A8Weight:
     """An any4 weight [N, K] that multiplies with W4A8 numerics: `x @ w.T` = any4_linear_w4a8(x, ...), so model code
-    written as `x @ W.T` runs it unchanged. `dense()` is the exact dequantized weight (for inspection only)."""
+    written as `x @ W.T` runs it unchanged. `dense()` is the exact dequantized weight (for inspection only).
+
+    jitter (eps, rng): multiply each activation by (1 + eps * N(0, 1)) before it is rounded to int8, i.e. move it
+    by fp32-rounding-sized amounts as another engine's summation order would (the W4A8 parity noise floor)."""
 
     __array_ufunc__ = None
 
-    def __init__(self, t: dict[str, np.ndarray], group_size: int):
+    def __init__(self, t: dict[str, np.ndarray], group_size: int,
+                 jitter: tuple[float, np.random.Generator] | None = None):
+        self.jitter = jitter
         self.qweight = t["qweight"]
         self.shape = (self.qweight.shape[0], 2 * self.qweight.shape[1])
         self.group_size = group_size
@@ -121,13 +130,17 @@ def _row_blocks(t: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(padded.reshape(blocks, 8, G).transpose(0, 2, 1))
 
 
-def quantized_weight_loader(quantization, activations: str = "fp32"):
+def quantized_weight_loader(quantization, activations: str = "fp32", activation_jitter: float = 0.0):
     """A `load_weights(dir, weight_map)` for quantized checkpoints: float tensors as usual, and every packed module
     M dequantized into `M.weight` (float32), so the reference model reads it like any other checkpoint. With
-    activations "int8", any4 modules under model.layers become W4A8Weight operators instead."""
+    activations "int8", any4 modules under model.layers become W4A8Weight operators instead; activation_jitter > 0
+    makes them jitter their inputs (one seeded generator for the whole model, so a run is reproducible)."""
     if activations not in ACTIVATIONS:
         raise PocketllmError(f"reference model: unknown activations {activations!r} (expected one of: "
                              f"{', '.join(ACTIVATIONS)})")
+    if activation_jitter and activations != "int8":
+        raise PocketllmError("reference model: activation_jitter applies to int8 activations only")
+    jitter = (float(activation_jitter), np.random.default_rng(0)) if activation_jitter else None
 
     def is_packed(name: str) -> bool:
         module, _, suffix = name.rpartition(".")
@@ -148,7 +161,7 @@ def quantized_weight_loader(quantization, activations: str = "fp32"):
         for module, tq in quantization.modules.items():
             if activations == "int8" and tq.scheme == "any4" and module.startswith(W4A8_SCOPE):
                 K = quantization.shapes[module][1]
-                out[f"{module}.weight"] = W4A8Weight(packed[module], tq.group(K))
+                out[f"{module}.weight"] = W4A8Weight(packed[module], tq.group(K), jitter)
             else:
                 out[f"{module}.weight"] = dequantize(tq.scheme, packed[module])
             del packed[module]

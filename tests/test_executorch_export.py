@@ -452,8 +452,8 @@ def test_w4a8_bundle(bundles, tmp_path):
     r = runner.invoke(app, ["parity", str(out), "--steps", "32"])
     assert r.exit_code == 0, r.output
     report = json.loads((out / "parity.json").read_text())["executorch"]
-    assert report["passed"] and report["positions_within_tolerance"] >= 0.95, report["contract"]
-    assert report["contract"].startswith("W4A8")
+    assert report["passed"], (report["contract"], report["quantiles"], report["bounds"])
+    assert report["contract"].startswith("W4A8") and report["noise_floor"]["positions"] > 0
 
 
 @pytest.mark.parametrize("flags,head,kernel", [

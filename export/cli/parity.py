@@ -80,13 +80,17 @@ def _print_report(bundle: Path, report: dict, section: dict) -> None:
                           f"to fit the bundle's context with {p['steps']} steps", highlight=False, soft_wrap=True)
     verdict = "PASS" if section["passed"] else "FAIL"
     need = section.get("criteria", {})
-    if need.get("min_within") is not None:  # W4A8: the tolerance at most positions (docs/quantization.md)
-        bounds = [f"|delta| <= {need['tolerance']} at >= {need['min_within']:.0%} of positions (here "
-                  f"{section['positions_within_tolerance']:.4f})"]
+    if need.get("noise_jitter") is not None:  # W4A8: within the reference's own noise floor (docs/quantization.md)
+        floor = section["noise_floor"]
+        bounds = [f"|delta| p{round(float(q) * 100)} {section['quantiles'][q]:.2e} <= {b:.2e}"
+                  for q, b in section["bounds"].items()]
+        bounds[0] = (f"{need['noise_factor']} x the reference's own under {need['noise_jitter']:.1e} activation "
+                     f"jitter ({floor['positions']} positions): " + bounds[0])
+        bounds += [f"top-1 >= {section['min_top1_here']:.3f}"]
     else:
         bounds = [f"max |delta| <= {need['tolerance']}"] if need.get("tolerance") is not None else []
     bounds += ["identical continuations"] if need.get("identical") else []
-    bounds += [f"top-1 >= {need['min_top1']}"] if need.get("min_top1") else []
+    bounds += [f"top-1 >= {need['min_top1']}"] if need.get("min_top1") and "noise_jitter" not in need else []
     if report.get("saved", True):
         where = f"wrote {Path(bundle) / 'parity.json'}"
     else:

@@ -903,10 +903,13 @@ def plot(result: dict, path: Path) -> None:
     def bars(ax, getter, title, per_thread=True, ts=threads):
         width = 0.8 / (len(ts) if per_thread else 1)
         for i, t in enumerate(ts if per_thread else [None]):
-            vals = [getter(variants[n], t) or 0 for n in names]
+            raw = [getter(variants[n], t) for n in names]
+            vals = [r or 0 for r in raw]
             xs = [j + (i - (len(ts) - 1) / 2) * width if per_thread else j for j in range(len(names))]
             b = ax.bar(xs, vals, width, label=f"{t} threads" if per_thread else None)
-            ax.bar_label(b, fmt="%.0f" if max(vals or [0]) > 20 else "%.1f", fontsize=7)
+            big = max(vals or [0]) > 20
+            ax.bar_label(b, labels=["not run" if r is None else f"{r:.0f}" if big else f"{r:.1f}" for r in raw],
+                         fontsize=7)
         ax.set_xticks(range(len(names)))
         ax.set_xticklabels(names, rotation=15, fontsize=8)
         ax.set_title(title, fontsize=10)

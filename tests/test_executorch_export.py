@@ -517,7 +517,31 @@ def test_8da4w_export_runs(bundles, tmp_path):
     assert r.exit_code == 0, r.output
 
 
+def test_without_xnnpack(bundles, tmp_path):
+    """--target-option executorch.xnnpack=false: no delegate in the program, the float ops on ExecuTorch's own
+    kernels, the same parity (SmallThinker: the all-experts graph is what needs it, XNNPACK's partitioner outgrows
+    the machine on the 4B)."""
+    ckpt, _ = bundles["smallthinker"]
+    out = tmp_path / "portable"
+    r = runner.invoke(app, ["export", "--checkpoint", str(ckpt), "--max-context", str(MAX_CONTEXT), "--experts", "all",
+                            "--target-option", "executorch.xnnpack=false", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    et = json.loads((out / "manifest.json").read_text())["targets"]["executorch"]
+    assert et["delegates"] == [] and et["moe"]["experts"] == "all"
+    assert not any("XNNPACK" in k for k in et["quantization"]["per_module"].values())
+    r = runner.invoke(app, ["parity", str(out), "--steps", "16"])
+    assert r.exit_code == 0, r.output
+
+
 # ------------------------------------------------------------------------------------------------ bad input
+def test_8da4w_needs_xnnpack(tiny_dirs, tmp_path):
+    r = runner.invoke(app, ["export", "--checkpoint", str(tiny_dirs["minicpm4_dense"]), "--quant", "8da4w",
+                            "--target-option", "executorch.xnnpack=false", "--out", str(tmp_path / "b")])
+    assert r.exit_code == 2
+    assert "--quant 8da4w runs on XNNPACK: it cannot be used with executorch.xnnpack=false" in r.output
+    assert not (tmp_path / "b").exists()
+
+
 def test_unknown_target(tiny_dirs, tmp_path):
     r = runner.invoke(app, ["export", "--checkpoint", str(tiny_dirs["minicpm4_dense"]), "--target", "tflite",
                             "--out", str(tmp_path / "b")])

@@ -70,15 +70,15 @@ def export_program(model: nn.Module, max_tokens: int) -> "torch.export.ExportedP
         return torch.export.export(model, (tokens, start), dynamic_shapes=dims, strict=False)
 
 
-def lower(ep, constants: dict[str, Any]):
-    """XNNPACK partitioning, then the ExecuTorch program (mutable buffers stay in the program)."""
+def lower(ep, constants: dict[str, Any], xnnpack: bool = True):
+    """XNNPACK partitioning (unless xnnpack is False), then the ExecuTorch program (mutable buffers stay in it)."""
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import EdgeCompileConfig, to_edge_transform_and_lower
 
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*_check_is_size.*")
         return to_edge_transform_and_lower(
-            ep, partitioner=[XnnpackPartitioner()], constant_methods=constants,
+            ep, partitioner=[XnnpackPartitioner()] if xnnpack else [], constant_methods=constants,
             compile_config=EdgeCompileConfig(_check_ir_validity=False, _skip_dim_order=True))
 
 
@@ -90,7 +90,7 @@ def embedding_storage(model: nn.Module) -> str:
     return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(emb.weight.dtype, "fp32")
 
 
-def module_kernels(model: nn.Module) -> dict[str, str]:
+def module_kernels(model: nn.Module, xnnpack: bool = True) -> dict[str, str]:
     """What each weight-carrying module runs on in the program: module name -> kernel (custom op, XNNPACK, or a
     portable decomposition). The LM head is listed as `lm_head` also when it is tied to the embedding table."""
     from pocketllm.export.nn.quant_linear import Any4Linear, Any4W4A8Linear, Int4Linear, Int8Linear, QuantEmbedding
@@ -106,9 +106,10 @@ def module_kernels(model: nn.Module) -> dict[str, str]:
             return f"{m.scheme}: dequantize in the graph + linear (portable)"
         if isinstance(m, nn.Linear):
             quantized = type(m.weight).__name__ not in ("Parameter", "Tensor")  # torchao's tensor subclass
-            return "XNNPACK linear (8da4w, torchao)" if quantized else "XNNPACK linear (fp32)"
+            return "XNNPACK linear (8da4w, torchao)" if quantized else float_linear
         return None
 
+    float_linear = "XNNPACK linear (fp32)" if xnnpack else "linear (portable, fp32)"
     out = {}
     for name, m in model.named_modules():
         if name == "model.embed_tokens":
@@ -120,7 +121,7 @@ def module_kernels(model: nn.Module) -> dict[str, str]:
         emb = model.model.embed_tokens
         out["lm_head"] = ({"int8": "pocketllm::int8_linear", "any4": "pocketllm::any4_linear"}.get(
             emb.scheme, f"{emb.scheme}: dequantize in the graph + linear (portable)") if isinstance(emb, QuantEmbedding)
-            else "XNNPACK linear (fp32)") + " (tied: the embedding table's tensor)"
+            else float_linear) + " (tied: the embedding table's tensor)"
     return out
 
 
@@ -176,7 +177,7 @@ def export_executorch(model: nn.Module, spec: ModelSpec, options: ExecutorchOpti
     if lut_dtypes:
         quant_info["lut_dtype_layers"] = lut_dtypes
     embedding_dtype = "bf16" if embedding_table_to_bf16(model) else embedding_storage(model)
-    quant_info["per_module"] = module_kernels(model)
+    quant_info["per_module"] = module_kernels(model, options.xnnpack)
     with stage("export"):
         t0 = time.perf_counter()
         chunk = min(options.prefill_chunk, options.max_context)
@@ -184,7 +185,7 @@ def export_executorch(model: nn.Module, spec: ModelSpec, options: ExecutorchOpti
         timings["export_s"] = time.perf_counter() - t0
     with stage("lower"):
         t0 = time.perf_counter()
-        edge = lower(ep, metadata(spec, options.max_context, chunk))
+        edge = lower(ep, metadata(spec, options.max_context, chunk), options.xnnpack)
         del ep
         et = edge.to_executorch()
         timings["lower_s"] = time.perf_counter() - t0
@@ -209,7 +210,7 @@ def export_executorch(model: nn.Module, spec: ModelSpec, options: ExecutorchOpti
                    {"name": "start_pos", "dtype": "int64", "shape": [1]}],
         "outputs": [{"name": "logits", "dtype": "float32", "shape": [1, "T", spec.vocab_size]}],
         "mutable_buffers": "KV caches and lightning states, persistent across forward calls",
-        "delegates": ["XnnpackBackend"],
+        "delegates": ["XnnpackBackend"] if options.xnnpack else [],
         "operators": ops,
         "requires_kernels": custom,  # [] = stock ExecuTorch runtimes (pip, Maven AAR, Swift package) run it
         "kernel_library": "libpocketllm_kernels" if custom else None,

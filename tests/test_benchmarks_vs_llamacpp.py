@@ -25,6 +25,17 @@ def test_parse_bundles(vs):
             vs.parse_bundles(bad)
 
 
+def test_llama_cpp_keeps_its_openmp_defaults(vs, monkeypatch):
+    """PASSIVE waits halve llama.cpp's 2-thread decode (its OpenMP threads sleep between graph launches): its
+    binaries run without it, every other child (the ExecuTorch drivers) with the passive policy."""
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    for cmd in (["/c/bin/llamacpp_runner", "m.gguf"], ["nice", "-n", "0", "/b/llama-bench", "-m", "m.gguf"],
+                [Path("/c/bin/llama-quantize"), "a", "b"]):
+        env = vs.engine_env(cmd)
+        assert "OMP_WAIT_POLICY" not in env and env["OPENBLAS_NUM_THREADS"] == "1", cmd
+    assert vs.engine_env(["/w/bin/et_runner", "model.pte"])["OMP_WAIT_POLICY"] == "PASSIVE"
+
+
 def test_parse_ints_and_rotate(vs):
     assert vs.parse_ints("1,2") == [1, 2]
     assert vs.parse_ints("2") == [2]

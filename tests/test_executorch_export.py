@@ -517,6 +517,25 @@ def test_8da4w_export_runs(bundles, tmp_path):
     assert r.exit_code == 0, r.output
 
 
+@pytest.mark.parametrize("name", ["smallthinker", "minimax"])
+def test_all_experts_keeps_the_moe_out_of_xnnpack(bundles, tmp_path, name):
+    """--experts all: the per-expert elementwise ops stay out of XNNPACK (its partitioner outgrows the machine on
+    the 4B's ~2000 of them), everything else is delegated as usual; parity as for every bundle."""
+    ckpt, _ = bundles[name]
+    out = tmp_path / "all"
+    r = runner.invoke(app, ["export", "--checkpoint", str(ckpt), "--max-context", str(MAX_CONTEXT), "--experts", "all",
+                            "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    et = json.loads((out / "manifest.json").read_text())["targets"]["executorch"]
+    assert et["delegates"] == ["XnnpackBackend"] and et["moe"]["experts"] == "all"
+    assert {"aten::mul.out", "aten::add.out"} <= set(et["operators"])  # the experts' weighting, on ExecuTorch's kernels
+    moe_kernels = {k: v for k, v in et["quantization"]["per_module"].items() if "block_sparse_moe" in k}
+    assert "linear (portable, fp32)" in moe_kernels.values()  # the router
+    assert not any("XNNPACK" in v for v in moe_kernels.values()), moe_kernels
+    r = runner.invoke(app, ["parity", str(out), "--steps", "16"])
+    assert r.exit_code == 0, r.output
+
+
 def test_without_xnnpack(bundles, tmp_path):
     """--target-option executorch.xnnpack=false: no delegate in the program, the float ops on ExecuTorch's own
     kernels, the same parity (SmallThinker: the all-experts graph is what needs it, XNNPACK's partitioner outgrows

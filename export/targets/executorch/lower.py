@@ -70,15 +70,40 @@ def export_program(model: nn.Module, max_tokens: int) -> "torch.export.ExportedP
         return torch.export.export(model, (tokens, start), dynamic_shapes=dims, strict=False)
 
 
-def lower(ep, constants: dict[str, Any], xnnpack: bool = True):
-    """XNNPACK partitioning (unless xnnpack is False), then the ExecuTorch program (mutable buffers stay in it)."""
+def xnnpack_partitioner(skip_modules: str | None = None):
+    """XNNPACK's partitioner; skip_modules: ops traced inside a module whose path contains this stay out of it. The
+    all-experts MoE graph needs that: its ~2000 per-expert elementwise islands between the expert calls grow
+    XNNPACK's partition merging past 20 GB on the SmallThinker 4B, so they run on ExecuTorch's own kernels while the
+    rest (norms, RoPE, float linears such as an fp32 LM head) stays in XNNPACK."""
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+
+    if skip_modules is None:
+        return XnnpackPartitioner()
+
+    def inside(node) -> bool:
+        return any(skip_modules in str(path) for path, _ in (node.meta.get("nn_module_stack") or {}).values())
+
+    class Partitioner(XnnpackPartitioner):
+        def ops_to_not_decompose(self, ep):  # what XNNPACK will not take must be decomposed as usual (aten.linear)
+            ops, keep = super().ops_to_not_decompose(ep)
+            return ops, (lambda node: not inside(node) and (keep is None or keep(node)))
+
+        def get_matched_nodes_from_configs(self, ep):
+            return [group for group in super().get_matched_nodes_from_configs(ep)
+                    if not any(inside(n) for n in group)]
+
+    return Partitioner()
+
+
+def lower(ep, constants: dict[str, Any], xnnpack: bool = True, skip_modules: str | None = None):
+    """XNNPACK partitioning (unless xnnpack is False; none of the ops inside `skip_modules`), then the ExecuTorch
+    program (mutable buffers stay in it)."""
     from executorch.exir import EdgeCompileConfig, to_edge_transform_and_lower
 
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*_check_is_size.*")
         return to_edge_transform_and_lower(
-            ep, partitioner=[XnnpackPartitioner()] if xnnpack else [], constant_methods=constants,
+            ep, partitioner=[xnnpack_partitioner(skip_modules)] if xnnpack else [], constant_methods=constants,
             compile_config=EdgeCompileConfig(_check_ir_validity=False, _skip_dim_order=True))
 
 
@@ -90,7 +115,7 @@ def embedding_storage(model: nn.Module) -> str:
     return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(emb.weight.dtype, "fp32")
 
 
-def module_kernels(model: nn.Module, xnnpack: bool = True) -> dict[str, str]:
+def module_kernels(model: nn.Module, xnnpack: bool = True, skip_modules: str | None = None) -> dict[str, str]:
     """What each weight-carrying module runs on in the program: module name -> kernel (custom op, XNNPACK, or a
     portable decomposition). The LM head is listed as `lm_head` also when it is tied to the embedding table."""
     from pocketllm.export.nn.quant_linear import Any4Linear, Any4W4A8Linear, Int4Linear, Int8Linear, QuantEmbedding
@@ -116,7 +141,8 @@ def module_kernels(model: nn.Module, xnnpack: bool = True) -> dict[str, str]:
             out[name] = (f"gather + dequantize {m.scheme} rows (portable ops)" if isinstance(m, QuantEmbedding)
                          else "gather (portable embedding)")
         elif (k := kernel(m)) is not None:
-            out[name] = k
+            out[name] = "linear (portable, fp32)" if k.startswith("XNNPACK linear (fp32)") and skip_modules and \
+                skip_modules in name else k
     if model.lm_head is None:
         emb = model.model.embed_tokens
         out["lm_head"] = ({"int8": "pocketllm::int8_linear", "any4": "pocketllm::any4_linear"}.get(
@@ -177,7 +203,9 @@ def export_executorch(model: nn.Module, spec: ModelSpec, options: ExecutorchOpti
     if lut_dtypes:
         quant_info["lut_dtype_layers"] = lut_dtypes
     embedding_dtype = "bf16" if embedding_table_to_bf16(model) else embedding_storage(model)
-    quant_info["per_module"] = module_kernels(model, options.xnnpack)
+    all_experts = moe_info is not None and moe_info["experts"] == "all"
+    skip_modules = "block_sparse_moe" if all_experts else None  # see xnnpack_partitioner
+    quant_info["per_module"] = module_kernels(model, options.xnnpack, skip_modules)
     with stage("export"):
         t0 = time.perf_counter()
         chunk = min(options.prefill_chunk, options.max_context)
@@ -185,7 +213,7 @@ def export_executorch(model: nn.Module, spec: ModelSpec, options: ExecutorchOpti
         timings["export_s"] = time.perf_counter() - t0
     with stage("lower"):
         t0 = time.perf_counter()
-        edge = lower(ep, metadata(spec, options.max_context, chunk), options.xnnpack)
+        edge = lower(ep, metadata(spec, options.max_context, chunk), options.xnnpack, skip_modules)
         del ep
         et = edge.to_executorch()
         timings["lower_s"] = time.perf_counter() - t0

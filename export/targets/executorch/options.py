@@ -27,10 +27,10 @@ class ExecutorchOptions(CommonOptions):
     only the routed ones; "file" = experts.bin beside the .pte, read by the kernel library's expert store
     (memory-mapped, or an LRU of experts within expert_cache_mb, prefetched from SmallThinker's pre-attention
     router); "all" = every expert runs with zero weight for the unchosen ones (the graph before moe_ffn, kept for
-    comparisons). expert_cache_mb: the runtime's default expert budget recorded in the manifest (implies "file").
-    xnnpack: False lowers without the XNNPACK partitioner (float ops on ExecuTorch's portable/optimized kernels): for
-    programs XNNPACK's partitioner cannot handle on the machine (the all-experts SmallThinker 4B grows it past 20 GB)
-    and for checking a delegate-free program; 8da4w needs XNNPACK."""
+    comparisons; its MoE blocks' float ops stay out of XNNPACK, lower.xnnpack_partitioner).
+    expert_cache_mb: the runtime's default expert budget recorded in the manifest (implies "file").
+    xnnpack: False lowers without the XNNPACK partitioner (float ops on ExecuTorch's portable/optimized kernels), for
+    checking a delegate-free program; 8da4w needs XNNPACK."""
 
     llama_sdpa: bool = True  # dense layers through llama::update_cache / llama::custom_sdpa
     experts: str = "inline"

@@ -7,6 +7,8 @@ Variants (each a bundle exported from the same any4 checkpoint, except the yards
                       (the MoE blocks' own float ops outside XNNPACK, whose partitioner outgrows 24 GB on them)
     store             --experts file: experts.bin memory-mapped by the expert store (no budget)
     store-1GiB        the same bundle with a 1 GiB expert budget (LRU of expert slots, prefetch from the router)
+    sparse-portable   the sparse export lowered without XNNPACK (executorch.xnnpack=false), to set beside an
+                      all-experts bundle built that way (speedup_decode_same_lowering)
     dense             MiniCPM4-shaped (hidden 1536, 32 layers, 12/2 heads of 128, vocab 151936, tied), one SwiGLU
                       MLP of 3072 = 4 x 768: the active parameters of one SmallThinker token, any4 the same way
 

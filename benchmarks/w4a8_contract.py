@@ -37,7 +37,11 @@ def main() -> None:
     ap.add_argument("--jitters", default="1e-7,3e-7,9.5367431640625e-07,3e-6")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
+    if not (args.bundle / "manifest.json").is_file():
+        ap.error(f"{args.bundle}: not a bundle (no manifest.json)")
     m = read_manifest(args.bundle, verify=False, verify_reference=False)
+    if m.get("quantization", {}).get("activations") != "int8":
+        ap.error(f"{args.bundle}: not a W4A8 bundle (export it with --quant any4-w4a8)")
     context = min(int(m["model"]["max_context"]), args.max_prompt + args.steps + 2)
     ref_dir = args.bundle / m["reference"]["dir"]
 

@@ -308,6 +308,18 @@ int64_t ExpertStore::pick_victim() {
   return -1;
 }
 
+ExpertStore::Slot& ExpertStore::claim(int64_t v, uint64_t k, bool prefetched) {
+  Slot& s = slots_[v];
+  if (s.state == SlotState::kReady) {
+    where_.erase(s.key);
+    ++stats_.evictions;
+    stats_.resident_bytes -= layers_[s.key >> 32].block_bytes;
+  }
+  s.key = k, s.state = SlotState::kLoading, s.prefetched = prefetched;
+  where_[k] = v;
+  return s;
+}
+
 // ------------------------------------------------------------------------------------------ acquire / release
 bool ExpertStore::acquire(const ExpertLayer* L, const int64_t* experts, int64_t n, Batch* batch,
                           std::string* error) {
@@ -388,14 +400,7 @@ bool ExpertStore::acquire(const ExpertLayer* L, const int64_t* experts, int64_t 
         cv_.wait(lk);
         continue;
       }
-      Slot& s = slots_[v];
-      if (s.state == SlotState::kReady) {
-        where_.erase(s.key);
-        ++stats_.evictions;
-        stats_.resident_bytes -= layers_[s.key >> 32].block_bytes;
-      }
-      s.key = k, s.state = SlotState::kLoading, s.prefetched = false;
-      where_[k] = v;
+      Slot& s = claim(v, k, false);
       use(v);
       lk.unlock();
       const bool ok = load_into(L, e, arena_ + v * slot_stride_, error);
@@ -473,14 +478,7 @@ void ExpertStore::worker() {
       }
       const int64_t v = pick_victim();
       if (v < 0) break;
-      Slot& s = slots_[v];
-      if (s.state == SlotState::kReady) {
-        where_.erase(s.key);
-        ++stats_.evictions;
-        stats_.resident_bytes -= layers_[s.key >> 32].block_bytes;
-      }
-      s.key = k, s.state = SlotState::kLoading, s.prefetched = true;
-      where_[k] = v;
+      Slot& s = claim(v, k, true);
       lru_.splice(lru_.end(), lru_, s.lru);
       lk.unlock();
       const bool ok = load_into(L, e, arena_ + v * slot_stride_, &error);

@@ -128,6 +128,7 @@ class ExpertStore {
     bool prefetched = false;
     std::list<int64_t>::iterator lru;
   };
+  Slot& claim(int64_t v, uint64_t k, bool prefetched);  // evict slot v's expert, make it k's (loading; lock held)
   uint8_t* arena_ = nullptr;
   int64_t slot_stride_ = 0, arena_bytes_ = 0;
   std::vector<Slot> slots_;

@@ -72,16 +72,22 @@ def swap(model, mode: str, out_dir: Path):
     return info, store
 
 
+def swap_and_check_logits(checkpoint, mode: str, out_dir, seed: int):
+    """Load `checkpoint` (fp32, aligned), swap its experts (`mode`), and check that the logits of 9 random tokens
+    are bit for bit the eager model's. Returns (model, swap info, store info)."""
+    model = aligned(load_model(checkpoint, max_context=64, dtype="fp32")[0])
+    tokens = torch.randint(3, 500, (1, 9), generator=torch.Generator().manual_seed(seed))
+    expected = run(model, tokens)
+    info, store = swap(model, mode, out_dir)
+    for got, want in zip(run(model, tokens), expected):
+        assert torch.equal(got, want)
+    return model, info, store
+
+
 @pytest.mark.parametrize("mode", ["inline", "file"])
 @pytest.mark.parametrize("family", ["smallthinker", "minimax"])
 def test_swapped_model_equals_the_eager_model_bit_for_bit(checkpoints, tmp_path, family, mode):
-    model, _ = load_model(checkpoints[family], max_context=64, dtype="fp32")
-    model = aligned(model)
-    tokens = torch.randint(3, 500, (1, 9), generator=torch.Generator().manual_seed(1))
-    expected = run(model, tokens)
-    info, store = swap(model, mode, tmp_path)
-    for got, want in zip(run(model, tokens), expected):
-        assert torch.equal(got, want)
+    model, info, store = swap_and_check_logits(checkpoints[family], mode, tmp_path, seed=1)
     dtype = "bf16" if family == "smallthinker" else "fp32"  # bf16 storage only when every value is a bf16 number
     assert info["expert_dtype"] == [dtype] and info["all_experts_layers"] == []
     for _, moe in moe_blocks(model):
@@ -102,13 +108,7 @@ def test_swapped_model_equals_the_eager_model_bit_for_bit(checkpoints, tmp_path,
 def test_any4_experts_keep_their_packed_tensors(any4_checkpoint, tmp_path, mode):
     """any4 experts: the checkpoint's packed tensors, stacked (LUTs carried as bf16: exact for `pocketllm quantize`'s
     grids) or written to the file; the model's logits are unchanged, exactly."""
-    model, _ = load_model(any4_checkpoint, max_context=64, dtype="fp32")
-    model = aligned(model)
-    tokens = torch.randint(3, 500, (1, 9), generator=torch.Generator().manual_seed(2))
-    expected = run(model, tokens)
-    info, store = swap(model, mode, tmp_path)
-    for got, want in zip(run(model, tokens), expected):
-        assert torch.equal(got, want)
+    model, info, store = swap_and_check_logits(any4_checkpoint, mode, tmp_path, seed=2)
     assert info["expert_dtype"] == ["any4"]
     if mode == "inline":
         stacked = moe_blocks(model)[0][1].dispatch

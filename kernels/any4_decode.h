@@ -20,6 +20,8 @@
 #include <cstring>
 #include <type_traits>
 
+#include "half.h"
+
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #include <immintrin.h>
 #define POCKETLLM_ANY4_DECODE_AVX2 1
@@ -44,20 +46,7 @@
 
 namespace pocketllm::any4 {
 
-// Exact IEEE binary16 -> binary32.
-inline float half_to_float(uint16_t h) {
-  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
-  const uint32_t exp = (h >> 10) & 0x1fu, man = h & 0x3ffu;
-  uint32_t bits;
-  if (exp == 0) {
-    const float f = std::ldexp(static_cast<float>(man), -24);  // zero or subnormal
-    return sign ? -f : f;
-  }
-  bits = exp == 31 ? (sign | 0x7f800000u | (man << 13)) : (sign | ((exp + 112u) << 23) | (man << 13));
-  float f;
-  std::memcpy(&f, &bits, 4);
-  return f;
-}
+using ::pocketllm::half_to_float;  // half.h
 
 // binary32 -> binary16 when f is exactly representable; false otherwise (the caller then uses the fp32 path).
 inline bool float_to_half_exact(float f, uint16_t* h) {

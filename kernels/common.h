@@ -14,9 +14,12 @@
 
 #include <executorch/runtime/kernel/thread_parallel_interface.h>
 
-#if defined(__FMA__)
+#include "half.h"
+
+#if defined(__FMA__) || defined(__F16C__)
 #include <immintrin.h>
-#elif defined(__aarch64__)
+#endif
+#if defined(__aarch64__)
 #include <arm_neon.h>
 #endif
 
@@ -33,6 +36,28 @@ inline v8f load8(const float* p) {
 }
 
 inline void store8(float* p, v8f v) { std::memcpy(p, &v, sizeof(v)); }
+
+// Eight fp16 values (bits) widened to fp32, exactly: vcvtph2ps (F16C), fcvtl (arm64), else one at a time.
+inline v8f load8(const uint16_t* p) {
+#if defined(__F16C__)
+  return (v8f)_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+#elif defined(__aarch64__)
+  const uint16x8_t h = vld1q_u16(p);
+  const float32x4_t lo = vcvt_f32_f16(vreinterpret_f16_u16(vget_low_u16(h)));
+  const float32x4_t hi = vcvt_high_f32_f16(vreinterpretq_f16_u16(h));
+  v8f out;
+  std::memcpy(&out, &lo, sizeof(lo));
+  std::memcpy(reinterpret_cast<char*>(&out) + sizeof(lo), &hi, sizeof(hi));
+  return out;
+#else
+  v8f out;
+  for (int i = 0; i < 8; ++i) out[i] = half_to_float(p[i]);
+  return out;
+#endif
+}
+
+inline float to_float(float x) { return x; }
+inline float to_float(uint16_t h) { return half_to_float(h); }
 
 // a * b + c with one rounding where the ISA has it. Explicit, so it holds in files built with -ffp-contract=off
 // (any4_linear.cpp, where dequantised values must keep two roundings but the dot products may fuse).

@@ -54,8 +54,9 @@ int64_t floor_div(int64_t a, int64_t b) { return a >= 0 ? a / b : -((-a + b - 1)
 typedef float v4f __attribute__((vector_size(16)));
 
 // Four dot products q . k_r (D % 8 == 0): one vector accumulator per key, reduced together at the end (a
-// transpose-add instead of four horizontal sums).
-inline v4f dot4(const float* q, const float* const kr[4], int64_t D) {
+// transpose-add instead of four horizontal sums). KV: float, or uint16_t = fp16 bits (widened exactly on load).
+template <typename KV>
+inline v4f dot4(const float* q, const KV* const kr[4], int64_t D) {
   v8f a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
   for (int64_t d = 0; d < D; d += 8) {
     const v8f qv = load8(q + d);
@@ -203,13 +204,20 @@ void kernel_logits(const double* qd, int64_t G, int64_t D, const float* kc, int6
   for (int64_t g = 0; g < G; ++g) std::fill(x + g * stride + nv, x + (g + 1) * stride, -kInf);
 }
 
+// Online softmax state of one (KV head, query): per head the running max and sum; p: [G][kChunk] logits, then
+// weights.
+struct OnlineSoftmax {
+  std::vector<float> m, l, p;
+  std::vector<std::pair<int64_t, int64_t>> chunks;  // (first key, count) of the keys to attend
+};
+
 // Per-thread work buffers, kept across calls: allocating them per call costs page faults at long context.
 struct Scratch {
   std::vector<double> qd, x, x_norm, e, group, bscore;  // block scores
   std::vector<int64_t> order;                        // selection
   std::vector<uint8_t> sel;
-  std::vector<float> logits;                         // attention
-  std::vector<int64_t> key_rows;
+  OnlineSoftmax softmax;                             // attention
+  std::vector<float> kbuf, vbuf;
 };
 
 // Not inlined: callers then hold a plain pointer (inlined, GCC re-derives the thread-local address, a
@@ -295,86 +303,159 @@ void select_one(const double* bscore, int64_t pos, int64_t n_blocks, const Infll
   for (int64_t b : order) sel[b] = 1;
 }
 
-// out[g, :] = sum_i p[g, i] v_{key i} for the G heads, D % 8 == 0. Keys go in chunks of 64: a chunk of V rows
-// (16 KiB at D = 64) stays in L1 while every head of the group reads it, and each head's output row is held in
-// registers across the chunk (no load/store of the output per key), NV vectors at a time.
+// ------------------------------------------------------------------ attention over the selected keys (step 7)
+// Keys are visited in runs of consecutive positions (a selected block; 0..pos when dense), kChunk rows at a time:
+// the chunk's K and V rows of KV head h are used in place (fp32 cache) or widened to fp32 once into per-thread
+// scratch (fp16 cache: each value widened once, not once per query head), the G heads' logits computed against
+// them, and an online softmax (running max m_g and sum l_g; the output rescaled when the max grows) accumulates
+// p V. Logits, K and V rows of a chunk stay in L1: nothing of size O(keys) is written.
+constexpr int64_t kChunk = 64;
+
+// Rows j0..j0+n-1 of head h as fp32 rows: a pointer and its row stride.
+inline const float* chunk_rows(const float* cache, int64_t j0, int64_t n, int64_t h, int64_t D, int64_t row,
+                               std::vector<float>&, int64_t& stride) {
+  stride = row;
+  (void)n;
+  return cache + j0 * row + h * D;
+}
+
+inline const float* chunk_rows(const uint16_t* cache, int64_t j0, int64_t n, int64_t h, int64_t D, int64_t row,
+                               std::vector<float>& buf, int64_t& stride) {
+  stride = D;
+  buf.resize(kChunk * D);
+  const uint16_t* src = cache + j0 * row + h * D;
+  for (int64_t i = 0; i < n; ++i) {
+    int64_t d = 0;
+    for (; d + 8 <= D; d += 8) store8(buf.data() + i * D + d, load8(src + i * row + d));
+    for (; d < D; ++d) buf[i * D + d] = half_to_float(src[i * row + d]);
+  }
+  return buf.data();
+}
+
+// out[g, :] += sum_i p[g, i] v_i for the G heads (p: [G][kChunk]), D % (8 NV) == 0; each head's output row is held
+// in registers across the chunk, NV vectors at a time.
 template <int NV>
-void weighted_v_rows(const float* p, int64_t n, const float* v, const int64_t* keys, int64_t row, int64_t G,
-                     int64_t D, float* outg) {
-  constexpr int64_t kChunk = 64;
-  for (int64_t i0 = 0; i0 < n; i0 += kChunk) {
-    const int64_t i1 = std::min(n, i0 + kChunk);
-    for (int64_t g = 0; g < G; ++g) {
-      const float* pg = p + g * n;
-      for (int64_t d0 = 0; d0 < D; d0 += 8 * NV) {
-        v8f acc[NV];
-        for (int u = 0; u < NV; ++u) acc[u] = load8(outg + g * D + d0 + 8 * u);
-        for (int64_t i = i0; i < i1; ++i) {
-          const float* vr = v + keys[i] * row + d0;
-          const float w = pg[i];
-          const v8f wv = {w, w, w, w, w, w, w, w};
-          for (int u = 0; u < NV; ++u) acc[u] = fma8(wv, load8(vr + 8 * u), acc[u]);
-        }
-        for (int u = 0; u < NV; ++u) store8(outg + g * D + d0 + 8 * u, acc[u]);
+void weighted_rows(const float* p, int64_t n, const float* v, int64_t vstride, int64_t G, int64_t D, float* outg) {
+  for (int64_t g = 0; g < G; ++g) {
+    const float* pg = p + g * kChunk;
+    for (int64_t d0 = 0; d0 < D; d0 += 8 * NV) {
+      v8f acc[NV];
+      for (int u = 0; u < NV; ++u) acc[u] = load8(outg + g * D + d0 + 8 * u);
+      for (int64_t i = 0; i < n; ++i) {
+        const float* vr = v + i * vstride + d0;
+        const float w = pg[i];
+        const v8f wv = {w, w, w, w, w, w, w, w};
+        for (int u = 0; u < NV; ++u) acc[u] = fma8(wv, load8(vr + 8 * u), acc[u]);
       }
+      for (int u = 0; u < NV; ++u) store8(outg + g * D + d0 + 8 * u, acc[u]);
     }
   }
 }
 
-// Exact softmax attention of the G query heads of one KV head over the keys j <= pos inside selected blocks
-// (sel == nullptr: all keys 0..pos). out_g: [G, D] with row stride out_stride.
-void attend_one(const float* qg, const float* k, const float* v, int64_t Hkv, int64_t h, int64_t G, int64_t D,
-                int64_t pos, const uint8_t* sel, int64_t block_size, float* outg, std::vector<float>& logits,
-                std::vector<int64_t>& keys) {
-  keys.clear();
-  if (sel == nullptr) {
-    keys.resize(pos + 1);
-    std::iota(keys.begin(), keys.end(), 0);
-  } else {
-    const int64_t n_blocks = pos / block_size + 1;
-    for (int64_t b = 0; b < n_blocks; ++b) {
-      if (!sel[b]) continue;
-      const int64_t end = std::min((b + 1) * block_size, pos + 1);
-      for (int64_t j = b * block_size; j < end; ++j) keys.push_back(j);
+// Prefetch rows j .. j + count - 1 of head h (their K and V): what the next chunk will read, issued a few rows at a
+// time while this chunk computes (the rows of a block chosen by score are a jump no hardware prefetcher foresees;
+// issued all at once, the requests overflow the core's miss buffers and are dropped).
+template <typename KV>
+inline void prefetch_rows(const KV* k, const KV* v, int64_t j, int64_t count, int64_t h, int64_t D, int64_t row) {
+  const int64_t bytes = D * static_cast<int64_t>(sizeof(KV));
+  for (int64_t r = j; r < j + count; ++r)
+    for (int64_t b = 0; b < bytes; b += 64) {
+      __builtin_prefetch(reinterpret_cast<const char*>(k + r * row + h * D) + b);
+      __builtin_prefetch(reinterpret_cast<const char*>(v + r * row + h * D) + b);
     }
-  }
-  const int64_t n = static_cast<int64_t>(keys.size());
-  const float scale = 1.0f / std::sqrt(static_cast<float>(D));
-  logits.resize(G * n);
-  const int64_t row = Hkv * D;
+}
+
+// One chunk of n consecutive keys (n <= kChunk) for the G heads at qg; the next chunk's (first key, count) are
+// prefetched along the way (count 0: none).
+template <typename KV>
+void attend_chunk(const float* qg, const KV* k, const KV* v, int64_t j0, int64_t n, int64_t h, int64_t G, int64_t D,
+                  int64_t row, float scale, OnlineSoftmax& sm, std::vector<float>& kbuf, std::vector<float>& vbuf,
+                  float* outg, int64_t next_j0, int64_t next_n) {
+  int64_t ks = 0, vs = 0;
+  const float* kc = chunk_rows(k, j0, n, h, D, row, kbuf, ks);
+  float* logits = sm.p.data();
   int64_t i = 0;
   if (D % 8 == 0) {
     for (; i + 4 <= n; i += 4) {
-      const float* kr[4] = {k + keys[i] * row + h * D, k + keys[i + 1] * row + h * D, k + keys[i + 2] * row + h * D,
-                            k + keys[i + 3] * row + h * D};
+      if (i < next_n) prefetch_rows(k, v, next_j0 + i, std::min<int64_t>(4, next_n - i), h, D, row);
+      const float* kr[4] = {kc + i * ks, kc + (i + 1) * ks, kc + (i + 2) * ks, kc + (i + 3) * ks};
       for (int64_t g = 0; g < G; ++g) {
         const v4f d4 = dot4(qg + g * D, kr, D) * scale;
-        std::memcpy(&logits[g * n + i], &d4, sizeof(d4));
+        std::memcpy(logits + g * kChunk + i, &d4, sizeof(d4));
       }
     }
   }
-  for (; i < n; ++i) {
-    const float* kr = k + keys[i] * row + h * D;
-    for (int64_t g = 0; g < G; ++g) logits[g * n + i] = dot(qg + g * D, kr, D) * scale;
+  if (i < next_n) prefetch_rows(k, v, next_j0 + i, next_n - i, h, D, row);
+  for (; i < n; ++i)
+    for (int64_t g = 0; g < G; ++g) logits[g * kChunk + i] = dot(qg + g * D, kc + i * ks, D) * scale;
+  for (int64_t g = 0; g < G; ++g) {
+    float* lg = logits + g * kChunk;
+    float mx = sm.m[g];
+    for (int64_t i = 0; i < n; ++i) mx = std::max(mx, lg[i]);
+    if (mx > sm.m[g]) {  // the running max grows: rescale what was accumulated against the old one
+      const float c = std::exp(sm.m[g] - mx);  // exp(-inf) = 0 on the first chunk
+      sm.l[g] *= c;
+      for (int64_t d = 0; d < D; ++d) outg[g * D + d] *= c;
+      sm.m[g] = mx;
+    }
+    const v8f mv = {mx, mx, mx, mx, mx, mx, mx, mx};
+    v8f acc = {0};
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+      const v8f e = exp8(load8(lg + i) - mv);
+      store8(lg + i, e);
+      acc += e;
+    }
+    float sum = hsum8(acc);
+    for (; i < n; ++i) sum += lg[i] = std::exp(lg[i] - mx);
+    sm.l[g] += sum;
+  }
+  const float* vc = chunk_rows(v, j0, n, h, D, row, vbuf, vs);
+  if (D % 64 == 0) {
+    weighted_rows<8>(logits, n, vc, vs, G, D, outg);
+  } else if (D % 32 == 0) {
+    weighted_rows<4>(logits, n, vc, vs, G, D, outg);
+  } else if (D % 8 == 0) {
+    weighted_rows<1>(logits, n, vc, vs, G, D, outg);
+  } else {
+    for (int64_t g = 0; g < G; ++g)
+      for (int64_t i = 0; i < n; ++i) axpy(outg + g * D, logits[g * kChunk + i], vc + i * vs, D);
+  }
+}
+
+// Exact softmax attention of the G query heads of one KV head over the keys j <= pos inside selected blocks
+// (sel == nullptr: all keys 0..pos). outg: [G, D]. KV: float, or uint16_t = fp16 bits.
+template <typename KV>
+void attend_one(const float* qg, const KV* k, const KV* v, int64_t Hkv, int64_t h, int64_t G, int64_t D,
+                int64_t pos, const uint8_t* sel, int64_t block_size, float* outg, OnlineSoftmax& sm,
+                std::vector<float>& kbuf, std::vector<float>& vbuf) {
+  const int64_t row = Hkv * D;
+  const float scale = 1.0f / std::sqrt(static_cast<float>(D));
+  sm.m.assign(G, kNegInfHelper());
+  sm.l.assign(G, 0.0f);
+  sm.p.resize(G * kChunk);
+  std::fill(outg, outg + G * D, 0.0f);
+  // The chunks to visit (first key, count), so that the next one's rows can be prefetched: its K and V rows sit at
+  // a stride of Hkv * D from a block chosen by score, a jump the hardware prefetcher cannot foresee.
+  sm.chunks.clear();
+  auto add_run = [&](int64_t j0, int64_t j1) {  // keys j0 .. j1 - 1
+    for (int64_t c = j0; c < j1; c += kChunk) sm.chunks.emplace_back(c, std::min(kChunk, j1 - c));
+  };
+  if (sel == nullptr) {
+    add_run(0, pos + 1);
+  } else {
+    const int64_t n_blocks = pos / block_size + 1;
+    for (int64_t b = 0; b < n_blocks; ++b)
+      if (sel[b]) add_run(b * block_size, std::min((b + 1) * block_size, pos + 1));
+  }
+  for (size_t c = 0; c < sm.chunks.size(); ++c) {
+    const auto next = c + 1 < sm.chunks.size() ? sm.chunks[c + 1] : std::pair<int64_t, int64_t>{0, 0};
+    attend_chunk(qg, k, v, sm.chunks[c].first, sm.chunks[c].second, h, G, D, row, scale, sm, kbuf, vbuf, outg,
+                 next.first, next.second);
   }
   for (int64_t g = 0; g < G; ++g) {
-    float* lg = logits.data() + g * n;
-    const float sum = softmax_numerator(lg, n);
-    for (int64_t i = 0; i < n; ++i) lg[i] /= sum;
-    std::fill(outg + g * D, outg + (g + 1) * D, 0.0f);
-  }
-  const float* vh = v + h * D;
-  if (D % 64 == 0) {
-    weighted_v_rows<8>(logits.data(), n, vh, keys.data(), row, G, D, outg);
-  } else if (D % 32 == 0) {
-    weighted_v_rows<4>(logits.data(), n, vh, keys.data(), row, G, D, outg);
-  } else if (D % 8 == 0) {
-    weighted_v_rows<1>(logits.data(), n, vh, keys.data(), row, G, D, outg);
-  } else {
-    for (int64_t i = 0; i < n; ++i) {
-      const float* vr = vh + keys[i] * row;
-      for (int64_t g = 0; g < G; ++g) axpy(outg + g * D, logits[g * n + i], vr, D);
-    }
+    const float inv = 1.0f / sm.l[g];
+    for (int64_t d = 0; d < D; ++d) outg[g * D + d] *= inv;
   }
 }
 
@@ -396,7 +477,8 @@ std::unordered_map<const void*, CacheMemo> memo;
 // Compressed keys (window `size`, every `stride`) for the first n_needed entries of a cache of `rows` rows, reusing
 // those still valid for this cache buffer. n_needed = 0 still drops the entries this call's cache write invalidates.
 // The buffer is sized once for the whole cache, so each KV head's keys stay one contiguous stream.
-const float* compressed_keys(const float* k, int64_t rows, int64_t Hkv, int64_t D, int64_t start_pos,
+template <typename KV>
+const float* compressed_keys(const KV* k, int64_t rows, int64_t Hkv, int64_t D, int64_t start_pos,
                              int64_t n_needed, int64_t size, int64_t stride, KcMemo& m) {
   const int64_t capacity = infllm_num_kernels(rows, size, stride);
   if (m.Hkv != Hkv || m.D != D || m.size != size || m.stride != stride || m.capacity != capacity) {
@@ -413,8 +495,11 @@ const float* compressed_keys(const float* k, int64_t rows, int64_t Hkv, int64_t 
 
 }  // namespace
 
-void infllm_compress_keys(const float* k, int64_t Hkv, int64_t D, int64_t size, int64_t stride, int64_t capacity,
-                          int64_t j_begin, int64_t j_end, float* kc) {
+namespace {
+
+template <typename KV>
+void compress_keys(const KV* k, int64_t Hkv, int64_t D, int64_t size, int64_t stride, int64_t capacity,
+                   int64_t j_begin, int64_t j_end, float* kc) {
   const int64_t row = Hkv * D;
   parallel(j_end - j_begin, 8, [&](int64_t b, int64_t e) {
     std::vector<double> acc(row);
@@ -422,8 +507,8 @@ void infllm_compress_keys(const float* k, int64_t Hkv, int64_t D, int64_t size, 
       const int64_t j = j_begin + jj;
       std::fill(acc.begin(), acc.end(), 0.0);
       for (int64_t t = 0; t < size; ++t) {
-        const float* kr = k + (stride * j + t) * row;
-        for (int64_t c = 0; c < row; ++c) acc[c] += kr[c];
+        const KV* kr = k + (stride * j + t) * row;
+        for (int64_t c = 0; c < row; ++c) acc[c] += to_float(kr[c]);
       }
       for (int64_t h = 0; h < Hkv; ++h)
         for (int64_t d = 0; d < D; ++d)
@@ -434,6 +519,18 @@ void infllm_compress_keys(const float* k, int64_t Hkv, int64_t D, int64_t size, 
   for (int64_t j = j_end; j < round_up8(j_end) && j_begin < j_end; ++j)
     for (int64_t h = 0; h < Hkv; ++h)
       for (int64_t d = 0; d < D; ++d) kc[infllm_kc_index(j, h, d, D, capacity)] = 0.0f;
+}
+
+}  // namespace
+
+void infllm_compress_keys(const float* k, int64_t Hkv, int64_t D, int64_t size, int64_t stride, int64_t capacity,
+                          int64_t j_begin, int64_t j_end, float* kc) {
+  compress_keys(k, Hkv, D, size, stride, capacity, j_begin, j_end, kc);
+}
+
+void infllm_compress_keys(const uint16_t* k, int64_t Hkv, int64_t D, int64_t size, int64_t stride, int64_t capacity,
+                          int64_t j_begin, int64_t j_end, float* kc) {
+  compress_keys(k, Hkv, D, size, stride, capacity, j_begin, j_end, kc);
 }
 
 void infllm_block_scores(const float* q, const InfllmKeys& keys, int64_t T, int64_t Hq, int64_t Hkv, int64_t D,
@@ -465,7 +562,8 @@ void infllm_select_blocks(const float* q, const InfllmKeys& keys, int64_t T, int
   });
 }
 
-static void infllm_attention_impl(const float* q, const float* k, const float* v, int64_t T, int64_t Hq,
+template <typename KV>
+static void infllm_attention_impl(const float* q, const KV* k, const KV* v, int64_t T, int64_t Hq,
                                   int64_t Hkv, int64_t D, int64_t start_pos, const InfllmParams& p, float* out,
                                   const InfllmKeys& keys) {
   const int64_t G = Hq / Hkv;
@@ -485,13 +583,14 @@ static void infllm_attention_impl(const float* q, const float* k, const float* v
         select_one(s.bscore.data(), pos, n_blocks, p, s.sel.data(), s.order);
       }
       attend_one(qg, k, v, Hkv, h, G, D, pos, dense ? nullptr : s.sel.data(), p.block_size,
-                 out + (t * Hq + h * G) * D, s.logits, s.key_rows);
+                 out + (t * Hq + h * G) * D, s.softmax, s.kbuf, s.vbuf);
     }
   });
 }
 
 // Compressed keys of the first L cache rows, without memo (C entry points, tests). The vectors own the storage.
-static InfllmKeys compress_all(const float* k, int64_t L, int64_t Hkv, int64_t D, const InfllmParams& p,
+template <typename KV>
+static InfllmKeys compress_all(const KV* k, int64_t L, int64_t Hkv, int64_t D, const InfllmParams& p,
                                std::vector<float>& fine, std::vector<float>& coarse) {
   const int64_t n1 = infllm_num_kernels(L, p.kernel_size, p.kernel_stride);
   const int64_t n2 = p.score_rule == kInfllmScoresExact ? 0 : infllm_num_kernels(L, p.coarse_size(), p.coarse_stride());
@@ -509,15 +608,47 @@ void infllm_attention_f32(const float* q, const float* k, const float* v, int64_
   infllm_attention_impl(q, k, v, T, Hq, Hkv, D, start_pos, p, out, keys);
 }
 
+void infllm_attention_f16kv(const float* q, const uint16_t* k, const uint16_t* v, int64_t T, int64_t Hq,
+                            int64_t Hkv, int64_t D, int64_t start_pos, const InfllmParams& p, float* out) {
+  std::vector<float> fine, coarse;
+  const InfllmKeys keys = compress_all(k, start_pos + T, Hkv, D, p, fine, coarse);
+  infllm_attention_impl(q, k, v, T, Hq, Hkv, D, start_pos, p, out, keys);
+}
+
+namespace {
+
+// The memoised compressed keys of this call's cache, then the attention; KV = float or uint16_t (fp16 bits).
+template <typename KV>
+void run_out(const Tensor& q, const KV* k, const KV* v, int64_t rows, int64_t T, int64_t Hq, int64_t Hkv, int64_t D,
+             int64_t start_pos, const InfllmParams& p, float* out) {
+  const int64_t L = start_pos + T;
+  const bool dense = p.dense_len != -1 && L < p.dense_len;
+  std::lock_guard<std::mutex> lock(memo_mutex);
+  CacheMemo& m = memo[k];
+  // Every call (dense ones too) writes cache rows >= start_pos: drop the memo entries they invalidate, in both sets.
+  const int64_t n1 = dense ? 0 : infllm_num_kernels(L, p.kernel_size, p.kernel_stride);
+  const bool coarse = !dense && p.score_rule == kInfllmScoresUpstream;
+  const int64_t n2 = coarse ? infllm_num_kernels(L, p.coarse_size(), p.coarse_stride()) : 0;
+  const InfllmKeys keys{
+      compressed_keys(k, rows, Hkv, D, start_pos, n1, p.kernel_size, p.kernel_stride, m.fine), n1, m.fine.capacity,
+      compressed_keys(k, rows, Hkv, D, start_pos, n2, p.coarse_size(), p.coarse_stride(), m.coarse), n2,
+      m.coarse.capacity};
+  infllm_attention_impl(q.const_data_ptr<float>(), k, v, T, Hq, Hkv, D, start_pos, p, out, keys);
+}
+
+}  // namespace
+
 Tensor& infllm_attention_out(KernelRuntimeContext& ctx, const Tensor& q, const Tensor& k_cache,
                              const Tensor& v_cache, int64_t start_pos, int64_t kernel_size, int64_t kernel_stride,
                              int64_t block_size, int64_t init_blocks, int64_t window_size, int64_t topk,
                              int64_t dense_len, int64_t score_rule, Tensor& out) {
   ET_KERNEL_CHECK_MSG(ctx, q.dim() == 4 && k_cache.dim() == 4 && v_cache.dim() == 4, InvalidArgument, out,
                       "infllm_attention: q, k_cache, v_cache must be 4-D [1, S, H, D]");
-  ET_KERNEL_CHECK_MSG(ctx, q.scalar_type() == ScalarType::Float && k_cache.scalar_type() == ScalarType::Float &&
-                               v_cache.scalar_type() == ScalarType::Float,
-                      InvalidArgument, out, "infllm_attention: only float32 is supported");
+  const ScalarType kv = k_cache.scalar_type();
+  ET_KERNEL_CHECK_MSG(ctx, q.scalar_type() == ScalarType::Float && v_cache.scalar_type() == kv &&
+                               (kv == ScalarType::Float || kv == ScalarType::Half),
+                      InvalidArgument, out,
+                      "infllm_attention: q must be float32, k_cache and v_cache both float32 or both float16");
   const int64_t T = q.size(1), Hq = q.size(2), D = q.size(3);
   const int64_t Hkv = k_cache.size(2);
   ET_KERNEL_CHECK_MSG(ctx, q.size(0) == 1 && Hkv > 0 && Hq % Hkv == 0 && k_cache.size(3) == D, InvalidArgument,
@@ -531,22 +662,15 @@ Tensor& infllm_attention_out(KernelRuntimeContext& ctx, const Tensor& q, const T
   ET_KERNEL_CHECK(ctx, executorch::runtime::resize_tensor(out, q.sizes()) == Error::Ok, InvalidArgument, out);
 
   const InfllmParams p{kernel_size, kernel_stride, block_size, init_blocks, window_size, topk, dense_len, score_rule};
-  const float* k = k_cache.const_data_ptr<float>();
-  const int64_t L = start_pos + T;
-  const bool dense = dense_len != -1 && L < dense_len;
-  std::lock_guard<std::mutex> lock(memo_mutex);
-  CacheMemo& m = memo[k];
-  // Every call (dense ones too) writes cache rows >= start_pos: drop the memo entries they invalidate, in both sets.
-  const int64_t n1 = dense ? 0 : infllm_num_kernels(L, p.kernel_size, p.kernel_stride);
-  const bool coarse = !dense && score_rule == kInfllmScoresUpstream;
-  const int64_t n2 = coarse ? infllm_num_kernels(L, p.coarse_size(), p.coarse_stride()) : 0;
   const int64_t rows = k_cache.size(1);
-  const InfllmKeys keys{
-      compressed_keys(k, rows, Hkv, D, start_pos, n1, p.kernel_size, p.kernel_stride, m.fine), n1, m.fine.capacity,
-      compressed_keys(k, rows, Hkv, D, start_pos, n2, p.coarse_size(), p.coarse_stride(), m.coarse), n2,
-      m.coarse.capacity};
-  infllm_attention_impl(q.const_data_ptr<float>(), k, v_cache.const_data_ptr<float>(), T, Hq, Hkv, D, start_pos, p,
-                        out.mutable_data_ptr<float>(), keys);
+  if (kv == ScalarType::Half) {  // fp16 bits: ExecuTorch's Half is one uint16_t
+    run_out(q, reinterpret_cast<const uint16_t*>(k_cache.const_data_ptr()),
+            reinterpret_cast<const uint16_t*>(v_cache.const_data_ptr()), rows, T, Hq, Hkv, D, start_pos, p,
+            out.mutable_data_ptr<float>());
+  } else {
+    run_out(q, k_cache.const_data_ptr<float>(), v_cache.const_data_ptr<float>(), rows, T, Hq, Hkv, D, start_pos, p,
+            out.mutable_data_ptr<float>());
+  }
   return out;
 }
 
@@ -583,5 +707,16 @@ void pocketllm_infllm_attention(const float* q, const float* k, const float* v, 
   const pocketllm::InfllmParams p{kernel_size, kernel_stride, block_size, init_blocks, window_size, topk, dense_len,
                                   score_rule};
   pocketllm::infllm_attention_f32(q, k, v, T, Hq, Hkv, D, start_pos, p, out);
+}
+
+// The same with an fp16 cache (k, v: fp16 bits).
+void pocketllm_infllm_attention_f16kv(const float* q, const uint16_t* k, const uint16_t* v, int64_t T, int64_t Hq,
+                                      int64_t Hkv, int64_t D, int64_t start_pos, int64_t kernel_size,
+                                      int64_t kernel_stride, int64_t block_size, int64_t init_blocks,
+                                      int64_t window_size, int64_t topk, int64_t dense_len, int64_t score_rule,
+                                      float* out) {
+  const pocketllm::InfllmParams p{kernel_size, kernel_stride, block_size, init_blocks, window_size, topk, dense_len,
+                                  score_rule};
+  pocketllm::infllm_attention_f16kv(q, k, v, T, Hq, Hkv, D, start_pos, p, out);
 }
 }

@@ -39,7 +39,10 @@ inline int64_t infllm_kc_floats(int64_t capacity, int64_t Hkv, int64_t D) {
 
 // kc[j] = fp32(sum_t k[stride*j + t] / size) for j in [j_begin, j_end) (< capacity): summed in double over t in
 // order.
+// k: the fp32 cache, or an fp16 one (bits; each value widened exactly).
 void infllm_compress_keys(const float* k, int64_t Hkv, int64_t D, int64_t size, int64_t stride, int64_t capacity,
+                          int64_t j_begin, int64_t j_end, float* kc);
+void infllm_compress_keys(const uint16_t* k, int64_t Hkv, int64_t D, int64_t size, int64_t stride, int64_t capacity,
                           int64_t j_begin, int64_t j_end, float* kc);
 
 // The two compressed key sets of one call (coarse unused by the exact rule).
@@ -62,6 +65,9 @@ void infllm_select_blocks(const float* q, const InfllmKeys& keys, int64_t T, int
 // The whole op on raw fp32 buffers (compressed keys computed here, no memo): out [T, Hq, D].
 void infllm_attention_f32(const float* q, const float* k, const float* v, int64_t T, int64_t Hq, int64_t Hkv,
                           int64_t D, int64_t start_pos, const InfllmParams& p, float* out);
+// ... and over an fp16 cache (k, v: fp16 bits), the same arithmetic on the widened values.
+void infllm_attention_f16kv(const float* q, const uint16_t* k, const uint16_t* v, int64_t T, int64_t Hq,
+                            int64_t Hkv, int64_t D, int64_t start_pos, const InfllmParams& p, float* out);
 
 executorch::aten::Tensor& infllm_attention_out(
     executorch::runtime::KernelRuntimeContext& ctx, const executorch::aten::Tensor& q,

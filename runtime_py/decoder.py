@@ -11,7 +11,9 @@ module (runtime_py/families/<name>.py) adds its feed-forward block and its weigh
 KV cache: one preallocated float32 [max_context, kv_heads, head_dim] array per layer for keys (post-RoPE, or raw for
 NoPE layers) and one for values. `forward(tokens, start_pos)` writes rows start_pos .. start_pos + T - 1 and then
 attends over rows 0 .. start_pos + T - 1. start_pos may be any value up to the number of cached tokens: a smaller
-one rewinds the cache (the rows after it are dropped), which lets a caller re-run a suffix. Everything is float32.
+one rewinds the cache (the rows after it are dropped), which lets a caller re-run a suffix. Everything is float32;
+an artifact with an fp16 cache (ExecuTorch's `kv_cache_dtype` float16) is reproduced by rounding each key and value
+to fp16 as it is stored (KVCaches.dtype), which is all such a cache changes.
 """
 
 from __future__ import annotations
@@ -92,12 +94,26 @@ def attention_weights(spec, w: dict[str, np.ndarray], prefix: str) -> AttentionW
 
 
 class KVCaches:
-    """Per softmax layer: key and value arrays [max_context, kv_heads, head_dim]; None for layers without one."""
+    """Per softmax layer: key and value arrays [max_context, kv_heads, head_dim]; None for layers without one.
+    dtype "float16": what is stored is rounded to fp16 (kept in float32 arrays: the attention then reads exactly the
+    values an fp16 cache widens to)."""
 
-    def __init__(self, spec, max_context: int, layers: list[bool]):
+    DTYPES = ("float32", "float16")
+
+    def __init__(self, spec, max_context: int, layers: list[bool], dtype: str = "float32"):
+        if dtype not in self.DTYPES:
+            raise PocketllmError(f"KV cache dtype {dtype!r}: expected one of {', '.join(self.DTYPES)}")
         shape = (max_context, spec.num_kv_heads, spec.head_dim)
+        self.dtype = dtype
         self.k = [np.zeros(shape, np.float32) if has else None for has in layers]
         self.v = [np.zeros(shape, np.float32) if has else None for has in layers]
+
+    def store(self, i: int, start_pos: int, k: np.ndarray, v: np.ndarray) -> None:
+        """Write layer i's keys and values [T, Hkv, D] at rows start_pos.."""
+        if self.dtype == "float16":
+            k, v = k.astype(np.float16), v.astype(np.float16)
+        self.k[i][start_pos:start_pos + k.shape[0]] = k
+        self.v[i][start_pos:start_pos + v.shape[0]] = v
 
 
 def softmax_attention(spec, layer, aw: AttentionWeights, caches: KVCaches, i: int, x: np.ndarray, start_pos: int,
@@ -110,8 +126,7 @@ def softmax_attention(spec, layer, aw: AttentionWeights, caches: KVCaches, i: in
     v = (x @ aw.wv.T).reshape(T, spec.num_kv_heads, D)  # [T, Hkv, D]
     if layer.use_rope:  # NoPE layers skip the rotation entirely
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    caches.k[i][start_pos:L] = k
-    caches.v[i][start_pos:L] = v
+    caches.store(i, start_pos, k, v)
     keys, values = caches.k[i][:L], caches.v[i][:L]  # [L, Hkv, D]
     selection = None
     if layer.attention == "infllm":

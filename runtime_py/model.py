@@ -29,7 +29,7 @@ class ReferenceModel:
     @classmethod
     def from_checkpoint(cls, path: str | Path, max_context: int | None = None, score_rule: str | None = None,
                         float_weights: str | None = None, activations: str = "fp32",
-                        activation_jitter: float = 0.0):
+                        activation_jitter: float = 0.0, kv_cache_dtype: str = "float32"):
         """Validate a HF-style checkpoint directory (export.checkpoint) and load its weights as float32.
 
         score_rule: the InfLLM v2 score rule to run with ("upstream" | "exact"), for a bundle exported with
@@ -43,8 +43,12 @@ class ReferenceModel:
         activations "int8": the decoder's any4 layers run with W4A8 numerics (a W4A8 bundle's contract);
         activation_jitter eps > 0 moves each of their inputs by a relative eps * N(0, 1) before int8 rounding (the
         noise floor W4A8 parity measures, runtime_py/parity.py).
+
+        kv_cache_dtype "float16": keys and values rounded to fp16 as they are cached (an artifact with an fp16 KV
+        cache, ExecuTorch's kv_cache_dtype; runtime_py/decoder.py KVCaches).
         """
         from pocketllm.export.checkpoint import open_checkpoint
+        from pocketllm.runtime_py.decoder import KVCaches
         from pocketllm.runtime_py.errors import PocketllmError
         from pocketllm.runtime_py.weights import load_weights
 
@@ -63,7 +67,13 @@ class ReferenceModel:
             weights = round_to_fp16(weights, ckpt.quantization)
         elif float_weights not in (None, "float32"):
             raise ValueError(f"float_weights must be None, 'float32' or 'float16' (got {float_weights!r})")
-        return cls(spec, weights, max_context=max_context)
+        model = cls(spec, weights, max_context=max_context)
+        if kv_cache_dtype != "float32":
+            caches = getattr(model, "caches", None)
+            if caches is None or not hasattr(caches, "store"):
+                raise PocketllmError(f"{path}: a {kv_cache_dtype} KV cache is not modelled for {spec.family}")
+            model.caches = KVCaches(spec, model.max_context, [True] * spec.num_layers, kv_cache_dtype)
+        return model
 
 
 def round_to_fp16(weights: dict, quantization=None) -> dict:

@@ -182,12 +182,13 @@ def manifest_score_rule(manifest: dict) -> str | None:
 
 
 def reference_for(bundle: Path, manifest: dict, checkpoint: Path | None, max_context: int,
-                  float_weights: str | None = None, activation_jitter: float = 0.0):
+                  float_weights: str | None = None, activation_jitter: float = 0.0, kv_cache_dtype: str = "float32"):
     """The numpy reference on the bundle's reference weights (or on `checkpoint` when given), with the numerics the
     artifact promises: InfLLM v2 blocks scored with the rule the manifest records; a W4A8 bundle
     (`quantization.activations` "int8") runs its decoder's any4 layers with int8 activations exactly as the kernel
     does, every other variant in fp32; float_weights "float16" rounds the weights as an fp16 artifact stores them;
-    activation_jitter: the W4A8 noise-floor reference (ReferenceModel.from_checkpoint)."""
+    activation_jitter: the W4A8 noise-floor reference (ReferenceModel.from_checkpoint); kv_cache_dtype: the
+    artifact's KV cache (its target entry's `kv_cache_dtype`), float16 rounding what the reference caches alike."""
     from pocketllm.runtime_py import ReferenceModel
 
     if checkpoint is None:
@@ -202,7 +203,7 @@ def reference_for(bundle: Path, manifest: dict, checkpoint: Path | None, max_con
     activations = q.get("activations", "fp32") if q.get("scheme") == "any4" else "fp32"
     return ReferenceModel.from_checkpoint(path, max_context=max_context, score_rule=manifest_score_rule(manifest),
                                           float_weights=float_weights, activations=activations,
-                                          activation_jitter=activation_jitter), path
+                                          activation_jitter=activation_jitter, kv_cache_dtype=kv_cache_dtype), path
 
 
 def runner_modes(target: str) -> dict[str, dict]:
@@ -316,7 +317,9 @@ def run_parity(bundle: Path, *, target: str | None = None, prompts_file: Path | 
                                  f"{'modes ' + ', '.join(modes) if modes else 'no modes'}")
         modes = {mode: modes[mode]}
     float_weights = entry.get("float_weights")
-    reference, ref_path = reference_for(bundle, manifest, checkpoint, max_context, float_weights)
+    kv_cache_dtype = entry.get("kv_cache_dtype", "float32")
+    reference, ref_path = reference_for(bundle, manifest, checkpoint, max_context, float_weights,
+                                        kv_cache_dtype=kv_cache_dtype)
     tok = load_tokenizer(bundle, manifest["tokenizer"]["bos_id"])
     quant = manifest.get("quantization", {}).get("scheme", "none")
     sparse = manifest.get("attention", {}).get("infllm_v2")
@@ -341,7 +344,7 @@ def run_parity(bundle: Path, *, target: str | None = None, prompts_file: Path | 
 
     base = {"bundle": bundle.name, "target": target, "quant": quant,
             "reference": "bundle" if checkpoint is None else str(ref_path), "reference_weights": float_weights
-            or "as stored", "steps": steps}
+            or "as stored", "kv_cache_dtype": kv_cache_dtype, "steps": steps}
     keys = ("passed", "max_abs_delta", "positions_within_tolerance", "top1_agreement", "continuations_identical",
             "tolerance", "contract", "steps", "infllm_engaged")
     if not modes:
@@ -354,7 +357,7 @@ def run_parity(bundle: Path, *, target: str | None = None, prompts_file: Path | 
         noise = None
         if "noise_jitter" in criteria:  # the reference against itself under rounding-sized jitter, same tokens
             jittered, _ = reference_for(bundle, manifest, checkpoint, max_context, float_weights,
-                                        activation_jitter=criteria["noise_jitter"])
+                                        activation_jitter=criteria["noise_jitter"], kv_cache_dtype=kv_cache_dtype)
             noise = noise_floor(run(jittered, 2, 1)[0], criteria)
         report = {**base, **verdict(results, criteria, noise), "seconds": seconds, "prompts": results,
                   "infllm_engaged": any(r["infllm_engaged"] for r in results) if block else None}

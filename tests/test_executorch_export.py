@@ -552,6 +552,47 @@ def test_without_xnnpack(bundles, tmp_path):
     assert r.exit_code == 0, r.output
 
 
+def planned_tensors(pte: Path) -> list[tuple[str, list[int]]]:
+    """(dtype, shape) of the program's memory-planned tensors (activations and mutable buffers, not constants)."""
+    from executorch.exir._serialize._program import deserialize_pte_binary
+
+    program = deserialize_pte_binary(pte.read_bytes()).program
+    return [(v.val.scalar_type.name, list(v.val.sizes)) for plan in program.execution_plan for v in plan.values
+            if type(v.val).__name__ == "Tensor" and v.val.allocation_info is not None]
+
+
+def test_fp16_kv_cache(bundles, tmp_path):
+    """--target-option executorch.kv_cache_dtype=float16: the InfLLM v2 layers' caches are fp16 buffers (half the
+    memory and the bytes long-context decode reads), which pocketllm::infllm_attention widens exactly; parity is
+    against the reference caching fp16-rounded keys and values, as tight as fp32's."""
+    from pocketllm.runtime_py import ReferenceModel
+
+    ckpt, _ = bundles["minicpm4_infllm"]
+    out = tmp_path / "kv16"
+    r = runner.invoke(app, ["export", "--checkpoint", str(ckpt), "--max-context", str(MAX_CONTEXT), "--target-option",
+                            "executorch.kv_cache_dtype=float16", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["targets"]["executorch"]["kv_cache_dtype"] == "float16"
+    spec = manifest["spec"]
+    cache = [MAX_CONTEXT, spec["num_kv_heads"], spec["head_dim"]]
+    buffers = [t for t in planned_tensors(out / "model.pte") if t[1][1:] == cache]
+    assert buffers and {d for d, _ in buffers} == {"HALF"}, buffers  # keys and values of every layer, in fp16
+
+    r = runner.invoke(app, ["parity", str(out), "--steps", "64"])
+    assert r.exit_code == 0, r.output
+    report = json.loads((out / "parity.json").read_text())["executorch"]
+    assert report["kv_cache_dtype"] == "float16" and report["infllm_engaged"]
+    assert report["passed"] and report["continuations_identical"] and report["max_abs_delta"] <= 1e-3
+
+    # The rounding is real: the fp16-cache reference's logits move away from the fp32-cache reference's.
+    ids = np.arange(3, 203) % manifest["model"]["vocab_size"]
+    ref = out / manifest["reference"]["dir"]
+    exact = ReferenceModel.from_checkpoint(ref, max_context=MAX_CONTEXT).forward(ids, 0)
+    rounded = ReferenceModel.from_checkpoint(ref, max_context=MAX_CONTEXT, kv_cache_dtype="float16").forward(ids, 0)
+    assert 0 < np.abs(exact - rounded).max() < 0.05
+
+
 # ------------------------------------------------------------------------------------------------ bad input
 def test_8da4w_needs_xnnpack(tiny_dirs, tmp_path):
     r = runner.invoke(app, ["export", "--checkpoint", str(tiny_dirs["minicpm4_dense"]), "--quant", "8da4w",
@@ -559,6 +600,18 @@ def test_8da4w_needs_xnnpack(tiny_dirs, tmp_path):
     assert r.exit_code == 2
     assert "--quant 8da4w runs on XNNPACK: it cannot be used with executorch.xnnpack=false" in r.output
     assert not (tmp_path / "b").exists()
+
+
+def test_fp16_kv_cache_needs_infllm_layers(tiny_dirs, tmp_path):
+    r = runner.invoke(app, ["export", "--checkpoint", str(tiny_dirs["minicpm4_dense"]), "--target-option",
+                            "executorch.kv_cache_dtype=float16", "--out", str(tmp_path / "b")])
+    assert r.exit_code == 2
+    assert "executorch.kv_cache_dtype=float16 needs InfLLM v2 attention in every softmax layer" in r.output
+    assert "layer 0 attends with 'dense'" in r.output
+    assert not (tmp_path / "b").exists()
+    r = runner.invoke(app, ["export", "--checkpoint", str(tiny_dirs["minicpm4_dense"]), "--target-option",
+                            "executorch.kv_cache_dtype=int8", "--out", str(tmp_path / "b")])
+    assert r.exit_code == 2 and "expected one of float32, float16" in r.output
 
 
 def test_unknown_target(tiny_dirs, tmp_path):

@@ -440,6 +440,27 @@ def test_infllm_selection_and_output_match_reference(kernels, case, score_rule):
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("case", INFLLM_CASES, ids=lambda c: f"T{c[0]}-pos{c[1]}")
+def test_fp16_cache_is_widened_exactly(kernels, case):
+    """An fp16 KV cache (ExecuTorch's kv_cache_dtype float16): the kernel reads each fp16 key and value as the fp32
+    value it is, so it matches the torch op on the same fp16 cache as closely as the fp32 kernel matches fp32."""
+    T, start, Hq, Hkv, D, ks, st, B, init, W, topk, dense_len = case
+    g = torch.Generator().manual_seed(T * 1000 + start + 1)
+    L = start + T
+    q = torch.randn(1, T, Hq, D, generator=g)
+    k = torch.randn(1, L + 7, Hkv, D, generator=g).half()
+    v = torch.randn(1, L + 7, Hkv, D, generator=g).half()
+    ref = infllm_attention_reference(q, k, v, start, ks, st, B, init, W, topk, dense_len, 0)
+    out = torch.zeros_like(q)
+    kernels.pocketllm_infllm_attention_f16kv(ptr(q), ptr(k), ptr(v), I(T), I(Hq), I(Hkv), I(D), I(start), I(ks),
+                                             I(st), I(B), I(init), I(W), I(topk), I(dense_len), I(0), ptr(out))
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    wide, k32, v32 = torch.zeros_like(q), k.float(), v.float()  # the fp32 kernel on the widened cache: the same
+    kernels.pocketllm_infllm_attention(ptr(q), ptr(k32), ptr(v32), I(T), I(Hq), I(Hkv), I(D), I(start),
+                                       I(ks), I(st), I(B), I(init), I(W), I(topk), I(dense_len), I(0), ptr(wide))
+    torch.testing.assert_close(out, wide, atol=1e-6, rtol=1e-6)
+
+
 # Long random contexts (acceptance of issue #9 item 7): T, start_pos, Hq, Hkv, head_dim, sparse config. GQA groups
 # of 2, 8 and 16; decode steps, prefill chunks and a whole prompt; the released config where the context is long
 # enough for it to drop blocks (96 of 256 blocks at 16K), a smaller budget elsewhere.

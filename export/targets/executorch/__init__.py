@@ -25,6 +25,17 @@ class ExecutorchTarget(Target):
         except ImportError:
             raise PocketllmError(f"--target executorch needs the ExecuTorch SDK: pip install {self.sdk}") from None
 
+    def check(self, ckpt, options) -> None:
+        """An fp16 KV cache needs every cached layer on pocketllm::infllm_attention (which widens fp16 keys and
+        values); a dense or sliding-window layer's core reads one dtype for q and the cache."""
+        if options.kv_cache_dtype == "float32":
+            return
+        for i, layer in enumerate(ckpt.spec.layers):
+            if layer.attention not in ("infllm", "lightning"):
+                raise PocketllmError(f"{ckpt.dir}: executorch.kv_cache_dtype={options.kv_cache_dtype} needs InfLLM v2 "
+                                     f"attention in every softmax layer (MiniCPM4 with a sparse_config); layer {i} "
+                                     f"attends with {layer.attention!r}")
+
     def warnings(self, options) -> list[str]:
         if options.quant in IN_GRAPH_DEQUANT:
             return [f"{options.quant} weights: ExecuTorch dequantizes them inside the graph on every call (portable "

@@ -29,8 +29,9 @@ from torch import nn
 from pocketllm.export.spec import ModelSpec
 from pocketllm.export.targets.executorch.options import W4A8, ExecutorchOptions
 from pocketllm.export.targets.executorch.swaps import (any4_luts_to_bf16, embedding_table_to_bf16, moe_blocks,
-                                                      quantize_torchao, use_expert_store, use_llama_ops,
-                                                      use_stacked_experts, use_xnnpack_norms_and_rope)
+                                                      quantize_torchao, use_expert_store, use_kv_cache_dtype,
+                                                      use_llama_ops, use_stacked_experts,
+                                                      use_xnnpack_norms_and_rope)
 
 PTE_FILE = "model.pte"
 FORMAT_VERSION = 1  # of the .pte contract above; bumped when methods or inputs change
@@ -174,6 +175,8 @@ def export_executorch(model: nn.Module, spec: ModelSpec, options: ExecutorchOpti
     timings: dict[str, float] = {}
     quant_info: dict[str, Any] = {}
     n_swapped = use_llama_ops(model) if options.llama_sdpa else 0
+    if options.kv_cache_dtype != "float32":
+        use_kv_cache_dtype(model, getattr(torch, options.kv_cache_dtype))
     moe_info, store_info = None, None
     if moe_blocks(model):  # before 8da4w and W4A8: stacked experts keep their own kernels (pocketllm::moe_ffn*)
         moe_info = {"experts": "all", "ops": [], "expert_dtype": [], "all_experts_layers": [i for i, _ in
@@ -243,6 +246,7 @@ def export_executorch(model: nn.Module, spec: ModelSpec, options: ExecutorchOpti
         "requires_kernels": custom,  # [] = stock ExecuTorch runtimes (pip, Maven AAR, Swift package) run it
         "kernel_library": "libpocketllm_kernels" if custom else None,
         "llama_sdpa_layers": n_swapped,
+        "kv_cache_dtype": options.kv_cache_dtype,
         "embedding_table_dtype": embedding_dtype,
         "quantization": quant_info,
         **extra,

@@ -16,6 +16,7 @@ QUANT_SCHEMES = ("none", *SCHEMES, W4A8, "8da4w")
 # no kernel of their own (any4: any4_linear / any4_linear_w4a8, int8: int8_linear): dequantized in the graph
 IN_GRAPH_DEQUANT = tuple(s for s in SCHEMES if s not in ("any4", "int8"))
 EXPERT_MODES = ("inline", "file", "all")
+KV_CACHE_DTYPES = ("float32", "float16")
 
 
 @dataclass(frozen=True)
@@ -30,12 +31,16 @@ class ExecutorchOptions(CommonOptions):
     comparisons; its MoE blocks' float ops stay out of XNNPACK, lower.xnnpack_partitioner).
     expert_cache_mb: the runtime's default expert budget recorded in the manifest (implies "file").
     xnnpack: False lowers without the XNNPACK partitioner (float ops on ExecuTorch's portable/optimized kernels), for
-    checking a delegate-free program; 8da4w needs XNNPACK."""
+    checking a delegate-free program; 8da4w needs XNNPACK.
+    kv_cache_dtype: "float16" stores keys and values in fp16 (half the cache memory and the bytes long-context decode
+    reads; llama.cpp's default), widened exactly to fp32 by pocketllm::infllm_attention; InfLLM v2 layers only
+    (ExecuTorch's llama::custom_sdpa takes one dtype for q and the cache). The reference rounds its cache alike."""
 
     llama_sdpa: bool = True  # dense layers through llama::update_cache / llama::custom_sdpa
     experts: str = "inline"
     expert_cache_mb: int | None = None
     xnnpack: bool = True
+    kv_cache_dtype: str = "float32"
 
     def __post_init__(self):
         if self.experts not in EXPERT_MODES:
@@ -49,5 +54,8 @@ class ExecutorchOptions(CommonOptions):
             raise PocketllmError(f"--prefill-chunk must be positive (got {self.prefill_chunk})")
         if self.quant not in QUANT_SCHEMES:
             raise PocketllmError(f"unknown --quant {self.quant!r} (expected one of: {', '.join(QUANT_SCHEMES)})")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise PocketllmError(f"executorch.kv_cache_dtype={self.kv_cache_dtype!r}: expected one of "
+                                 f"{', '.join(KV_CACHE_DTYPES)}")
         if not self.xnnpack and self.quant == "8da4w":
             raise PocketllmError("--quant 8da4w runs on XNNPACK: it cannot be used with executorch.xnnpack=false")

@@ -34,11 +34,12 @@ from pocketllm.export.nn.kv_cache import KVCache
 
 
 class LlamaKVCache(KVCache):
-    """KVCache written with `llama::update_cache` (in place, layout [1, S, H, D]); same contract as KVCache."""
+    """KVCache written with `llama::update_cache` (in place, layout [1, S, H, D]); same contract as KVCache. Keys and
+    values are cast to the cache's dtype first (update_cache copies bytes)."""
 
     def update(self, k, v, start_pos):
-        torch.ops.llama.update_cache(k, self.k_cache, start_pos)
-        torch.ops.llama.update_cache(v, self.v_cache, start_pos)
+        torch.ops.llama.update_cache(k.to(self.k_cache.dtype), self.k_cache, start_pos)
+        torch.ops.llama.update_cache(v.to(self.v_cache.dtype), self.v_cache, start_pos)
         return self.k_cache, self.v_cache
 
 
@@ -66,6 +67,19 @@ def use_llama_ops(model: nn.Module) -> int:
             if type(module.core) is DenseCore:
                 module.core = CustomSdpaCore()
                 n += 1
+    return n
+
+
+def use_kv_cache_dtype(model: nn.Module, dtype: torch.dtype) -> int:
+    """Re-allocate every softmax layer's KV cache in `dtype` (ExecutorchOptions.kv_cache_dtype; the target's check
+    has made sure every such layer runs InfLLM v2). Returns how many caches."""
+    from pocketllm.export.nn.attention import Attention
+
+    n = 0
+    for module in model.modules():
+        if isinstance(module, Attention):
+            module.cache.reset(dtype)
+            n += 1
     return n
 
 

@@ -10,7 +10,7 @@
 //   c++ -O2 -std=c++17 -I$ET/include -I$ET/include/executorch/runtime/core/portable_type/c10
 //       -DC10_USING_CUSTOM_GENERATED_MACROS benchmarks/infllm_decode_bench.cpp -o /tmp/infllm_decode_bench
 //       -L$ET/lib -lexecutorch -lexecutorch_threadpool -Wl,-rpath,$ET/lib -ldl        (one command line)
-// Run: /tmp/infllm_decode_bench kernels/build/libpocketllm_kernels.so CONTEXT HQ HKV D STEPS [SCORE_RULE [KV [LAYERS [THREADS]]]]
+// Run: /tmp/infllm_decode_bench kernels/build/libpocketllm_kernels.so CONTEXT HQ HKV D STEPS [SCORE_RULE [KV [LAYERS]]]
 //   e.g. 16384 16 2 64 256 0 f16 24 (MiniCPM4-0.5B shapes, upstream rule, fp16 cache, 24 layers); prints the median
 //   microseconds per call, both wall clock and this thread's CPU time (the latter is the robust one on a shared
 //   machine: it excludes time the thread spent descheduled). KV: f32 (default) or f16, the cache's dtype. LAYERS
@@ -113,7 +113,7 @@ int main(int argc, char** argv) {
   for (int l = 0; l < layers; ++l) {
     for (auto* c : {&k32[l], &v32[l]}) {
       c->resize(n);
-      for (auto& x : *c) x = std::getenv("BENCH_ZERO_KV") ? 0.0f : normal(rng);
+      for (auto& x : *c) x = normal(rng);
     }
     if (f16) {
       for (auto [src, dst] : {std::pair{&k32[l], &k16[l]}, std::pair{&v32[l], &v16[l]}}) {
@@ -130,10 +130,7 @@ int main(int argc, char** argv) {
   }
   Tensor4 qt(q.data(), 1, 1, Hq, D), ot(out.data(), 1, 1, Hq, D);
   KernelRuntimeContext ctx;
-  // THREADS (default 1): 1 runs parallel_for inline on this thread; 2 uses ExecuTorch's threadpool (both cores).
-  const int threads = argc > 10 ? std::atoi(argv[10]) : 1;
-  std::unique_ptr<executorch::extension::threadpool::NoThreadPoolGuard> one_thread;
-  if (threads == 1) one_thread.reset(new executorch::extension::threadpool::NoThreadPoolGuard());
+  executorch::extension::threadpool::NoThreadPoolGuard one_thread;  // parallel_for runs inline on this thread
 
   Tensor qx = qt.tensor(), ox = ot.tensor();
   auto call = [&](int64_t pos) {

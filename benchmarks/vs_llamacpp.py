@@ -560,11 +560,14 @@ def time_v(cmd: list, log: Path, fatal: bool = True) -> dict:
     return out
 
 
-def reference_logits(model_dir: Path, tokens: list[int], max_context: int = 256, activations: str = "fp32"):
-    """The numpy reference's logits; activations "int8": a W4A8 bundle's numerics (its parity contract)."""
+def reference_logits(model_dir: Path, tokens: list[int], max_context: int = 256, activations: str = "fp32",
+                     kv_cache_dtype: str = "float32"):
+    """The numpy reference's logits; activations "int8": a W4A8 bundle's numerics (its parity contract);
+    kv_cache_dtype "float16": a bundle whose KV cache is fp16 (the reference rounds what it caches alike)."""
     from pocketllm.runtime_py import ReferenceModel
 
-    ref = ReferenceModel.from_checkpoint(model_dir, max_context=max_context, activations=activations)
+    ref = ReferenceModel.from_checkpoint(model_dir, max_context=max_context, activations=activations,
+                                         kv_cache_dtype=kv_cache_dtype)
     return ref.forward(tokens, 0)
 
 
@@ -786,9 +789,11 @@ def main(argv: list[str] | None = None) -> None:
         q = b["manifest"].get("quantization") or {}
         # the reference runs a W4A8 bundle's int8 activations; 8da4w (XNNPACK's dynamic int8) has no exact twin
         acts = "int8" if q.get("activations") == "int8" and q.get("scheme") == "any4" else "fp32"
+        kv = b["manifest"]["targets"]["executorch"].get("kv_cache_dtype", "float32")
         w = Worker(n, et_command(exes["et_runner"], b, args.kernels) + ["--threads", 2], log)
         et_parity[n] = logits_diff(w, probe, reference_logits(refdir if refdir.exists() else args.checkpoint, probe,
-                                                              activations=acts), work / "logits.bin")
+                                                              activations=acts, kv_cache_dtype=kv), work / "logits.bin")
+        et_parity[n]["reference_kv_cache_dtype"] = kv
         et_parity[n]["reference_weights"] = str(refdir if refdir.exists() else args.checkpoint)
         et_parity[n]["reference_activations"] = acts
         et_parity[n]["contract"] = ("exact" if klass_exact(q) else "w4a8" if acts == "int8" else "top-1 only")

@@ -131,21 +131,19 @@ inline v8f exp8(v8f x) {
   return y * scale;
 }
 
-// x[i] = exp(x[i] - max(x)) in place; returns the sum. n >= 1.
-inline float softmax_numerator(float* x, int64_t n) {
-  float mx = kNegInfHelper();
-  for (int64_t i = 0; i < n; ++i) mx = x[i] > mx ? x[i] : mx;
-  const v8f m = {mx, mx, mx, mx, mx, mx, mx, mx};
+// x[i] = exp(x[i] - m) in place (m >= every x[i], so each term is at most 1); returns the sum.
+inline float exp_shifted_sum(float* x, int64_t n, float m) {
+  const v8f mv = {m, m, m, m, m, m, m, m};
   v8f acc = {0};
   int64_t i = 0;
   for (; i + 8 <= n; i += 8) {
-    const v8f e = exp8(load8(x + i) - m);
+    const v8f e = exp8(load8(x + i) - mv);
     store8(x + i, e);
     acc += e;
   }
   float sum = hsum8(acc);
   for (; i < n; ++i) {
-    x[i] = std::exp(x[i] - mx);
+    x[i] = std::exp(x[i] - m);
     sum += x[i];
   }
   return sum;

@@ -398,17 +398,7 @@ void attend_chunk(const float* qg, const KV* k, const KV* v, int64_t j0, int64_t
       for (int64_t d = 0; d < D; ++d) outg[g * D + d] *= c;
       sm.m[g] = mx;
     }
-    const v8f mv = {mx, mx, mx, mx, mx, mx, mx, mx};
-    v8f acc = {0};
-    int64_t i = 0;
-    for (; i + 8 <= n; i += 8) {
-      const v8f e = exp8(load8(lg + i) - mv);
-      store8(lg + i, e);
-      acc += e;
-    }
-    float sum = hsum8(acc);
-    for (; i < n; ++i) sum += lg[i] = std::exp(lg[i] - mx);
-    sm.l[g] += sum;
+    sm.l[g] += exp_shifted_sum(lg, n, mx);
   }
   const float* vc = chunk_rows(v, j0, n, h, D, row, vbuf, vs);
   if (D % 64 == 0) {

@@ -54,9 +54,8 @@ int64_t floor_div(int64_t a, int64_t b) { return a >= 0 ? a / b : -((-a + b - 1)
 typedef float v4f __attribute__((vector_size(16)));
 
 // Four dot products q . k_r (D % 8 == 0): one vector accumulator per key, reduced together at the end (a
-// transpose-add instead of four horizontal sums). KV: float, or uint16_t = fp16 bits (widened exactly on load).
-template <typename KV>
-inline v4f dot4(const float* q, const KV* const kr[4], int64_t D) {
+// transpose-add instead of four horizontal sums).
+inline v4f dot4(const float* q, const float* const kr[4], int64_t D) {
   v8f a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
   for (int64_t d = 0; d < D; d += 8) {
     const v8f qv = load8(q + d);
@@ -204,11 +203,11 @@ void kernel_logits(const double* qd, int64_t G, int64_t D, const float* kc, int6
   for (int64_t g = 0; g < G; ++g) std::fill(x + g * stride + nv, x + (g + 1) * stride, -kInf);
 }
 
-// Online softmax state of one (KV head, query): per head the running max and sum; p: [G][kChunk] logits, then
-// weights.
-struct OnlineSoftmax {
-  std::vector<float> m, l, p;
-  std::vector<std::pair<int64_t, int64_t>> chunks;  // (first key, count) of the keys to attend
+// Attention work of one (KV head, query): the online softmax (per head the running max m and sum l; p: [G][kChunk]
+// logits, then weights), the chunks to visit (first key, count) and the fp16 cache's rows widened (kbuf, vbuf).
+struct AttendScratch {
+  std::vector<float> m, l, p, kbuf, vbuf;
+  std::vector<std::pair<int64_t, int64_t>> chunks;
 };
 
 // Per-thread work buffers, kept across calls: allocating them per call costs page faults at long context.
@@ -216,8 +215,7 @@ struct Scratch {
   std::vector<double> qd, x, x_norm, e, group, bscore;  // block scores
   std::vector<int64_t> order;                        // selection
   std::vector<uint8_t> sel;
-  OnlineSoftmax softmax;                             // attention
-  std::vector<float> kbuf, vbuf;
+  AttendScratch attend;                              // attention
 };
 
 // Not inlined: callers then hold a plain pointer (inlined, GCC re-derives the thread-local address, a
@@ -369,10 +367,9 @@ inline void prefetch_rows(const KV* k, const KV* v, int64_t j, int64_t count, in
 // prefetched along the way (count 0: none).
 template <typename KV>
 void attend_chunk(const float* qg, const KV* k, const KV* v, int64_t j0, int64_t n, int64_t h, int64_t G, int64_t D,
-                  int64_t row, float scale, OnlineSoftmax& sm, std::vector<float>& kbuf, std::vector<float>& vbuf,
-                  float* outg, int64_t next_j0, int64_t next_n) {
+                  int64_t row, float scale, AttendScratch& sm, float* outg, int64_t next_j0, int64_t next_n) {
   int64_t ks = 0, vs = 0;
-  const float* kc = chunk_rows(k, j0, n, h, D, row, kbuf, ks);
+  const float* kc = chunk_rows(k, j0, n, h, D, row, sm.kbuf, ks);
   float* logits = sm.p.data();
   int64_t i = 0;
   if (D % 8 == 0) {
@@ -400,7 +397,7 @@ void attend_chunk(const float* qg, const KV* k, const KV* v, int64_t j0, int64_t
     }
     sm.l[g] += exp_shifted_sum(lg, n, mx);
   }
-  const float* vc = chunk_rows(v, j0, n, h, D, row, vbuf, vs);
+  const float* vc = chunk_rows(v, j0, n, h, D, row, sm.vbuf, vs);
   if (D % 64 == 0) {
     weighted_rows<8>(logits, n, vc, vs, G, D, outg);
   } else if (D % 32 == 0) {
@@ -417,8 +414,7 @@ void attend_chunk(const float* qg, const KV* k, const KV* v, int64_t j0, int64_t
 // (sel == nullptr: all keys 0..pos). outg: [G, D]. KV: float, or uint16_t = fp16 bits.
 template <typename KV>
 void attend_one(const float* qg, const KV* k, const KV* v, int64_t Hkv, int64_t h, int64_t G, int64_t D,
-                int64_t pos, const uint8_t* sel, int64_t block_size, float* outg, OnlineSoftmax& sm,
-                std::vector<float>& kbuf, std::vector<float>& vbuf) {
+                int64_t pos, const uint8_t* sel, int64_t block_size, float* outg, AttendScratch& sm) {
   const int64_t row = Hkv * D;
   const float scale = 1.0f / std::sqrt(static_cast<float>(D));
   sm.m.assign(G, kNegInfHelper());
@@ -440,8 +436,8 @@ void attend_one(const float* qg, const KV* k, const KV* v, int64_t Hkv, int64_t 
   }
   for (size_t c = 0; c < sm.chunks.size(); ++c) {
     const auto next = c + 1 < sm.chunks.size() ? sm.chunks[c + 1] : std::pair<int64_t, int64_t>{0, 0};
-    attend_chunk(qg, k, v, sm.chunks[c].first, sm.chunks[c].second, h, G, D, row, scale, sm, kbuf, vbuf, outg,
-                 next.first, next.second);
+    attend_chunk(qg, k, v, sm.chunks[c].first, sm.chunks[c].second, h, G, D, row, scale, sm, outg, next.first,
+                 next.second);
   }
   for (int64_t g = 0; g < G; ++g) {
     const float inv = 1.0f / sm.l[g];
@@ -573,7 +569,7 @@ static void infllm_attention_impl(const float* q, const KV* k, const KV* v, int6
         select_one(s.bscore.data(), pos, n_blocks, p, s.sel.data(), s.order);
       }
       attend_one(qg, k, v, Hkv, h, G, D, pos, dense ? nullptr : s.sel.data(), p.block_size,
-                 out + (t * Hq + h * G) * D, s.softmax, s.kbuf, s.vbuf);
+                 out + (t * Hq + h * G) * D, s.attend);
     }
   });
 }
@@ -591,18 +587,23 @@ static InfllmKeys compress_all(const KV* k, int64_t L, int64_t Hkv, int64_t D, c
   return InfllmKeys{fine.data(), n1, n1, coarse.data(), n2, n2};
 }
 
-void infllm_attention_f32(const float* q, const float* k, const float* v, int64_t T, int64_t Hq, int64_t Hkv,
-                          int64_t D, int64_t start_pos, const InfllmParams& p, float* out) {
+// The whole op without memo: compressed keys of the first L rows, then the attention.
+template <typename KV>
+static void attention_without_memo(const float* q, const KV* k, const KV* v, int64_t T, int64_t Hq, int64_t Hkv,
+                                   int64_t D, int64_t start_pos, const InfllmParams& p, float* out) {
   std::vector<float> fine, coarse;
   const InfllmKeys keys = compress_all(k, start_pos + T, Hkv, D, p, fine, coarse);
   infllm_attention_impl(q, k, v, T, Hq, Hkv, D, start_pos, p, out, keys);
 }
 
+void infllm_attention_f32(const float* q, const float* k, const float* v, int64_t T, int64_t Hq, int64_t Hkv,
+                          int64_t D, int64_t start_pos, const InfllmParams& p, float* out) {
+  attention_without_memo(q, k, v, T, Hq, Hkv, D, start_pos, p, out);
+}
+
 void infllm_attention_f16kv(const float* q, const uint16_t* k, const uint16_t* v, int64_t T, int64_t Hq,
                             int64_t Hkv, int64_t D, int64_t start_pos, const InfllmParams& p, float* out) {
-  std::vector<float> fine, coarse;
-  const InfllmKeys keys = compress_all(k, start_pos + T, Hkv, D, p, fine, coarse);
-  infllm_attention_impl(q, k, v, T, Hq, Hkv, D, start_pos, p, out, keys);
+  attention_without_memo(q, k, v, T, Hq, Hkv, D, start_pos, p, out);
 }
 
 namespace {

@@ -52,6 +52,8 @@ class ReferenceModel:
         from pocketllm.runtime_py.errors import PocketllmError
         from pocketllm.runtime_py.weights import load_weights
 
+        if kv_cache_dtype not in KVCaches.DTYPES:
+            raise PocketllmError(f"KV cache dtype {kv_cache_dtype!r}: expected one of {', '.join(KVCaches.DTYPES)}")
         ckpt = open_checkpoint(path)
         spec = ckpt.spec
         if score_rule is not None and spec.sparse is not None:
@@ -69,10 +71,9 @@ class ReferenceModel:
             raise ValueError(f"float_weights must be None, 'float32' or 'float16' (got {float_weights!r})")
         model = cls(spec, weights, max_context=max_context)
         if kv_cache_dtype != "float32":
-            caches = getattr(model, "caches", None)
-            if caches is None or not hasattr(caches, "store"):
+            if not isinstance(getattr(model, "caches", None), KVCaches):
                 raise PocketllmError(f"{path}: a {kv_cache_dtype} KV cache is not modelled for {spec.family}")
-            model.caches = KVCaches(spec, model.max_context, [True] * spec.num_layers, kv_cache_dtype)
+            model.caches.dtype = kv_cache_dtype  # checked against KVCaches.DTYPES before the weights were read
         return model
 
 

@@ -14,6 +14,7 @@ dispatch, tensor resizes, memory planning), and the time and count per group:
     any4 / w4a8 / int8 linear   pocketllm::any4_linear, any4_linear_w4a8, int8_linear (decoder layers and LM head)
     attention                   pocketllm::infllm_attention, llama::custom_sdpa
     kv cache                    llama::update_cache
+    norm / rope / swiglu        pocketllm::rms_norm, rope, silu_mul (fused bundles: executorch.elementwise)
     xnnpack                     XNNPACK delegate calls (RMSNorm, RoPE, SiLU, residual adds, fp32 linears, ...)
     portable                    everything else on portable kernels (embedding gather, copies, views, indexing)
 
@@ -48,6 +49,8 @@ def group_of(name: str) -> str:
         return "attention"
     if "update_cache" in n:
         return "kv cache"
+    if any(op in n for op in ("pocketllm::rms_norm", "pocketllm::rope", "pocketllm::silu_mul")):
+        return "norm / rope / swiglu"
     if "delegate" in n or "xnnpack" in n:
         return "xnnpack"
     return "portable"

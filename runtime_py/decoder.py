@@ -25,13 +25,9 @@ import numpy as np
 from pocketllm.runtime_py.attention import causal_attention
 from pocketllm.runtime_py.errors import PocketllmError
 from pocketllm.runtime_py.ops.infllm_attention import infllm_attention
-from pocketllm.runtime_py.rope import apply_rope, rope_tables
-
-
-def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
-    """x / sqrt(mean(x^2) + eps) * weight over the last axis. x: [T, H], weight: [H]."""
-    ms = np.mean(x * x, axis=-1, keepdims=True)
-    return x / np.sqrt(ms + np.float32(eps)) * weight
+from pocketllm.runtime_py.ops.rms_norm import rms_norm
+from pocketllm.runtime_py.ops.rope import apply_rope
+from pocketllm.runtime_py.rope import rope_tables
 
 
 def take(weights: dict[str, np.ndarray], name: str, shape: tuple[int, ...]) -> np.ndarray:

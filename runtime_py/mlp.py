@@ -10,21 +10,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from pocketllm.runtime_py.attention import softmax
-
-
-def sigmoid(x: np.ndarray) -> np.ndarray:
-    """1 / (1 + exp(-x)) without overflow for large |x| (each branch only exponentiates a non-positive number)."""
-    e = np.exp(-np.abs(x))
-    return np.where(x >= 0, 1.0 / (1.0 + e), e / (1.0 + e)).astype(x.dtype)
-
-
-def silu(x: np.ndarray) -> np.ndarray:
-    return x * sigmoid(x)
+from pocketllm.runtime_py.ops.silu_mul import sigmoid, silu_mul
 
 
 def swiglu(x: np.ndarray, gate: np.ndarray, up: np.ndarray, down: np.ndarray) -> np.ndarray:
     """down(silu(gate(x)) * up(x)). x: [T, H]; gate, up: [I, H]; down: [H, I]. Returns [T, H]."""
-    return (silu(x @ gate.T) * (x @ up.T)) @ down.T
+    return silu_mul(x @ gate.T, x @ up.T) @ down.T
 
 
 def reglu(x: np.ndarray, gate: np.ndarray, up: np.ndarray, down: np.ndarray) -> np.ndarray:

@@ -7,7 +7,7 @@ Written from shared/docs/MODELS.md section 1, item 4, straight from the raw `Rop
     angle[p, i] = p * inv_freq[i]   for i < dim/2, repeated for the second half (concat(freqs, freqs))
     cos, sin    = cos(angle) * m, sin(angle) * m
                   m = sqrt(1 + ln(max_pos / orig) / ln(orig)) with LongRoPE (unclamped), else 1
-    rope(x)     = x * cos + rotate_half(x) * sin,   rotate_half([x1, x2]) = [-x2, x1]
+    rope(x)     = x * cos + rotate_half(x) * sin     (runtime_py/ops/rope.py, the op's numpy twin)
 
 Precision: inv_freq is computed in float64 and rounded once to float32; the angles p * inv_freq are then formed in
 float32, as upstream does (it multiplies fp32 positions by an fp32 inv_freq). cos/sin of those fp32 angles are
@@ -44,23 +44,3 @@ def rope_tables(rope: RopeSpec, max_context: int) -> tuple[np.ndarray, np.ndarra
     cos = (np.cos(angles) * magnitude).astype(np.float32)
     sin = (np.sin(angles) * magnitude).astype(np.float32)
     return cos, sin
-
-
-def rotate_half(x: np.ndarray) -> np.ndarray:
-    """[..., d] -> [..., d]: concat(-x2, x1) where x1, x2 are the two halves of the last axis."""
-    x1, x2 = np.split(x, 2, axis=-1)
-    return np.concatenate([-x2, x1], axis=-1)
-
-
-def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
-    """Rotate the first `dim` channels of every head.
-
-    x: [T, heads, head_dim] float32; cos, sin: [T, dim] (rows for the T tokens' positions), dim <= head_dim.
-    Channels past `dim` (none for the released models) pass through unrotated.
-    """
-    dim = cos.shape[-1]
-    c, s = cos[:, None, :], sin[:, None, :]  # [T, 1, dim], broadcast over heads
-    rotated = x[..., :dim] * c + rotate_half(x[..., :dim]) * s
-    if dim == x.shape[-1]:
-        return rotated
-    return np.concatenate([rotated, x[..., dim:]], axis=-1)

@@ -431,7 +431,23 @@ def test_any4_parity_with_infllm(bundles, tmp_path):
     constants, blobs = pte_constants(bundle / "model.pte")
     tables = [c for c in constants if c[1] == [V, H]]
     assert tables == [("CHAR", [V, H], V * H)], tables  # one int8 table, no float copy
-    assert all(b < V * H for b in blobs)  # and none packed into an XNNPACK delegate
+    # Norms, RoPE and the SwiGLU product are one pocketllm op each; every linear is ours too, so XNNPACK gets
+    # nothing: no one-op partitions (tens of microseconds of dispatch each) between our kernels.
+    assert et["elementwise"] == "fused" and et["quantization"]["per_module"]["model.norm"] == "pocketllm::rms_norm"
+    assert {"pocketllm::rms_norm.out", "pocketllm::rope.out", "pocketllm::silu_mul.out"} <= set(et["requires_kernels"])
+    assert blobs == []
+
+
+def test_elementwise_on_xnnpack(bundles, tmp_path):
+    """executorch.elementwise=xnnpack keeps norms and RoPE as XNNPACK partitions (what a float program gets by
+    default, so stock runtimes run it); parity holds either way."""
+    ckpt, _ = bundles["minicpm4_dense"]
+    bundle = export_any4(ckpt, tmp_path / "any4", "--target-option", "executorch.elementwise=xnnpack")
+    report = check_any4_parity(bundle)
+    et = json.loads((bundle / "manifest.json").read_text())["targets"]["executorch"]
+    assert et["elementwise"] == "xnnpack" and report["max_abs_delta"] <= 1e-3
+    assert not {"pocketllm::rms_norm.out", "pocketllm::rope.out"} & set(et["requires_kernels"])
+    assert pte_constants(bundle / "model.pte")[1]  # XNNPACK delegate blobs
 
 
 def test_w4a8_bundle(bundles, tmp_path):
@@ -612,6 +628,13 @@ def test_fp16_kv_cache_needs_infllm_layers(tiny_dirs, tmp_path):
     r = runner.invoke(app, ["export", "--checkpoint", str(tiny_dirs["minicpm4_dense"]), "--target-option",
                             "executorch.kv_cache_dtype=int8", "--out", str(tmp_path / "b")])
     assert r.exit_code == 2 and "expected one of float32, float16" in r.output
+
+
+def test_unknown_elementwise_mode(tiny_dirs, tmp_path):
+    r = runner.invoke(app, ["export", "--checkpoint", str(tiny_dirs["minicpm4_dense"]), "--target-option",
+                            "executorch.elementwise=onednn", "--out", str(tmp_path / "b")])
+    assert r.exit_code == 2 and "executorch.elementwise='onednn': expected one of auto, fused, xnnpack" in r.output
+    assert not (tmp_path / "b").exists()
 
 
 def test_unknown_target(tiny_dirs, tmp_path):

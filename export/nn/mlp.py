@@ -26,6 +26,10 @@ class GatedMLP(nn.Module):
         """(gate, up, down), whatever upstream calls them."""
         return tuple(self._modules[n] for n in self.names)
 
+    def glu(self, g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """act(g) * u (a target may set a fused op in its place: swaps.use_fused_elementwise)."""
+        return ACTIVATIONS[self.activation](g) * u
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up, down = self.projections()
-        return down(ACTIVATIONS[self.activation](gate(x)) * up(x))
+        return down(self.glu(gate(x), up(x)))

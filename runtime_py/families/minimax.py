@@ -26,11 +26,14 @@ from dataclasses import dataclass
 import numpy as np
 
 from pocketllm.runtime_py.attention import causal_attention
-from pocketllm.runtime_py.decoder import check_max_context, check_tokens, rms_norm, take as _take
+from pocketllm.runtime_py.decoder import check_max_context, check_tokens, take as _take
 from pocketllm.runtime_py.errors import PocketllmError
-from pocketllm.runtime_py.mlp import route, sigmoid, silu, swiglu
+from pocketllm.runtime_py.mlp import route, swiglu
 from pocketllm.runtime_py.ops.lightning_attention import decay_rates, lightning_attention
-from pocketllm.runtime_py.rope import apply_rope, rope_tables
+from pocketllm.runtime_py.ops.rms_norm import rms_norm
+from pocketllm.runtime_py.ops.rope import apply_rope
+from pocketllm.runtime_py.ops.silu_mul import sigmoid, silu
+from pocketllm.runtime_py.rope import rope_tables
 
 
 @dataclass

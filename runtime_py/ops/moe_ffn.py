@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from pocketllm.runtime_py.mlp import silu
 from pocketllm.runtime_py.ops.any4_linear import dequantize_lut, unpack_codes
+from pocketllm.runtime_py.ops.silu_mul import silu
 
 
 def _act(activation: str):

@@ -26,4 +26,9 @@ LOWERINGS = {
                                                     "kernel library (kernels/expert_store.cpp); a Core ML package "
                                                     "holds its experts, so --experts is refused for --target coreml"),
     "expert_store_prefetch": Lowering("unsupported", "as expert_store_moe_ffn: no expert store in a Core ML package"),
+    "rms_norm": Lowering("decomposition", "never emitted for Core ML: the model's own RMSNorm / RoPE / SiLU modules "
+                                          "trace to MIL ops that coremltools fuses (the fused ops are an ExecuTorch "
+                                          "swap, executorch/swaps.use_fused_elementwise)"),
+    "rope": Lowering("decomposition", "as rms_norm: export/nn/rope.py's RotaryAt traces to MIL mul/add/concat"),
+    "silu_mul": Lowering("decomposition", "as rms_norm: GatedMLP.glu traces to MIL silu and mul"),
 }

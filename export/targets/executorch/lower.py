@@ -28,10 +28,10 @@ from torch import nn
 
 from pocketllm.export.spec import ModelSpec
 from pocketllm.export.targets.executorch.options import W4A8, ExecutorchOptions
-from pocketllm.export.targets.executorch.swaps import (any4_luts_to_bf16, embedding_table_to_bf16, moe_blocks,
-                                                      quantize_torchao, use_expert_store, use_kv_cache_dtype,
-                                                      use_llama_ops, use_stacked_experts,
-                                                      use_xnnpack_norms_and_rope)
+from pocketllm.export.targets.executorch.swaps import (FusedRMSNorm, XnnpackRMSNorm, any4_luts_to_bf16,
+                                                      embedding_table_to_bf16, moe_blocks, quantize_torchao,
+                                                      use_expert_store, use_fused_elementwise, use_kv_cache_dtype,
+                                                      use_llama_ops, use_stacked_experts, use_xnnpack_norms_and_rope)
 
 PTE_FILE = "model.pte"
 FORMAT_VERSION = 1  # of the .pte contract above; bumped when methods or inputs change
@@ -71,15 +71,22 @@ def export_program(model: nn.Module, max_tokens: int) -> "torch.export.ExportedP
         return torch.export.export(model, (tokens, start), dynamic_shapes=dims, strict=False)
 
 
-def xnnpack_partitioner(skip_modules: str | None = None):
+def xnnpack_partitioner(skip_modules: str | None = None, linears_only: bool = False):
     """XNNPACK's partitioner; skip_modules: ops traced inside a module whose path contains this stay out of it. The
     all-experts MoE graph needs that: its ~2000 per-expert elementwise islands between the expert calls grow
     XNNPACK's partition merging past 20 GB on the SmallThinker 4B, so they run on ExecuTorch's own kernels while the
-    rest (norms, RoPE, float linears such as an fp32 LM head) stays in XNNPACK."""
+    rest (norms, RoPE, float linears such as an fp32 LM head) stays in XNNPACK. linears_only: XNNPACK takes float
+    linears and matmuls alone (a router, an fp32 head); the residual adds and scales between our ops run on
+    ExecuTorch's kernels (~1 us a call) instead of as one-op partitions (~10-25 us of delegate dispatch)."""
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
 
+    configs = None  # XNNPACK's default: every op it supports
+    if linears_only:
+        from executorch.backends.xnnpack.partition.config.gemm_configs import AddmmConfig, LinearConfig, MMConfig
+
+        configs = [LinearConfig, AddmmConfig, MMConfig]
     if skip_modules is None:
-        return XnnpackPartitioner()
+        return XnnpackPartitioner(configs=configs)
 
     def inside(node) -> bool:
         return any(skip_modules in str(path) for path, _ in (node.meta.get("nn_module_stack") or {}).values())
@@ -93,18 +100,19 @@ def xnnpack_partitioner(skip_modules: str | None = None):
             return [group for group in super().get_matched_nodes_from_configs(ep)
                     if not any(inside(n) for n in group)]
 
-    return Partitioner()
+    return Partitioner(configs=configs)
 
 
-def lower(ep, constants: dict[str, Any], xnnpack: bool = True, skip_modules: str | None = None):
-    """XNNPACK partitioning (unless xnnpack is False; none of the ops inside `skip_modules`), then the ExecuTorch
-    program (mutable buffers stay in it)."""
+def lower(ep, constants: dict[str, Any], xnnpack: bool = True, skip_modules: str | None = None,
+          linears_only: bool = False):
+    """XNNPACK partitioning (unless xnnpack is False; none of the ops inside `skip_modules`; float linears alone if
+    linears_only), then the ExecuTorch program (mutable buffers stay in it)."""
     from executorch.exir import EdgeCompileConfig, to_edge_transform_and_lower
 
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*_check_is_size.*")
         return to_edge_transform_and_lower(
-            ep, partitioner=[xnnpack_partitioner(skip_modules)] if xnnpack else [], constant_methods=constants,
+            ep, partitioner=[xnnpack_partitioner(skip_modules, linears_only)] if xnnpack else [], constant_methods=constants,
             compile_config=EdgeCompileConfig(_check_ir_validity=False, _skip_dim_order=True))
 
 
@@ -130,6 +138,10 @@ def module_kernels(model: nn.Module, xnnpack: bool = True, skip_modules: str | N
             return "pocketllm::int8_linear"
         if isinstance(m, Int4Linear):
             return f"{m.scheme}: dequantize in the graph + linear (portable)"
+        if isinstance(m, FusedRMSNorm):
+            return "pocketllm::rms_norm"
+        if isinstance(m, XnnpackRMSNorm):
+            return "XNNPACK RMSNorm (mean of squares as a matmul)" if xnnpack else "RMSNorm (portable ops)"
         if isinstance(m, nn.Linear):
             quantized = type(m.weight).__name__ not in ("Parameter", "Tensor")  # torchao's tensor subclass
             return "XNNPACK linear (8da4w, torchao)" if quantized else float_linear
@@ -189,7 +201,9 @@ def export_executorch(model: nn.Module, spec: ModelSpec, options: ExecutorchOpti
                 else:
                     moe_info, store_info = use_expert_store(model, Path(out_dir), options.expert_cache_mb)
                 timings["experts_s"] = time.perf_counter() - t0
-    use_xnnpack_norms_and_rope(model)
+    fused = options.fused_elementwise
+    use_fused_elementwise(model) if fused else use_xnnpack_norms_and_rope(model)
+    linears_only = fused and options.quant != "8da4w"  # 8da4w's dynamically quantized linears need the whole set
     if options.quant == W4A8:
         from pocketllm.export.nn.quant_linear import use_w4a8
 
@@ -216,7 +230,7 @@ def export_executorch(model: nn.Module, spec: ModelSpec, options: ExecutorchOpti
         timings["export_s"] = time.perf_counter() - t0
     with stage("lower"):
         t0 = time.perf_counter()
-        edge = lower(ep, metadata(spec, options.max_context, chunk), options.xnnpack, skip_modules)
+        edge = lower(ep, metadata(spec, options.max_context, chunk), options.xnnpack, skip_modules, linears_only)
         del ep
         et = edge.to_executorch()
         timings["lower_s"] = time.perf_counter() - t0
@@ -247,6 +261,7 @@ def export_executorch(model: nn.Module, spec: ModelSpec, options: ExecutorchOpti
         "kernel_library": "libpocketllm_kernels" if custom else None,
         "llama_sdpa_layers": n_swapped,
         "kv_cache_dtype": options.kv_cache_dtype,
+        "elementwise": "fused" if fused else "xnnpack",
         "embedding_table_dtype": embedding_dtype,
         "quantization": quant_info,
         **extra,

@@ -13,4 +13,7 @@ LOWERINGS = {
     "moe_ffn_any4": Lowering("kernel", "kernels/moe_ffn.cpp"),
     "expert_store_prefetch": Lowering("kernel", "kernels/expert_store.cpp"),
     "expert_store_moe_ffn": Lowering("kernel", "kernels/expert_store.cpp"),
+    "rms_norm": Lowering("kernel", "kernels/rms_norm.cpp"),
+    "rope": Lowering("kernel", "kernels/rope.cpp"),
+    "silu_mul": Lowering("kernel", "kernels/silu_mul.cpp"),
 }

@@ -17,6 +17,9 @@ QUANT_SCHEMES = ("none", *SCHEMES, W4A8, "8da4w")
 IN_GRAPH_DEQUANT = tuple(s for s in SCHEMES if s not in ("any4", "int8"))
 EXPERT_MODES = ("inline", "file", "all")
 KV_CACHE_DTYPES = ("float32", "float16")
+ELEMENTWISE = ("auto", "fused", "xnnpack")
+# schemes whose linear layers all run on our kernels (the program needs the kernel library anyway)
+OWN_KERNEL_SCHEMES = ("any4", "int8", W4A8)
 
 
 @dataclass(frozen=True)
@@ -34,13 +37,18 @@ class ExecutorchOptions(CommonOptions):
     checking a delegate-free program; 8da4w needs XNNPACK.
     kv_cache_dtype: "float16" stores keys and values in fp16 (half the cache memory and the bytes long-context decode
     reads; llama.cpp's default), widened exactly to fp32 by pocketllm::infllm_attention; InfLLM v2 layers only
-    (ExecuTorch's llama::custom_sdpa takes one dtype for q and the cache). The reference rounds its cache alike."""
+    (ExecuTorch's llama::custom_sdpa takes one dtype for q and the cache). The reference rounds its cache alike.
+    elementwise: how norms, RoPE and the SwiGLU product run. "fused": one pocketllm op each (rms_norm, rope, silu_mul:
+    swaps.use_fused_elementwise) and XNNPACK takes only float linears; "xnnpack": XNNPACK partitions (the norm's mean
+    as a matmul, swaps.use_xnnpack_norms_and_rope), so a float program needs no kernel library; "auto" (default):
+    fused for the schemes whose linears are our kernels (OWN_KERNEL_SCHEMES), xnnpack otherwise."""
 
     llama_sdpa: bool = True  # dense layers through llama::update_cache / llama::custom_sdpa
     experts: str = "inline"
     expert_cache_mb: int | None = None
     xnnpack: bool = True
     kv_cache_dtype: str = "float32"
+    elementwise: str = "auto"
 
     def __post_init__(self):
         if self.experts not in EXPERT_MODES:
@@ -57,5 +65,15 @@ class ExecutorchOptions(CommonOptions):
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise PocketllmError(f"executorch.kv_cache_dtype={self.kv_cache_dtype!r}: expected one of "
                                  f"{', '.join(KV_CACHE_DTYPES)}")
+        if self.elementwise not in ELEMENTWISE:
+            raise PocketllmError(f"executorch.elementwise={self.elementwise!r}: expected one of "
+                                 f"{', '.join(ELEMENTWISE)}")
         if not self.xnnpack and self.quant == "8da4w":
             raise PocketllmError("--quant 8da4w runs on XNNPACK: it cannot be used with executorch.xnnpack=false")
+
+    @property
+    def fused_elementwise(self) -> bool:
+        """Norms, RoPE and SwiGLU products on pocketllm ops (see `elementwise`)."""
+        if self.elementwise == "auto":
+            return self.quant in OWN_KERNEL_SCHEMES
+        return self.elementwise == "fused"

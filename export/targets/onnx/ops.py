@@ -31,4 +31,9 @@ LOWERINGS = {
                                                     "kernel library (kernels/expert_store.cpp); an ONNX model holds its "
                                                     "experts, so --experts is refused for --target onnx"),
     "expert_store_prefetch": Lowering("unsupported", "as expert_store_moe_ffn: no expert store in an ONNX model"),
+    "rms_norm": Lowering("decomposition", "never emitted for ONNX: the model's own RMSNorm traces to Pow/ReduceMean/"
+                                          "Sqrt/Div/Mul (the fused ops are an ExecuTorch swap, "
+                                          "executorch/swaps.use_fused_elementwise)"),
+    "rope": Lowering("decomposition", "as rms_norm: export/nn/rope.py's RotaryAt traces to Mul/Add/Concat"),
+    "silu_mul": Lowering("decomposition", "as rms_norm: GatedMLP.glu traces to Sigmoid/Mul"),
 }

@@ -53,21 +53,51 @@ int64_t floor_div(int64_t a, int64_t b) { return a >= 0 ? a / b : -((-a + b - 1)
 
 typedef float v4f __attribute__((vector_size(16)));
 
-// Four dot products q . k_r (D % 8 == 0): one vector accumulator per key, reduced together at the end (a
-// transpose-add instead of four horizontal sums).
+// The attention loops (dot4, weighted_rows) are written for a vector type V of 8 or 16 fp32 lanes: VecW is the
+// widest the build has (16 with AVX-512: half the multiply-adds and loads of 8), v8f elsewhere (NEON: two q
+// registers per v8f).
+template <typename V>
+inline V loadv(const float* p) {
+  V v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+template <typename V>
+inline void storev(float* p, V v) {
+  std::memcpy(p, &v, sizeof(v));
+}
+inline v8f fmav(v8f a, v8f b, v8f c) { return fma8(a, b, c); }
+inline v8f fold8(v8f a) { return a; }
+#if defined(__AVX512F__)
+typedef float v16f __attribute__((vector_size(64)));
+inline v16f fmav(v16f a, v16f b, v16f c) { return (v16f)_mm512_fmadd_ps((__m512)a, (__m512)b, (__m512)c); }
+inline v8f fold8(v16f a) {
+  return __builtin_shufflevector(a, a, 0, 1, 2, 3, 4, 5, 6, 7) +
+         __builtin_shufflevector(a, a, 8, 9, 10, 11, 12, 13, 14, 15);
+}
+typedef v16f VecW;
+#else
+typedef v8f VecW;
+#endif
+
+// Four dot products q . k_r (D a multiple of V's lanes): one vector accumulator per key, folded to 8 lanes and
+// reduced together at the end (a transpose-add instead of four horizontal sums).
+template <typename V>
 inline v4f dot4(const float* q, const float* const kr[4], int64_t D) {
-  v8f a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
-  for (int64_t d = 0; d < D; d += 8) {
-    const v8f qv = load8(q + d);
-    a0 = fma8(qv, load8(kr[0] + d), a0);
-    a1 = fma8(qv, load8(kr[1] + d), a1);
-    a2 = fma8(qv, load8(kr[2] + d), a2);
-    a3 = fma8(qv, load8(kr[3] + d), a3);
+  constexpr int64_t L = sizeof(V) / sizeof(float);
+  V a0 = {}, a1 = {}, a2 = {}, a3 = {};
+  for (int64_t d = 0; d < D; d += L) {
+    const V qv = loadv<V>(q + d);
+    a0 = fmav(qv, loadv<V>(kr[0] + d), a0);
+    a1 = fmav(qv, loadv<V>(kr[1] + d), a1);
+    a2 = fmav(qv, loadv<V>(kr[2] + d), a2);
+    a3 = fmav(qv, loadv<V>(kr[3] + d), a3);
   }
-  const v8f b0 = __builtin_shufflevector(a0, a1, 0, 8, 2, 10, 4, 12, 6, 14) +
-                 __builtin_shufflevector(a0, a1, 1, 9, 3, 11, 5, 13, 7, 15);
-  const v8f b1 = __builtin_shufflevector(a2, a3, 0, 8, 2, 10, 4, 12, 6, 14) +
-                 __builtin_shufflevector(a2, a3, 1, 9, 3, 11, 5, 13, 7, 15);
+  const v8f f0 = fold8(a0), f1 = fold8(a1), f2 = fold8(a2), f3 = fold8(a3);
+  const v8f b0 = __builtin_shufflevector(f0, f1, 0, 8, 2, 10, 4, 12, 6, 14) +
+                 __builtin_shufflevector(f0, f1, 1, 9, 3, 11, 5, 13, 7, 15);
+  const v8f b1 = __builtin_shufflevector(f2, f3, 0, 8, 2, 10, 4, 12, 6, 14) +
+                 __builtin_shufflevector(f2, f3, 1, 9, 3, 11, 5, 13, 7, 15);
   const v8f c = __builtin_shufflevector(b0, b1, 0, 1, 8, 9, 4, 5, 12, 13) +
                 __builtin_shufflevector(b0, b1, 2, 3, 10, 11, 6, 7, 14, 15);
   return __builtin_shufflevector(c, c, 0, 1, 2, 3) + __builtin_shufflevector(c, c, 4, 5, 6, 7);
@@ -330,22 +360,22 @@ inline const float* chunk_rows(const uint16_t* cache, int64_t j0, int64_t n, int
   return buf.data();
 }
 
-// out[g, :] += sum_i p[g, i] v_i for the G heads (p: [G][kChunk]), D % (8 NV) == 0; each head's output row is held
-// in registers across the chunk, NV vectors at a time.
-template <int NV>
+// out[g, :] += sum_i p[g, i] v_i for the G heads (p: [G][kChunk]), D % (NV lanes of V) == 0; each head's output
+// row is held in registers across the chunk, NV vectors at a time.
+template <typename V, int NV>
 void weighted_rows(const float* p, int64_t n, const float* v, int64_t vstride, int64_t G, int64_t D, float* outg) {
+  constexpr int64_t L = sizeof(V) / sizeof(float);
   for (int64_t g = 0; g < G; ++g) {
     const float* pg = p + g * kChunk;
-    for (int64_t d0 = 0; d0 < D; d0 += 8 * NV) {
-      v8f acc[NV];
-      for (int u = 0; u < NV; ++u) acc[u] = load8(outg + g * D + d0 + 8 * u);
+    for (int64_t d0 = 0; d0 < D; d0 += L * NV) {
+      V acc[NV];
+      for (int u = 0; u < NV; ++u) acc[u] = loadv<V>(outg + g * D + d0 + L * u);
       for (int64_t i = 0; i < n; ++i) {
         const float* vr = v + i * vstride + d0;
-        const float w = pg[i];
-        const v8f wv = {w, w, w, w, w, w, w, w};
-        for (int u = 0; u < NV; ++u) acc[u] = fma8(wv, load8(vr + 8 * u), acc[u]);
+        const V wv = V{} + pg[i];
+        for (int u = 0; u < NV; ++u) acc[u] = fmav(wv, loadv<V>(vr + L * u), acc[u]);
       }
-      for (int u = 0; u < NV; ++u) store8(outg + g * D + d0 + 8 * u, acc[u]);
+      for (int u = 0; u < NV; ++u) storev<V>(outg + g * D + d0 + L * u, acc[u]);
     }
   }
 }
@@ -376,8 +406,9 @@ void attend_chunk(const float* qg, const KV* k, const KV* v, int64_t j0, int64_t
     for (; i + 4 <= n; i += 4) {
       if (i < next_n) prefetch_rows(k, v, next_j0 + i, std::min<int64_t>(4, next_n - i), h, D, row);
       const float* kr[4] = {kc + i * ks, kc + (i + 1) * ks, kc + (i + 2) * ks, kc + (i + 3) * ks};
+      const bool wide = D % (sizeof(VecW) / sizeof(float)) == 0;
       for (int64_t g = 0; g < G; ++g) {
-        const v4f d4 = dot4(qg + g * D, kr, D) * scale;
+        const v4f d4 = (wide ? dot4<VecW>(qg + g * D, kr, D) : dot4<v8f>(qg + g * D, kr, D)) * scale;
         std::memcpy(logits + g * kChunk + i, &d4, sizeof(d4));
       }
     }
@@ -398,12 +429,13 @@ void attend_chunk(const float* qg, const KV* k, const KV* v, int64_t j0, int64_t
     sm.l[g] += exp_shifted_sum(lg, n, mx);
   }
   const float* vc = chunk_rows(v, j0, n, h, D, row, sm.vbuf, vs);
+  constexpr int64_t W = sizeof(VecW) / sizeof(float);  // 64 fp32 values = 8 accumulators of 8 lanes, 4 of 16
   if (D % 64 == 0) {
-    weighted_rows<8>(logits, n, vc, vs, G, D, outg);
+    weighted_rows<VecW, 64 / W>(logits, n, vc, vs, G, D, outg);
   } else if (D % 32 == 0) {
-    weighted_rows<4>(logits, n, vc, vs, G, D, outg);
+    weighted_rows<v8f, 4>(logits, n, vc, vs, G, D, outg);
   } else if (D % 8 == 0) {
-    weighted_rows<1>(logits, n, vc, vs, G, D, outg);
+    weighted_rows<v8f, 1>(logits, n, vc, vs, G, D, outg);
   } else {
     for (int64_t g = 0; g < G; ++g)
       for (int64_t i = 0; i < n; ++i) axpy(outg + g * D, logits[g * kChunk + i], vc + i * vs, D);

@@ -164,6 +164,11 @@ def module_kernels(model: nn.Module, xnnpack: bool = True, skip_modules: str | N
     return out
 
 
+def program_delegates(et_program) -> list[str]:
+    """The backends the program actually delegates to (none when the partitioner found nothing to take)."""
+    return sorted({d.id for p in et_program.executorch_program.execution_plan for d in p.delegates})
+
+
 def program_operators(et_program) -> list[str]:
     plan = et_program.executorch_program.execution_plan
     names = set()
@@ -255,7 +260,7 @@ def export_executorch(model: nn.Module, spec: ModelSpec, options: ExecutorchOpti
                    {"name": "start_pos", "dtype": "int64", "shape": [1]}],
         "outputs": [{"name": "logits", "dtype": "float32", "shape": [1, "T", spec.vocab_size]}],
         "mutable_buffers": "KV caches and lightning states, persistent across forward calls",
-        "delegates": ["XnnpackBackend"] if options.xnnpack else [],
+        "delegates": program_delegates(et),
         "operators": ops,
         "requires_kernels": custom,  # [] = stock ExecuTorch runtimes (pip, Maven AAR, Swift package) run it
         "kernel_library": "libpocketllm_kernels" if custom else None,

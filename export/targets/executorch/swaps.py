@@ -210,11 +210,12 @@ def use_xnnpack_norms_and_rope(model: nn.Module) -> dict[str, int]:
 
 
 class FusedRMSNorm(nn.Module):
-    """RMSNorm as one pocketllm::rms_norm call (kernels/rms_norm.cpp)."""
+    """RMSNorm as one pocketllm::rms_norm call (kernels/rms_norm.cpp, which takes an fp32 weight)."""
 
     def __init__(self, norm: nn.Module):
         super().__init__()
-        self.weight, self.eps = norm.weight, norm.eps
+        self.weight = nn.Parameter(norm.weight.detach().float(), requires_grad=False)  # no copy when fp32 already
+        self.eps = norm.eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.pocketllm.rms_norm(x, self.weight, self.eps)

@@ -10,6 +10,7 @@ Lowering choices: the module swaps in swaps.py (llama::update_cache / llama::cus
 stay single custom ops on our kernels (ops.py): any4 layers (pocketllm::any4_linear, or any4_linear_w4a8 for
 `--quant any4-w4a8`), int8 layers and 8-bit LM heads (pocketllm::int8_linear); a packed embedding table gathers its
 rows with portable ops (embedding + dequantize) from the same constant a tied head's op reads (stored once);
+norms, RoPE and SwiGLU products are pocketllm ops too in those programs (options.elementwise, swaps.py);
 float linear layers go to XNNPACK (fp32, or torchao's int8-activation x int4-weight for `8da4w`); int4/nf4
 checkpoints (export/quant) dequantize in the graph (portable kernels, slow); MoE layers run only their routed
 experts (`pocketllm::moe_ffn` on stacked constants, or `pocketllm::expert_store_moe_ffn` on the bundle's
@@ -112,7 +113,8 @@ def lower(ep, constants: dict[str, Any], xnnpack: bool = True, skip_modules: str
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*_check_is_size.*")
         return to_edge_transform_and_lower(
-            ep, partitioner=[xnnpack_partitioner(skip_modules, linears_only)] if xnnpack else [], constant_methods=constants,
+            ep, partitioner=[xnnpack_partitioner(skip_modules, linears_only)] if xnnpack else [],
+            constant_methods=constants,
             compile_config=EdgeCompileConfig(_check_ir_validity=False, _skip_dim_order=True))
 
 
@@ -207,7 +209,10 @@ def export_executorch(model: nn.Module, spec: ModelSpec, options: ExecutorchOpti
                     moe_info, store_info = use_expert_store(model, Path(out_dir), options.expert_cache_mb)
                 timings["experts_s"] = time.perf_counter() - t0
     fused = options.fused_elementwise
-    use_fused_elementwise(model) if fused else use_xnnpack_norms_and_rope(model)
+    if fused:
+        use_fused_elementwise(model)
+    else:
+        use_xnnpack_norms_and_rope(model)
     linears_only = fused and options.quant != "8da4w"  # 8da4w's dynamically quantized linears need the whole set
     if options.quant == W4A8:
         from pocketllm.export.nn.quant_linear import use_w4a8

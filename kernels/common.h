@@ -304,4 +304,8 @@ inline void parallel_dynamic(int64_t n, int64_t block, const F& f) {
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
+// Elementwise kernels (rms_norm, rope, silu_mul): at least this many elements per threadpool task, so a decode call
+// (one token: 1-4K elements) runs on the calling thread and only prefill wakes a helper.
+constexpr int64_t kElementwiseTask = 16384;
+
 }  // namespace pocketllm

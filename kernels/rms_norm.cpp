@@ -17,8 +17,6 @@ using executorch::runtime::KernelRuntimeContext;
 
 namespace {
 
-constexpr int64_t kElementsPerTask = 16384;  // rows per threadpool task: at least this many elements
-
 void norm_row(const float* x, const float* w, int64_t H, float eps, float* y) {
   v8f a0 = {0}, a1 = {0};
   int64_t j = 0;
@@ -39,7 +37,7 @@ void norm_row(const float* x, const float* w, int64_t H, float eps, float* y) {
 }  // namespace
 
 void rms_norm_f32(const float* x, const float* weight, int64_t rows, int64_t H, float eps, float* y) {
-  const int64_t block = std::max<int64_t>(1, kElementsPerTask / std::max<int64_t>(1, H));
+  const int64_t block = std::max<int64_t>(1, kElementwiseTask / std::max<int64_t>(1, H));
   parallel_dynamic(rows, block, [&](int64_t b, int64_t e) {
     for (int64_t t = b; t < e; ++t) norm_row(x + t * H, weight, H, eps, y + t * H);
   });

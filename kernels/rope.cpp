@@ -16,8 +16,6 @@ using executorch::runtime::KernelRuntimeContext;
 
 namespace {
 
-constexpr int64_t kElementsPerTask = 16384;
-
 void rope_row(const float* x, const float* c, const float* s, int64_t D, int64_t d, float* y) {
   const int64_t half = d / 2;
   int64_t j = 0;
@@ -38,7 +36,7 @@ void rope_row(const float* x, const float* c, const float* s, int64_t D, int64_t
 
 void rope_f32(const float* x, const float* cos, const float* sin, int64_t T, int64_t heads, int64_t D, int64_t d,
               float* y) {
-  const int64_t block = std::max<int64_t>(1, kElementsPerTask / std::max<int64_t>(1, heads * D));
+  const int64_t block = std::max<int64_t>(1, kElementwiseTask / std::max<int64_t>(1, heads * D));
   parallel_dynamic(T, block, [&](int64_t b, int64_t e) {
     for (int64_t t = b; t < e; ++t)
       for (int64_t h = 0; h < heads; ++h) {

@@ -16,8 +16,6 @@ using executorch::runtime::KernelRuntimeContext;
 
 namespace {
 
-constexpr int64_t kElementsPerTask = 16384;
-
 void silu_mul_span(const float* g, const float* u, int64_t b, int64_t e, float* y) {
   const v8f one = {1, 1, 1, 1, 1, 1, 1, 1};
   int64_t i = b;
@@ -31,7 +29,7 @@ void silu_mul_span(const float* g, const float* u, int64_t b, int64_t e, float* 
 }  // namespace
 
 void silu_mul_f32(const float* gate, const float* up, int64_t n, float* y) {
-  parallel_dynamic(n, kElementsPerTask, [&](int64_t b, int64_t e) { silu_mul_span(gate, up, b, e, y); });
+  parallel_dynamic(n, kElementwiseTask, [&](int64_t b, int64_t e) { silu_mul_span(gate, up, b, e, y); });
 }
 
 Tensor& silu_mul_out(KernelRuntimeContext& ctx, const Tensor& gate, const Tensor& up, Tensor& out) {

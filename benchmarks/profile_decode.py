@@ -4,8 +4,11 @@
         --threads 2 --context 0 --steps 32 --out benchmarks/results/profile_decode_0.5b
 
 Each bundle's .pte is loaded with event tracing on (`_load_for_executorch(..., enable_etdump=True)`), our kernel
-library and ExecuTorch's llama ops registered, then: one prefill call of --prefill tokens at position --context,
-one warm-up decode call, and --steps decode calls after it. The ETDump's events of the decode calls are read with
+library and ExecuTorch's llama ops registered, then: the first --context cache positions filled with random tokens
+in calls of the bundle's prefill chunk (unless --no-fill: then they are never written and read as the kernel's
+shared zero page, cache-resident, which makes long-context attention look ~1.7x cheaper than after a real prefill:
+9 vs ~15 ms per 16K step of the 0.5B), one prefill call of --prefill tokens at position --context, one warm-up decode
+call, and --steps decode calls after it. The ETDump's events of the decode calls are read with
 ExecuTorch's Inspector; every operator call (a portable/optimized aten kernel, a llama:: or pocketllm:: kernel, or an
 XNNPACK delegate call = one partition) is timed by the runtime itself. Reported per decode step (medians over the
 steps): the method's wall time, the sum of operator calls, the gap between the two (the interpreter: instruction
@@ -56,7 +59,7 @@ def group_of(name: str) -> str:
     return "portable"
 
 
-def profile_bundle(bundle: Path, threads: int, context: int, prefill: int, steps: int) -> dict:
+def profile_bundle(bundle: Path, threads: int, context: int, prefill: int, steps: int, fill: bool = True) -> dict:
     import numpy as np
     import torch
     from executorch.devtools import Inspector
@@ -80,6 +83,12 @@ def profile_bundle(bundle: Path, threads: int, context: int, prefill: int, steps
         module.run_method("forward", (t, torch.tensor([start], dtype=torch.long)))
         return time.perf_counter() - t0
 
+    chunk = entry.get("prefill_chunk") or manifest["model"]["prefill_chunk"]
+    fill_calls = 0
+    if fill:
+        for start in range(0, context, chunk):
+            call(rng.integers(3, vocab, size=min(chunk, context - start)), start)
+            fill_calls += 1
     call(rng.integers(3, vocab, size=prefill), context)
     call([5], context + prefill)
     walls = [call([int(rng.integers(3, vocab))], context + prefill + 1 + i) for i in range(steps)]
@@ -88,12 +97,12 @@ def profile_bundle(bundle: Path, threads: int, context: int, prefill: int, steps
         module.write_etdump_result_to_file(str(path))
         inspector = Inspector(etdump_path=str(path))
     # The Inspector merges the runs: one "Execute" block whose events hold one duration per run in perf_data.raw
-    # (run 0 = the prefill, 1 = the warm-up, 2.. = the decode steps). Per instruction: one outer event
+    # (the fill calls, then the prefill, the warm-up, and the decode steps). Per instruction: one outer event
     # (OPERATOR_CALL, or DELEGATE_CALL for an XNNPACK partition) whose duration is the call's; a kernel's own event
     # (native_call_<op>, pocketllm::<op>.out, ...) nested in it names it; XNNPACK's per-operator events
     # (is_delegated_op) are nested in the DELEGATE_CALL and reported apart.
     block = next(b for b in inspector.event_blocks if b.name.startswith("Execute"))
-    first = 2
+    first = fill_calls + 2
     outer: dict[int, tuple[str, list[float]]] = {}
     names: dict[int, str] = {}
     inside: dict[str, list[float]] = defaultdict(lambda: [0.0] * steps)
@@ -140,7 +149,8 @@ def profile_bundle(bundle: Path, threads: int, context: int, prefill: int, steps
     method = method if method is not None else 1000 * statistics.median(walls)
     op_sum = statistics.median(ops_ms)
     return {"bundle": bundle.name, "quantization": manifest.get("quantization"),
-            "pte_mib": round(entry["size"] / 2**20, 1), "context": context, "steps": steps,
+            "pte_mib": round(entry["size"] / 2**20, 1), "context": context, "context_filled": fill and context > 0,
+            "steps": steps,
             "wall_ms_per_step": 1000 * statistics.median(walls), "method_ms_per_step": method,
             "operators_ms_per_step": op_sum, "operators_ms_per_step_best": sum(best.values()),
             "interpreter_gap_ms_per_step": (method - op_sum) if method is not None else None,
@@ -183,13 +193,16 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=0)
     ap.add_argument("--prefill", type=int, default=16)
     ap.add_argument("--steps", type=int, default=32)
+    ap.add_argument("--no-fill", dest="fill", action="store_false",
+                    help="do not write the first --context cache positions (fast; underestimates cache reads)")
     ap.add_argument("--out", type=Path, required=True, help="path stem: writes STEM.json and STEM.md")
     args = ap.parse_args()
     results = {"command": "python " + " ".join(__import__("sys").argv), "threads": args.threads,
                "machine": platform.machine(), "load_average": os.getloadavg(), "bundles": {}}
     for spec in args.bundle:
         name, _, path = spec.partition("=")
-        results["bundles"][name] = profile_bundle(Path(path), args.threads, args.context, args.prefill, args.steps)
+        results["bundles"][name] = profile_bundle(Path(path), args.threads, args.context, args.prefill, args.steps,
+                                                  args.fill)
         r = results["bundles"][name]
         print(f"{name}: {r['wall_ms_per_step']:.2f} ms/step wall, best-case operators "
               f"{r['operators_ms_per_step_best']:.2f}; " + ", ".join(

@@ -402,11 +402,11 @@ void attend_chunk(const float* qg, const KV* k, const KV* v, int64_t j0, int64_t
   const float* kc = chunk_rows(k, j0, n, h, D, row, sm.kbuf, ks);
   float* logits = sm.p.data();
   int64_t i = 0;
+  const bool wide = D % static_cast<int64_t>(sizeof(VecW) / sizeof(float)) == 0;  // dot4 in VecW lanes
   if (D % 8 == 0) {
     for (; i + 4 <= n; i += 4) {
       if (i < next_n) prefetch_rows(k, v, next_j0 + i, std::min<int64_t>(4, next_n - i), h, D, row);
       const float* kr[4] = {kc + i * ks, kc + (i + 1) * ks, kc + (i + 2) * ks, kc + (i + 3) * ks};
-      const bool wide = D % (sizeof(VecW) / sizeof(float)) == 0;
       for (int64_t g = 0; g < G; ++g) {
         const v4f d4 = (wide ? dot4<VecW>(qg + g * D, kr, D) : dot4<v8f>(qg + g * D, kr, D)) * scale;
         std::memcpy(logits + g * kChunk + i, &d4, sizeof(d4));

@@ -35,10 +35,11 @@ def check_rms_norm_args(x, weight) -> None:
 
 
 def rms_norm_reference(x, weight, eps):
+    """The model's own norm (export/nn/norm.py), so the op and the module it replaces cannot drift apart."""
+    from pocketllm.export.nn.norm import rms_norm
+
     check_rms_norm_args(x, weight)
-    xf = x.float()
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return (xf * weight.float()).to(x.dtype)
+    return rms_norm(x, weight, eps)
 
 
 @torch.library.impl(LIB, "rms_norm", "CompositeExplicitAutograd")

@@ -38,17 +38,12 @@ def check_rope_args(x, cos, sin) -> None:
         raise PocketllmError(f"rope: the rotated width d = {d} must be even and at most the head dim {D}")
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-
-
 def rope_reference(x, cos, sin):
+    """The model's own rotation (export/nn/rope.py RotaryAt), so the op and the code it replaces cannot drift apart."""
+    from pocketllm.export.nn.rope import RotaryAt
+
     check_rope_args(x, cos, sin)
-    d = cos.shape[-1]
-    xf = x.float()
-    rotated = xf[..., :d] * cos.float() + rotate_half(xf[..., :d]) * sin.float()
-    return torch.cat([rotated, xf[..., d:]], dim=-1).to(x.dtype)
+    return RotaryAt(cos.float(), sin.float(), cos.shape[-1])(x)
 
 
 @torch.library.impl(LIB, "rope", "CompositeExplicitAutograd")

@@ -221,14 +221,14 @@ class FusedRMSNorm(nn.Module):
         return torch.ops.pocketllm.rms_norm(x, self.weight, self.eps)
 
 
-class FusedRotaryAt:
-    """RotaryAt's contract (rotate x [1, T, H, D] with the gathered rows) as one pocketllm::rope call."""
+def fused_rotary_at(at):
+    """RotaryTable.at with its rows gathered as before and the rotation as one pocketllm::rope call."""
 
-    def __init__(self, cos: torch.Tensor, sin: torch.Tensor):
-        self.cos, self.sin = cos, sin
+    def fused(positions):
+        rows = at(positions)
+        return lambda x, positions=None: torch.ops.pocketllm.rope(x, rows.cos, rows.sin)
 
-    def __call__(self, x: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
-        return torch.ops.pocketllm.rope(x, self.cos, self.sin)
+    return fused
 
 
 def use_fused_elementwise(model: nn.Module) -> dict[str, int]:
@@ -255,8 +255,7 @@ def use_fused_elementwise(model: nn.Module) -> dict[str, int]:
             swapped["silu_mul"] += 1
     rotary = getattr(getattr(model, "model", None), "rotary", None)
     if isinstance(rotary, RotaryTable):
-        rotary.at = lambda positions, table=rotary: FusedRotaryAt(table.cos[positions][None, :, None, :],
-                                                                  table.sin[positions][None, :, None, :])
+        rotary.at = fused_rotary_at(rotary.at)
         swapped["rope"] = 1
     return swapped
 

@@ -375,6 +375,15 @@ inline int32x4_t reduce4(int32x4_t a0, int32x4_t a1, int32x4_t a2, int32x4_t a3)
 }
 #endif
 
+// Decode reads a tile's kRows rows side by side, K / 2 bytes each: runs too short for the hardware prefetcher to
+// follow (8 cache lines a row at K = 1024), which held a decode step's linears to ~1/3 of this machine's streaming
+// bandwidth on one thread. Tiles lie one after the other, so while group gi of this tile is read, as many bytes of
+// the tile two ahead are requested (benchmarks/w4a8_decode_step.cpp: one tile ahead ~1.5x, two ~1.6x, four no better).
+inline void prefetch_ahead(const Tile& t, int64_t gi, int64_t g) {
+  const uint8_t* p = t.q + 2 * kRows * t.stride + gi * (kRows * g / 2);
+  for (int64_t o = 0; o < kRows * g / 2; o += 64) __builtin_prefetch(p + o);
+}
+
 // Decode (one token), integer part: A[g * kRows + r] = sum_{j in g} xq[j] * lut[r][code[r][j]] for the tile's rows;
 // xq in block order; bsum = B[t, :]. (AVX-512 builds run 128-column blocks through decode_tile.)
 inline void decode_dots(const Tile& t, const int8_t* xq, const int32_t* bsum, int64_t K, int64_t g, int32_t* A) {
@@ -387,6 +396,7 @@ inline void decode_dots(const Tile& t, const int8_t* xq, const int32_t* bsum, in
     const __m256i m0f = _mm256_set1_epi8(0x0F);
     const __m256i shift = _mm256_setr_epi64x(0, 0, 4, 4);
     for (int64_t j0 = 0, gi = 0; j0 < K; j0 += g, ++gi) {
+      prefetch_ahead(t, gi, g);
       __m256i a[kRows];
       for (int r = 0; r < kRows; ++r) a[r] = _mm256_setzero_si256();
       if (block >= 64) {
@@ -428,6 +438,7 @@ inline void decode_dots(const Tile& t, const int8_t* xq, const int32_t* bsum, in
     for (int r = 0; r < kRows; ++r) L[r] = vld1q_s8(t.lut + 16 * r);
     const uint8x16_t m0f = vdupq_n_u8(0x0F);
     for (int64_t j0 = 0, gi = 0; j0 < K; j0 += g, ++gi) {
+      prefetch_ahead(t, gi, g);
       int32x4_t acc[kRows];
       for (int r = 0; r < kRows; ++r) acc[r] = vdupq_n_s32(0);
       for (int64_t j = j0; j < j0 + g; j += 32) {
@@ -475,6 +486,7 @@ inline void decode_tile(const Tile& t, const int8_t* xq, const int32_t* bsum, co
     const int64_t stride = t.stride;
     __m256 acc = _mm256_setzero_ps();
     for (int64_t j0 = 0, gi = 0; j0 < K; j0 += g, ++gi) {
+      prefetch_ahead(t, gi, g);
       __m512i a[kRows];
       for (int r = 0; r < kRows; ++r) a[r] = _mm512_setzero_si512();
       for (int64_t j = j0; j < j0 + g; j += 128) {

@@ -158,6 +158,7 @@ template <Lut kind, typename SZ>
 inline float row_dot(const uint8_t* qrow, const uint16_t* lut16, const SZ* srow, const SZ* zrow, const float* xp,
                      const float* xsum, int64_t K, int64_t g, int64_t G) {
 #if defined(POCKETLLM_ANY4_DECODE_AVX512)
+  (void)K;  // the groups cover the row
   const __m256i l16 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(lut16));
   __m512 table;
   if constexpr (kind == Lut::kBf16) table = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(l16), 16));

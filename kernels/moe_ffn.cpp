@@ -35,6 +35,7 @@ namespace pocketllm {
 namespace {
 
 constexpr int64_t kNeuronBlock = 16;  // gate/up rows per work item
+constexpr int64_t kDecodeRowBlock = 128;  // any4 gate and down rows per work item in a call without panel experts
 constexpr int64_t kColumnBlock = 64;  // down_t columns per work item (8 accumulators of 8 lanes)
 constexpr int64_t kUpChunk = 64;      // up rows (of one expert's neuron list) per work item
 constexpr int64_t kPrefetchRows = 4;  // listed rows are irregular: they are prefetched this far ahead
@@ -576,11 +577,16 @@ void run_any4(const float* x, const int64_t* ids, const float* weights, int64_t 
     }
   });
 
-  const int64_t nb = (F + kNeuronBlock - 1) / kNeuronBlock;
+  // A call with no panel expert (decode) hands out runs of up to 128 rows: 16-row items alternating between threads
+  // read 6-12 KB pieces, too short to stream (see common.h, decode_rows_per_block).
+  bool panels = false;
+  for (int64_t a = 0; a < A; ++a) panels = panels || r.tiled(a);
+  const int64_t rows = panels ? kNeuronBlock : kDecodeRowBlock;
+  const int64_t nb = (F + rows - 1) / rows;
   parallel_dynamic(A * nb, 1, [&](int64_t b, int64_t e) {
     std::vector<float> wbuf, g, u;
     for (int64_t item = b; item < e; ++item) {
-      const int64_t a = item / nb, f0 = (item % nb) * kNeuronBlock, f1 = std::min(F, f0 + kNeuronBlock);
+      const int64_t a = item / nb, f0 = (item % nb) * rows, f1 = std::min(F, f0 + rows);
       const Rows gr(ex.gate, ex, r.expert[a], F, H), ur(ex.up, ex, r.expert[a], F, H);
       const int64_t first = r.begin[a], n = r.tokens_of(a);
       if (!r.tiled(a)) {
@@ -628,11 +634,11 @@ void run_any4(const float* x, const int64_t* ids, const float* weights, int64_t 
         for (int64_t p = r.begin[a]; p < r.begin[a + 1]; ++p)
           decode_inputs(h.data() + p * F, F, F / Gd, kind, hp.data() + p * F, hsum.data() + p * Gd);
   });
-  const int64_t nr = (H + kNeuronBlock - 1) / kNeuronBlock;
+  const int64_t nr = (H + rows - 1) / rows;
   parallel_dynamic(A * nr, 1, [&](int64_t b, int64_t e) {
     std::vector<float> wbuf;
     for (int64_t item = b; item < e; ++item) {
-      const int64_t a = item / nr, r0 = (item % nr) * kNeuronBlock, r1 = std::min(H, r0 + kNeuronBlock);
+      const int64_t a = item / nr, r0 = (item % nr) * rows, r1 = std::min(H, r0 + rows);
       const Rows dr(ex.down, ex, r.expert[a], H, F);
       const int64_t first = r.begin[a], n = r.tokens_of(a);
       if (!r.tiled(a)) {

@@ -7,11 +7,12 @@
 //      rows x 4 tokens for gate and up (any4 rows dequantised exactly first), h = act(g) * u. Decode-like experts
 //      (fewer tokens; decode: all of them): the gate rows (same items), then per pair the list of neurons whose up
 //      row is read (ReGLU: only those with relu(gate) > 0 when few enough are, see NeuronSparsity), then the listed
-//      up rows, items = (expert, 64 listed neurons), prefetched ahead of use;
+//      up rows, items = (expert, 64 listed neurons), prefetched ahead of use. any4 calls with no panel expert take
+//      gate rows (and down rows, below) 128 to an item, so that each thread streams long runs;
 //   3. down. Float experts (down_t [F, H]), items = (expert, 64 output columns): y[p, cols] = sum over the pair's
 //      listed neurons of h[p, f] * down_t[f, cols], 8 register accumulators (unlisted rows are never read); prefill
 //      experts: 6 tokens x 16 columns register tiles. any4 experts (down [H, F], quantised along F), items = (expert,
-//      16 output rows): any4_decode.h's row dot over the whole h row (a neuron's down weights are one code in each
+//      16 output rows; 128 in calls without panel experts): any4_decode.h's row dot over the whole h row (a neuron's down weights are one code in each
 //      of the H rows' groups: nothing to skip), or dequantised tiles for prefill;
 //   4. combine: out[t] = sum over t's slots, experts ascending, of w * y[pair]: multiply, then add, as the reference
 //      (export/ops/moe_ffn.py) does, in its order.

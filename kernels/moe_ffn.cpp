@@ -7,7 +7,7 @@
 //      rows x 4 tokens for gate and up (any4 rows dequantised exactly first), h = act(g) * u. Decode-like experts
 //      (fewer tokens; decode: all of them): the gate rows (same items), then per pair the list of neurons whose up
 //      row is read (ReGLU: only those with relu(gate) > 0 when few enough are, see NeuronSparsity), then the listed
-//      up rows, items = (expert, 64 listed neurons), prefetched ahead of use. any4 calls with no panel expert take
+//      up rows, items = (expert, 128 listed neurons), prefetched ahead of use. any4 calls with no panel expert take
 //      gate rows (and down rows, below) 128 to an item, so that each thread streams long runs;
 //   3. down. Float experts (down_t [F, H]), items = (expert, 64 output columns): y[p, cols] = sum over the pair's
 //      listed neurons of h[p, f] * down_t[f, cols], 8 register accumulators (unlisted rows are never read); prefill
@@ -38,7 +38,7 @@ namespace {
 constexpr int64_t kNeuronBlock = 16;  // gate/up rows per work item
 constexpr int64_t kDecodeRowBlock = 128;  // any4 gate and down rows per work item in a call without panel experts
 constexpr int64_t kColumnBlock = 64;  // down_t columns per work item (8 accumulators of 8 lanes)
-constexpr int64_t kUpChunk = 64;      // up rows (of one expert's neuron list) per work item
+constexpr int64_t kUpChunk = 128;     // up rows (of one expert's neuron list) per work item: long runs to stream
 constexpr int64_t kPrefetchRows = 4;  // listed rows are irregular: they are prefetched this far ahead
 
 // ------------------------------------------------------------------------------------------ weight elements

@@ -1,0 +1,112 @@
+// The routed experts of one SmallThinker 4b-a0.6b decode step through pocketllm_moe_ffn_any4 (the kernel library's
+// C entry, ExecuTorch's threadpool): 32 layers, each its own stack of 32 any4 experts (H 1536, F 768, g128, bf16
+// LUTs, fp16 scales and zeros; 2 GB in all, so the routed experts come from memory as in a model), 4 experts a token
+// chosen at random per layer and step, ReGLU, the `.out` kernels' neuron-sparsity mode. Prints the median and best
+// microseconds per step over 100 steps and the routed bytes per microsecond. The library is dlopen'ed, so one driver
+// times any build of it (before/after a change: run the two alternately, one process each).
+//
+// Build (from the repository root, after `make kernels`):
+//   ET=.venv/lib/python3.11/site-packages/executorch
+//   c++ -O2 -std=c++17 benchmarks/moe_ffn_decode_step.cpp -o /tmp/moe_ffn_decode_step
+//       -L$ET/lib -lexecutorch_threadpool -Wl,-rpath,$PWD/$ET/lib -ldl        (one command line)
+// Run: /tmp/moe_ffn_decode_step kernels/build/libpocketllm_kernels.so [THREADS [LAYERS]]
+#include <dlfcn.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <numeric>
+#include <random>
+#include <vector>
+
+// The wheel ships libexecutorch_threadpool.so but not extension/threadpool/threadpool.h (as in et_runner.cpp).
+namespace executorch::extension::threadpool {
+class ThreadPool {
+ public:
+  bool _unsafe_reset_threadpool(uint32_t num_threads);
+};
+ThreadPool* get_threadpool();
+}  // namespace executorch::extension::threadpool
+
+// kernels/moe_ffn.cpp: pocketllm_moe_ffn_any4
+using MoeAny4 = int (*)(const float* x, const int64_t* ids, const float* weights, int64_t T, int64_t k, int64_t H,
+                        const uint8_t* gate_q, const uint16_t* gate_lut, const void* gate_scales, const void* gate_zeros,
+                        int64_t gate_groups, const uint8_t* up_q, const uint16_t* up_lut, const void* up_scales,
+                        const void* up_zeros, int64_t up_groups, const uint8_t* down_q, const uint16_t* down_lut,
+                        const void* down_scales, const void* down_zeros, int64_t down_groups, int64_t lut_bf16,
+                        int64_t scales_fp16, int64_t E, int64_t F, int64_t activation, int64_t sparsity, float* out);
+constexpr int64_t kGroup = 128;
+
+struct Stack {  // one projection of all experts of a layer: [E, N, K/2] codes, [E, N, 16] LUT, [E, N, K/g] s, z
+  std::vector<uint8_t> codes;
+  std::vector<uint16_t> lut, scales, zeros;
+  int64_t groups;
+};
+
+Stack random_stack(int64_t E, int64_t N, int64_t K, std::mt19937_64& rng) {
+  Stack p{{}, {}, {}, {}, K / kGroup};
+  p.codes.resize(E * N * K / 2);
+  for (size_t i = 0; i + 8 <= p.codes.size(); i += 8) {
+    const uint64_t v = rng();
+    std::memcpy(p.codes.data() + i, &v, 8);
+  }
+  p.lut.resize(E * N * 16);
+  for (auto& v : p.lut) v = static_cast<uint16_t>(0x3c00 + (rng() & 0xff) - 0x80);  // bf16 values near 2^-7
+  p.scales.assign(E * N * p.groups, 0x3c00);                                           // fp16 1.0
+  p.zeros.assign(E * N * p.groups, 0x0000);
+  return p;
+}
+
+int main(int argc, char** argv) {
+  if (argc < 2) {
+    std::fprintf(stderr, "usage: moe_ffn_decode_step LIBRARY [THREADS [LAYERS]]\n");
+    return 2;
+  }
+  void* lib = dlopen(argv[1], RTLD_NOW | RTLD_LOCAL);
+  if (!lib) {
+    std::fprintf(stderr, "%s\n", dlerror());
+    return 1;
+  }
+  auto moe = reinterpret_cast<MoeAny4>(dlsym(lib, "pocketllm_moe_ffn_any4"));
+  const int threads = argc > 2 ? std::atoi(argv[2]) : 2;
+  const int layers = argc > 3 ? std::atoi(argv[3]) : 32;
+  executorch::extension::threadpool::get_threadpool()->_unsafe_reset_threadpool(threads);
+
+  const int64_t E = 32, H = 1536, F = 768, k = 4;
+  std::mt19937_64 rng(0);
+  std::vector<Stack> gate, up, down;
+  for (int l = 0; l < layers; ++l) {
+    gate.push_back(random_stack(E, F, H, rng));
+    up.push_back(random_stack(E, F, H, rng));
+    down.push_back(random_stack(E, H, F, rng));
+  }
+  std::vector<float> x(H), out(H), weights(k, 1.0f / k);
+  for (auto& v : x) v = static_cast<float>(rng() % 1000) / 500.0f - 1.0f;
+  std::vector<int64_t> experts(E), ids(layers * k);
+  std::iota(experts.begin(), experts.end(), 0);
+  std::vector<double> us;
+  for (int step = 0; step < 100; ++step) {
+    for (int l = 0; l < layers; ++l) {
+      std::shuffle(experts.begin(), experts.end(), rng);
+      std::copy(experts.begin(), experts.begin() + k, ids.begin() + l * k);
+    }
+    const auto t0 = std::chrono::steady_clock::now();
+    for (int l = 0; l < layers; ++l) {
+      const Stack &g = gate[l], &u = up[l], &d = down[l];
+      moe(x.data(), ids.data() + l * k, weights.data(), 1, k, H, g.codes.data(), g.lut.data(), g.scales.data(),
+          g.zeros.data(), g.groups, u.codes.data(), u.lut.data(), u.scales.data(), u.zeros.data(), u.groups,
+          d.codes.data(), d.lut.data(), d.scales.data(), d.zeros.data(), d.groups, /*lut_bf16=*/1,
+          /*scales_fp16=*/1, E, F, /*reglu=*/0, /*auto sparsity=*/1, out.data());
+    }
+    us.push_back(std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t0).count());
+  }
+  std::sort(us.begin(), us.end());
+  // bytes of one routed expert: gate and up [F, H], down [H, F]: codes, bf16 LUT, fp16 scales and zeros
+  const double expert = 2.0 * (F * H / 2 + F * 16 * 2 + F * (H / kGroup) * 4) + (H * F / 2 + H * 16 * 2 + H * (F / kGroup) * 4);
+  const double bytes = expert * k * layers;
+  std::printf("threads %d, %d layers, %.1f MB routed: median %.0f us per step (%.1f GB/s), best %.0f\n", threads, layers,
+              bytes / 1e6, us[us.size() / 2], bytes / us[us.size() / 2] / 1e3, us[0]);
+}

@@ -38,16 +38,7 @@
 #include <executorch/runtime/kernel/operator_registry.h>
 #include <executorch/runtime/platform/runtime.h>
 
-// The wheel ships libexecutorch_threadpool.so but not extension/threadpool/threadpool.h; these two members are
-// all this file needs (non-virtual, called through the pointer the library hands out).
-namespace executorch::extension::threadpool {
-class ThreadPool {
- public:
-  bool _unsafe_reset_threadpool(uint32_t num_threads);
-  size_t get_thread_count() const;
-};
-ThreadPool* get_threadpool();
-}  // namespace executorch::extension::threadpool
+#include "driver_common.h"  // ExecuTorch's threadpool
 
 namespace {
 

@@ -10,8 +10,6 @@
 //   c++ -O2 -std=c++17 benchmarks/moe_ffn_decode_step.cpp -o /tmp/moe_ffn_decode_step
 //       -L$ET/lib -lexecutorch_threadpool -Wl,-rpath,$PWD/$ET/lib -ldl        (one command line)
 // Run: /tmp/moe_ffn_decode_step kernels/build/libpocketllm_kernels.so [THREADS [LAYERS]]
-#include <dlfcn.h>
-
 #include <algorithm>
 #include <chrono>
 #include <cstdint>
@@ -22,14 +20,8 @@
 #include <random>
 #include <vector>
 
-// The wheel ships libexecutorch_threadpool.so but not extension/threadpool/threadpool.h (as in et_runner.cpp).
-namespace executorch::extension::threadpool {
-class ThreadPool {
- public:
-  bool _unsafe_reset_threadpool(uint32_t num_threads);
-};
-ThreadPool* get_threadpool();
-}  // namespace executorch::extension::threadpool
+#include "driver_common.h"
+
 
 // kernels/moe_ffn.cpp: pocketllm_moe_ffn_any4
 using MoeAny4 = int (*)(const float* x, const int64_t* ids, const float* weights, int64_t T, int64_t k, int64_t H,
@@ -65,15 +57,9 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "usage: moe_ffn_decode_step LIBRARY [THREADS [LAYERS]]\n");
     return 2;
   }
-  void* lib = dlopen(argv[1], RTLD_NOW | RTLD_LOCAL);
-  if (!lib) {
-    std::fprintf(stderr, "%s\n", dlerror());
-    return 1;
-  }
-  auto moe = reinterpret_cast<MoeAny4>(dlsym(lib, "pocketllm_moe_ffn_any4"));
   const int threads = argc > 2 ? std::atoi(argv[2]) : 2;
   const int layers = argc > 3 ? std::atoi(argv[3]) : 32;
-  executorch::extension::threadpool::get_threadpool()->_unsafe_reset_threadpool(threads);
+  const auto moe = kernel_entry<MoeAny4>(argv[1], "pocketllm_moe_ffn_any4", threads);
 
   const int64_t E = 32, H = 1536, F = 768, k = 4;
   std::mt19937_64 rng(0);

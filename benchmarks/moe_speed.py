@@ -136,7 +136,8 @@ def export(ckpt: Path, out: Path, flags: list[str], args) -> float | None:
 
 def build_driver() -> None:
     src = REPO / "benchmarks" / "moe_decode.cpp"
-    if DRIVER.is_file() and DRIVER.stat().st_mtime > src.stat().st_mtime:
+    sources = (src, REPO / "benchmarks" / "driver_common.h")
+    if DRIVER.is_file() and DRIVER.stat().st_mtime > max(p.stat().st_mtime for p in sources):
         return
     DRIVER.parent.mkdir(exist_ok=True)
     subprocess.run(["c++", "-O2", "-std=c++17", "-Wno-deprecated-declarations", f"-I{ET}/include",

@@ -440,7 +440,8 @@ def build_drivers(llama: dict, work: Path, commands: list) -> dict:
     for name, cmd in jobs.items():
         exe = bindir / name
         cmd = cmd + ["-o", exe]
-        key = hashlib.sha256((" ".join(map(str, cmd)) + (REPO / f"benchmarks/{name}.cpp").read_text()).encode())
+        key = hashlib.sha256((" ".join(map(str, cmd)) + (REPO / f"benchmarks/{name}.cpp").read_text()
+                              + (REPO / "benchmarks/driver_common.h").read_text()).encode())
         stamp = bindir / f"{name}.sha256"
         commands.append(cmd)
         if not (exe.exists() and stamp.exists() and stamp.read_text() == key.hexdigest()):

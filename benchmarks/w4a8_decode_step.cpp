@@ -11,8 +11,6 @@
 //       -L$ET/lib -lexecutorch_threadpool -Wl,-rpath,$PWD/$ET/lib -ldl        (one command line)
 // Run: /tmp/w4a8_decode_step kernels/build/libpocketllm_kernels.so [THREADS [LAYERS]]
 //   LAYERS 1: one layer's weights called over and over (cache-resident: the kernel's compute rate).
-#include <dlfcn.h>
-
 #include <algorithm>
 #include <chrono>
 #include <cstdint>
@@ -21,14 +19,8 @@
 #include <random>
 #include <vector>
 
-// The wheel ships libexecutorch_threadpool.so but not extension/threadpool/threadpool.h (as in et_runner.cpp).
-namespace executorch::extension::threadpool {
-class ThreadPool {
- public:
-  bool _unsafe_reset_threadpool(uint32_t num_threads);
-};
-ThreadPool* get_threadpool();
-}  // namespace executorch::extension::threadpool
+#include "driver_common.h"
+
 
 using LinearW4A8 = void (*)(const float* x, const uint8_t* qweight, const int8_t* lut_i8, const float* lut_scale,
                             const uint16_t* scales, const uint16_t* zeros, int64_t M, int64_t N, int64_t K,
@@ -62,15 +54,9 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "usage: w4a8_decode_step LIBRARY [THREADS [LAYERS]]\n");
     return 2;
   }
-  void* lib = dlopen(argv[1], RTLD_NOW | RTLD_LOCAL);
-  if (!lib) {
-    std::fprintf(stderr, "%s\n", dlerror());
-    return 1;
-  }
-  auto linear = reinterpret_cast<LinearW4A8>(dlsym(lib, "pocketllm_any4_linear_w4a8"));
   const int threads = argc > 2 ? std::atoi(argv[2]) : 2;
   const int layers = argc > 3 ? std::atoi(argv[3]) : 24;
-  executorch::extension::threadpool::get_threadpool()->_unsafe_reset_threadpool(threads);
+  const auto linear = kernel_entry<LinearW4A8>(argv[1], "pocketllm_any4_linear_w4a8", threads);
 
   const int64_t H = 1024, KV = 128, F = 4096;  // hidden, 2 KV heads x 64, intermediate
   std::mt19937 rng(0);

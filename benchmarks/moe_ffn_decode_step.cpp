@@ -25,11 +25,12 @@
 
 // kernels/moe_ffn.cpp: pocketllm_moe_ffn_any4
 using MoeAny4 = int (*)(const float* x, const int64_t* ids, const float* weights, int64_t T, int64_t k, int64_t H,
-                        const uint8_t* gate_q, const uint16_t* gate_lut, const void* gate_scales, const void* gate_zeros,
-                        int64_t gate_groups, const uint8_t* up_q, const uint16_t* up_lut, const void* up_scales,
-                        const void* up_zeros, int64_t up_groups, const uint8_t* down_q, const uint16_t* down_lut,
-                        const void* down_scales, const void* down_zeros, int64_t down_groups, int64_t lut_bf16,
-                        int64_t scales_fp16, int64_t E, int64_t F, int64_t activation, int64_t sparsity, float* out);
+                        const uint8_t* gate_q, const uint16_t* gate_lut, const void* gate_scales,
+                        const void* gate_zeros, int64_t gate_groups, const uint8_t* up_q, const uint16_t* up_lut,
+                        const void* up_scales, const void* up_zeros, int64_t up_groups, const uint8_t* down_q,
+                        const uint16_t* down_lut, const void* down_scales, const void* down_zeros, int64_t down_groups,
+                        int64_t lut_bf16, int64_t scales_fp16, int64_t E, int64_t F, int64_t activation,
+                        int64_t sparsity, float* out);
 constexpr int64_t kGroup = 128;
 
 struct Stack {  // one projection of all experts of a layer: [E, N, K/2] codes, [E, N, 16] LUT, [E, N, K/g] s, z
@@ -91,8 +92,9 @@ int main(int argc, char** argv) {
   }
   std::sort(us.begin(), us.end());
   // bytes of one routed expert: gate and up [F, H], down [H, F]: codes, bf16 LUT, fp16 scales and zeros
-  const double expert = 2.0 * (F * H / 2 + F * 16 * 2 + F * (H / kGroup) * 4) + (H * F / 2 + H * 16 * 2 + H * (F / kGroup) * 4);
+  auto projection = [](int64_t N, int64_t K) { return N * K / 2 + N * 16 * 2 + N * (K / kGroup) * 4.0; };
+  const double expert = 2 * projection(F, H) + projection(H, F);
   const double bytes = expert * k * layers;
-  std::printf("threads %d, %d layers, %.1f MB routed: median %.0f us per step (%.1f GB/s), best %.0f\n", threads, layers,
-              bytes / 1e6, us[us.size() / 2], bytes / us[us.size() / 2] / 1e3, us[0]);
+  std::printf("threads %d, %d layers, %.1f MB routed: median %.0f us per step (%.1f GB/s), best %.0f\n", threads,
+              layers, bytes / 1e6, us[us.size() / 2], bytes / us[us.size() / 2] / 1e3, us[0]);
 }

@@ -33,7 +33,9 @@ struct Weights {
   std::vector<int8_t> lut;
   std::vector<float> lut_scale;
   std::vector<uint16_t> scales, zeros;  // fp16 bits, [ceil(N/8)][K/g][8]
-  double bytes() const { return codes.size() + lut.size() + 4.0 * lut_scale.size() + 2.0 * (scales.size() + zeros.size()); }
+  double bytes() const {
+    return codes.size() + lut.size() + 4.0 * lut_scale.size() + 2.0 * (scales.size() + zeros.size());
+  }
 };
 
 Weights random_weights(int64_t N, int64_t K, std::mt19937& rng) {
@@ -64,7 +66,8 @@ int main(int argc, char** argv) {
   for (int l = 0; l < layers; ++l) {
     for (auto [n, k] : {std::pair{H, H}, {KV, H}, {KV, H}, {H, H}, {F, H}, {F, H}, {H, F}})
       separate[l].push_back(random_weights(n, k, rng));
-    for (auto [n, k] : {std::pair{H + 2 * KV, H}, {H, H}, {2 * F, H}, {H, F}}) fused[l].push_back(random_weights(n, k, rng));
+    for (auto [n, k] : {std::pair{H + 2 * KV, H}, {H, H}, {2 * F, H}, {H, F}})
+      fused[l].push_back(random_weights(n, k, rng));
   }
   std::vector<float> x(F), y(2 * F);
   for (auto& v : x) v = static_cast<float>(rng() % 1000) / 500.0f - 1.0f;
@@ -86,8 +89,8 @@ int main(int argc, char** argv) {
   double bytes = 0;
   for (auto& w : separate[0]) bytes += w.bytes();
   bytes *= layers;
-  std::printf("threads %d, %.1f MB: 7 calls a layer median %.0f us (%.1f GB/s), best %.0f; 4 calls a layer median %.0f us "
-              "(%.1f GB/s), best %.0f\n",
+  std::printf("threads %d, %.1f MB: 7 calls a layer median %.0f us (%.1f GB/s), best %.0f; "
+              "4 calls a layer median %.0f us (%.1f GB/s), best %.0f\n",
               threads, bytes / 1e6, a[a.size() / 2], bytes / a[a.size() / 2] / 1e3, a[0], b[b.size() / 2],
               bytes / b[b.size() / 2] / 1e3, b[0]);
 }

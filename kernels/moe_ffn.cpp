@@ -12,8 +12,8 @@
 //   3. down. Float experts (down_t [F, H]), items = (expert, 64 output columns): y[p, cols] = sum over the pair's
 //      listed neurons of h[p, f] * down_t[f, cols], 8 register accumulators (unlisted rows are never read); prefill
 //      experts: 6 tokens x 16 columns register tiles. any4 experts (down [H, F], quantised along F), items = (expert,
-//      16 output rows; 128 in calls without panel experts): any4_decode.h's row dot over the whole h row (a neuron's down weights are one code in each
-//      of the H rows' groups: nothing to skip), or dequantised tiles for prefill;
+//      16 output rows; 128 in calls without panel experts): any4_decode.h's row dot over the whole h row (a neuron's
+//      down weights are one code in each of the H rows' groups: nothing to skip), or dequantised tiles for prefill;
 //   4. combine: out[t] = sum over t's slots, experts ascending, of w * y[pair]: multiply, then add, as the reference
 //      (export/ops/moe_ffn.py) does, in its order.
 // Dot products use explicit fused multiply-adds (fma8); the file builds with -ffp-contract=off, so any4 values keep
@@ -259,6 +259,11 @@ struct Routing {
   std::vector<int64_t> pair;    // [T * k] pair of (t, j)
   int64_t tokens_of(int64_t a) const { return begin[a + 1] - begin[a]; }
   bool tiled(int64_t a) const { return tokens_of(a) >= kPanelTokens; }
+  bool any_tiled() const {
+    for (size_t a = 0; a < expert.size(); ++a)
+      if (tiled(static_cast<int64_t>(a))) return true;
+    return false;
+  }
 };
 
 // slot: nullptr, or [E] with slot[e] < 0 for experts left out of this call (their pairs get pair = -1).
@@ -580,9 +585,7 @@ void run_any4(const float* x, const int64_t* ids, const float* weights, int64_t 
 
   // A call with no panel expert (decode) hands out runs of up to 128 rows: 16-row items alternating between threads
   // read 6-12 KB pieces, too short to stream (see common.h, decode_rows_per_block).
-  bool panels = false;
-  for (int64_t a = 0; a < A; ++a) panels = panels || r.tiled(a);
-  const int64_t rows = panels ? kNeuronBlock : kDecodeRowBlock;
+  const int64_t rows = r.any_tiled() ? kNeuronBlock : kDecodeRowBlock;
   const int64_t nb = (F + rows - 1) / rows;
   parallel_dynamic(A * nb, 1, [&](int64_t b, int64_t e) {
     std::vector<float> wbuf, g, u;

@@ -14,7 +14,6 @@
 #include <chrono>
 #include <cstdint>
 #include <cstdio>
-#include <cstdlib>
 #include <cstring>
 #include <numeric>
 #include <random>
@@ -58,8 +57,8 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "usage: moe_ffn_decode_step LIBRARY [THREADS [LAYERS]]\n");
     return 2;
   }
-  const int threads = argc > 2 ? std::atoi(argv[2]) : 2;
-  const int layers = argc > 3 ? std::atoi(argv[3]) : 32;
+  const int threads = count_arg(argc, argv, 2, 2, "THREADS");
+  const int layers = count_arg(argc, argv, 3, 32, "LAYERS");
   const auto moe = kernel_entry<MoeAny4>(argv[1], "pocketllm_moe_ffn_any4", threads);
 
   const int64_t E = 32, H = 1536, F = 768, k = 4;

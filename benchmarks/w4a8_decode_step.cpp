@@ -15,7 +15,6 @@
 #include <chrono>
 #include <cstdint>
 #include <cstdio>
-#include <cstdlib>
 #include <random>
 #include <vector>
 
@@ -56,8 +55,8 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "usage: w4a8_decode_step LIBRARY [THREADS [LAYERS]]\n");
     return 2;
   }
-  const int threads = argc > 2 ? std::atoi(argv[2]) : 2;
-  const int layers = argc > 3 ? std::atoi(argv[3]) : 24;
+  const int threads = count_arg(argc, argv, 2, 2, "THREADS");
+  const int layers = count_arg(argc, argv, 3, 24, "LAYERS");
   const auto linear = kernel_entry<LinearW4A8>(argv[1], "pocketllm_any4_linear_w4a8", threads);
 
   const int64_t H = 1024, KV = 128, F = 4096;  // hidden, 2 KV heads x 64, intermediate

@@ -1,7 +1,7 @@
 // The routed experts of one SmallThinker 4b-a0.6b decode step through pocketllm_moe_ffn_any4 (the kernel library's
 // C entry, ExecuTorch's threadpool): 32 layers, each its own stack of 32 any4 experts (H 1536, F 768, g128, bf16
 // LUTs, fp16 scales and zeros; 2 GB in all, so the routed experts come from memory as in a model), 4 experts a token
-// chosen at random per layer and step, ReGLU, the `.out` kernels' neuron-sparsity mode. Prints the median and best
+// chosen at random per layer and step, ReGLU, the `.out` kernels' neuron-sparsity mode (or the one given). Prints the median and best
 // microseconds per step over 100 steps and the routed bytes per microsecond. The library is dlopen'ed, so one driver
 // times any build of it (before/after a change: run the two alternately, one process each).
 //
@@ -17,6 +17,7 @@
 #include <cstring>
 #include <numeric>
 #include <random>
+#include <string>
 #include <vector>
 
 #include "driver_common.h"
@@ -46,7 +47,11 @@ Stack random_stack(int64_t E, int64_t N, int64_t K, std::mt19937_64& rng) {
     std::memcpy(p.codes.data() + i, &v, 8);
   }
   p.lut.resize(E * N * 16);
-  for (auto& v : p.lut) v = static_cast<uint16_t>(0x3c00 + (rng() & 0xff) - 0x80);  // bf16 values near 2^-7
+  // bf16 values of either sign near 2^-7: about half of a token's gates come out positive, as with real weights
+  for (auto& v : p.lut) {
+    const uint64_t r = rng();
+    v = static_cast<uint16_t>(((r >> 8) & 1) << 15 | (0x3c00 + (r & 0xff) - 0x80));
+  }
   p.scales.assign(E * N * p.groups, 0x3c00);                                           // fp16 1.0
   p.zeros.assign(E * N * p.groups, 0x0000);
   return p;
@@ -54,11 +59,18 @@ Stack random_stack(int64_t E, int64_t N, int64_t K, std::mt19937_64& rng) {
 
 int main(int argc, char** argv) {
   if (argc < 2) {
-    std::fprintf(stderr, "usage: moe_ffn_decode_step LIBRARY [THREADS [LAYERS]]\n");
+    std::fprintf(stderr, "usage: moe_ffn_decode_step LIBRARY [THREADS [LAYERS [off|auto|always]]]\n");
     return 2;
   }
   const int threads = count_arg(argc, argv, 2, 2, "THREADS");
   const int layers = count_arg(argc, argv, 3, 32, "LAYERS");
+  // NeuronSparsity (kernels/moe_ffn.h): off, auto (the `.out` kernels' mode), always
+  const std::string mode = argc > 4 ? argv[4] : "auto";
+  const int sparsity = mode == "off" ? 0 : mode == "auto" ? 1 : mode == "always" ? 2 : -1;
+  if (sparsity < 0) {
+    std::fprintf(stderr, "SPARSITY: expected off, auto or always, got '%s'\n", mode.c_str());
+    return 2;
+  }
   const auto moe = kernel_entry<MoeAny4>(argv[1], "pocketllm_moe_ffn_any4", threads);
 
   const int64_t E = 32, H = 1536, F = 768, k = 4;
@@ -85,7 +97,7 @@ int main(int argc, char** argv) {
       moe(x.data(), ids.data() + l * k, weights.data(), 1, k, H, g.codes.data(), g.lut.data(), g.scales.data(),
           g.zeros.data(), g.groups, u.codes.data(), u.lut.data(), u.scales.data(), u.zeros.data(), u.groups,
           d.codes.data(), d.lut.data(), d.scales.data(), d.zeros.data(), d.groups, /*lut_bf16=*/1,
-          /*scales_fp16=*/1, E, F, /*reglu=*/0, /*auto sparsity=*/1, out.data());
+          /*scales_fp16=*/1, E, F, /*reglu=*/0, sparsity, out.data());
     }
     us.push_back(std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t0).count());
   }

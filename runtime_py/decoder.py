@@ -157,6 +157,9 @@ class PreNormDecoder:
         self.length = 0  # tokens currently in the cache
         # Per layer, the InfLLM v2 block selection of the last call (bool [Hkv, T, n_blocks]); None elsewhere.
         self.last_selection: list[np.ndarray | None] = [None] * spec.num_layers
+        # The last call's smallest router top-k margin per token over the MoE layers (mlp.route_margin); None without
+        # experts. Families with routers set it in feed_forward.
+        self.last_router_margin: np.ndarray | None = None
 
     def load_ffn(self, weights: dict[str, np.ndarray], i: int):
         raise NotImplementedError
@@ -168,6 +171,7 @@ class PreNormDecoder:
         """Forget every cached token (the next forward must start at position 0)."""
         self.length = 0
         self.last_selection = [None] * self.spec.num_layers
+        self.last_router_margin = None
 
     def forward(self, tokens, start_pos: int) -> np.ndarray:
         """Run T new tokens at positions start_pos .. start_pos + T - 1 and append them to the KV cache.
@@ -184,6 +188,7 @@ class PreNormDecoder:
 
         h = self.embed[tokens] * np.float32(spec.scale_emb)  # [T, H]
         cos, sin = self.cos[start_pos:L], self.sin[start_pos:L]  # [T, rope.dim]
+        self.last_router_margin = None
         for i, layer in enumerate(spec.layers):
             layer_input = h
             x = rms_norm(h, self.input_norms[i], eps)

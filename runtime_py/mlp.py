@@ -46,6 +46,21 @@ def route(router_logits: np.ndarray, top_k: int, apply_softmax: bool) -> tuple[n
     return experts, weights.astype(np.float32)
 
 
+def route_margin(router_logits: np.ndarray, top_k: int, previous: np.ndarray | None = None) -> np.ndarray:
+    """Per token, how far the k-th chosen logit stands above the best one left out ([T, E] -> [T]; inf when every
+    expert is chosen), or the smaller of that and `previous` (a model's running minimum over its MoE layers).
+
+    A margin within an engine's rounding of the logits is a near-tie: two correct engines may route that token
+    differently (runtime_py/parity.py, router near-ties)."""
+    T, E = router_logits.shape
+    if E <= top_k:
+        margin = np.full(T, np.inf)
+    else:
+        part = np.partition(router_logits.astype(np.float64), (E - top_k - 1, E - top_k), axis=-1)
+        margin = part[:, E - top_k] - part[:, E - top_k - 1]
+    return margin if previous is None else np.minimum(previous, margin)
+
+
 def moe(u: np.ndarray, router_logits: np.ndarray, experts: list[Expert], top_k: int,
         apply_softmax: bool) -> np.ndarray:
     """sum_k w_k * expert_k(u) per token. u: [T, H] (post-attention norm output); router_logits: [T, E] (computed

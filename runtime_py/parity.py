@@ -54,6 +54,14 @@ DEFAULT_TOLERANCE = {"none": 1e-3, "any4": 1e-3, "int4": 1e-3, "int8": 1e-3, "nf
 # 8da4w quantizes activations dynamically inside XNNPACK: no reference runs those exact numerics, so its deltas
 # against the float reference are reported, and only top-1 agreement is required.
 MIN_TOP1_UNMATCHED = 0.9
+# ROUTER_TIES. A mixture-of-experts router keeps its top-k logits. Where the k-th and the best one left out stand
+# closer than an exact contract's tolerance, an engine that matches the reference to that tolerance may route the token
+# to the other expert, and that position's logits then differ by far more (measured 2026-12-02: a random-weight
+# MiniMax int8 Core ML bundle in fp32 mode, |delta| ~1e-4 everywhere but one decode step, 0.13, where the reference's
+# margin was 1.8e-4, the smallest of the prompt's 156 positions). So under an exact contract a prompt whose first
+# position past the tolerance is such a near-tie (the reference's smallest margin over the layers at that position
+# within the tolerance) is compared up to it: what follows attends to that token's different cache entries. The report
+# names it (`router_ties`). A routing defect shows at positions with clear margins, and those still fail.
 # W4A8 (quantization.activations "int8"): the reference reproduces the kernel's numerics bit for bit (the op tests
 # hold the kernel to that on the same inputs), but each engine rounds every activation to int8 from its own fp32
 # input, and those differ in the last bits (norms, attention and sums run in other orders). An activation near a
@@ -114,12 +122,14 @@ class RecordedReference:
         if not self.calls:
             self.reference.reset()
 
-    def forward(self, tokens: np.ndarray, start_pos: int) -> tuple[np.ndarray, bool | None]:
-        """(logits, whether an InfLLM v2 layer left a valid block out: None when no layer is InfLLM)."""
+    def forward(self, tokens: np.ndarray, start_pos: int) -> tuple[np.ndarray, bool | None, np.ndarray | None]:
+        """(logits, whether an InfLLM v2 layer left a valid block out: None when no layer is InfLLM, each token's
+        smallest router top-k margin: None without experts)."""
         if self.next == len(self.calls):
             logits = self.reference.forward(tokens, start_pos)
             engaged = _infllm_engaged(self.reference, start_pos, self.block_size) if self.block_size else None
-            self.calls.append((logits, engaged))
+            margin = getattr(self.reference, "last_router_margin", None)
+            self.calls.append((logits, engaged, None if margin is None else margin.copy()))
         self.next += 1
         return self.calls[self.next - 1]
 
@@ -131,7 +141,8 @@ def compare_engines(reference, engine, prompt_ids: list[int], steps: int, block_
     reference.reset()
     engine.reset()
     ids = np.asarray(prompt_ids, dtype=np.int64)
-    ref, engaged = reference.forward(ids, 0)
+    ref, engaged, margin = reference.forward(ids, 0)
+    margins = None if margin is None else list(margin)  # per compared position: prefill rows, then steps
     got = engine.forward(ids, 0)
     prefill_rows = np.abs(ref - got).max(axis=-1)  # per position
     prefill_delta = float(prefill_rows.max())
@@ -146,8 +157,10 @@ def compare_engines(reference, engine, prompt_ids: list[int], steps: int, block_
         if step == steps - 1:
             break
         token = np.array([r_tok], dtype=np.int64)  # both engines are fed the reference's choice
-        r_out, e = reference.forward(token, pos)
+        r_out, e, margin = reference.forward(token, pos)
         r_row = r_out[-1]
+        if margins is not None:
+            margins.append(margin[-1])
         g_row = engine.forward(token, pos)[-1]
         deltas.append(float(np.abs(r_row - g_row).max()))
         if e is not None:
@@ -166,6 +179,8 @@ def compare_engines(reference, engine, prompt_ids: list[int], steps: int, block_
         "reference_continuation": ref_tokens,
         "artifact_continuation": got_tokens,
         "infllm_engaged": engaged,
+        "per_position_router_margin": None if margins is None else
+        [float(m) if np.isfinite(m) else None for m in margins],
     }
 
 
@@ -229,10 +244,29 @@ def contract_criteria(tolerance: float | None, w4a8: bool) -> dict:
     return {"tolerance": tolerance, "identical": True}
 
 
-def _rows(results: list[dict]) -> np.ndarray:
-    """Every compared position's max |delta logit| (prefill positions, then greedy steps), over the prompts."""
-    return np.array([d for r in results for d in r["per_position_max_abs_delta_prefill"] + r["per_step_max_abs_delta"]],
-                    dtype=np.float64)
+def _positions(result: dict) -> list[float]:
+    """One prompt's max |delta logit| per compared position: prefill positions, then greedy steps."""
+    return result["per_position_max_abs_delta_prefill"] + result["per_step_max_abs_delta"]
+
+
+def _rows(results: list[dict], ties: dict[int, dict] | None = None) -> np.ndarray:
+    """Every compared position's max |delta logit| over the prompts; a prompt with a router near-tie (`ties`, by
+    prompt index) up to it."""
+    ties = ties or {}
+    return np.array([d for i, r in enumerate(results)
+                     for d in _positions(r)[:ties[i]["position"] if i in ties else None]], dtype=np.float64)
+
+
+def router_tie(result: dict, tolerance: float) -> dict | None:
+    """The prompt's router near-tie, if its first position past `tolerance` is one (see ROUTER_TIES), else None."""
+    margins = result.get("per_position_router_margin")
+    if not margins:
+        return None
+    rows = _positions(result)
+    first = next((i for i, d in enumerate(rows) if d > tolerance), None)
+    if first is None or margins[first] is None or margins[first] > tolerance:
+        return None
+    return {"position": first, "margin": margins[first], "positions_not_compared": len(rows) - first}
 
 
 def noise_floor(results: list[dict], criteria: dict) -> dict:
@@ -249,11 +283,15 @@ def verdict(results: list[dict], criteria: dict, noise: dict | None = None) -> d
     agreement); W4A8 (noise_jitter): `noise` = noise_floor(...) of the jittered reference, and the artifact's |delta|
     quantiles must stay within noise_factor x the floor's + tolerance, its top-1 disagreement within noise_factor x
     the floor's + top1_slack."""
-    max_delta = max(max(r["max_abs_delta_prefill"], r["max_abs_delta_steps"]) for r in results)
-    top1 = float(np.mean([r["top1_agreement"] for r in results]))
-    identical = all(r["continuation_identical"] for r in results)
     tolerance = criteria.get("tolerance")
-    rows = _rows(results)
+    exact = tolerance is not None and criteria.get("noise_jitter") is None
+    ties = {i: t for i, r in enumerate(results) if exact and (t := router_tie(r, tolerance))}
+    rows = _rows(results, ties)
+    max_delta = float(rows.max()) if rows.size else 0.0
+    top1 = float(np.mean([r["top1_agreement"] for r in results]))
+    # greedy step s is decided by position prompt_tokens - 1 + s: a divergence from a router near-tie on is not one
+    identical = all(r["continuation_identical"] or (i in ties and r["prompt_tokens"] - 1 + r["first_divergence"]
+                                                    >= ties[i]["position"]) for i, r in enumerate(results))
     within = float(np.mean(rows <= tolerance)) if tolerance is not None and rows.size else None
     extra = {}
     if criteria.get("noise_jitter") is not None:
@@ -275,6 +313,10 @@ def verdict(results: list[dict], criteria: dict, noise: dict | None = None) -> d
                     if tolerance is not None else f"unmatched numerics: top-1 agreement >= "
                     f"{criteria.get('min_top1', 0.0):.0%}")
         passed = passed and (not criteria.get("identical") or identical) and top1 >= criteria.get("min_top1", 0.0)
+    if ties:
+        extra["router_ties"] = [{"prompt": i, **t} for i, t in ties.items()]
+        contract += (f"; {len(ties)} prompt(s) compared up to a router near-tie (top-k margin within the "
+                     "tolerance: the engines may route that token differently)")
     return {"passed": bool(passed), "max_abs_delta": max_delta, "positions_within_tolerance": within,
             "top1_agreement": top1, "continuations_identical": identical, "tolerance": tolerance,
             "contract": contract, "criteria": {k: v for k, v in criteria.items() if k != "doc"}, **extra}

@@ -67,9 +67,11 @@ def _print_report(bundle: Path, report: dict, section: dict) -> None:
     table = Table(title=f"parity {bundle} ({report['target']}{mode}, quant {report['quant']})")
     for col in ("#", "tokens", "max|d| prefill", "max|d| steps", "top-1", "greedy", "InfLLM"):
         table.add_column(col, justify="right")
+    ties = {t["prompt"]: t for t in section.get("router_ties", [])}
     for i, p in enumerate(section["prompts"]):
+        tie = "+" if i in ties else ""
         table.add_row(str(i), f"{p['prompt_tokens']}+{p['steps']}" + ("*" if p["prompt_truncated"] else ""),
-                      f"{p['max_abs_delta_prefill']:.2e}", f"{p['max_abs_delta_steps']:.2e}",
+                      f"{p['max_abs_delta_prefill']:.2e}{tie}", f"{p['max_abs_delta_steps']:.2e}{tie}",
                       f"{p['top1_agreement']:.3f}",
                       "same" if p["continuation_identical"] else f"differs@{p['first_divergence']}",
                       {True: "engaged", False: "all kept", None: "-"}[p["infllm_engaged"]])
@@ -78,6 +80,11 @@ def _print_report(bundle: Path, report: dict, section: dict) -> None:
         if p["prompt_truncated"]:
             console.print(f"* prompt {i}: {p['prompt_tokens_full']} tokens, cut to its first {p['prompt_tokens']} "
                           f"to fit the bundle's context with {p['steps']} steps", highlight=False, soft_wrap=True)
+    for i, t in ties.items():
+        console.print(f"+ prompt {i}: a router near-tie at position {t['position']} (the reference's top-k margin "
+                      f"{t['margin']:.1e} is within the tolerance, so the engines may pick different experts there): "
+                      f"compared up to it, {t['positions_not_compared']} positions after it not", highlight=False,
+                      soft_wrap=True)
     verdict = "PASS" if section["passed"] else "FAIL"
     need = section.get("criteria", {})
     if need.get("noise_jitter") is not None:  # W4A8: within the reference's own noise floor (docs/quantization.md)

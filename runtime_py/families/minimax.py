@@ -28,7 +28,7 @@ import numpy as np
 from pocketllm.runtime_py.attention import causal_attention
 from pocketllm.runtime_py.decoder import check_max_context, check_tokens, take as _take
 from pocketllm.runtime_py.errors import PocketllmError
-from pocketllm.runtime_py.mlp import route, swiglu
+from pocketllm.runtime_py.mlp import route, route_margin, swiglu
 from pocketllm.runtime_py.ops.lightning_attention import decay_rates, lightning_attention
 from pocketllm.runtime_py.ops.rms_norm import rms_norm
 from pocketllm.runtime_py.ops.rope import apply_rope
@@ -105,6 +105,7 @@ class Model:
         self.v_cache = [None if lt else np.zeros(kv, np.float32) for lt in lightning]
         self.states = [np.zeros(st, np.float32) if lt else None for lt in lightning]  # [heads, D, D] each
         self.length = 0
+        self.last_router_margin: np.ndarray | None = None
 
     def reset(self) -> None:
         """Forget the sequence: zero every lightning state (KV rows are overwritten by the next call)."""
@@ -129,6 +130,7 @@ class Model:
         L = start_pos + tokens.size
         h = self.embed[tokens]  # [T, H]
         cos, sin = self.cos[start_pos:L], self.sin[start_pos:L]
+        self.last_router_margin = None  # the smallest router top-k margin per token (mlp.route_margin), set by _moe
         for i, (ls, lw) in enumerate(zip(spec.layers, self.layers)):
             x = rms_norm(h, lw.input_norm, eps)
             if ls.attention == "lightning":
@@ -162,7 +164,9 @@ class Model:
         return out.reshape(T, spec.q_width) @ lw.wo.T
 
     def _moe(self, lw: MiniMaxLayer, u: np.ndarray) -> np.ndarray:
-        chosen, weights = route(u @ lw.router.T, self.spec.moe.top_k, apply_softmax=True)  # [T, k] each
+        logits = u @ lw.router.T
+        self.last_router_margin = route_margin(logits, self.spec.moe.top_k, self.last_router_margin)
+        chosen, weights = route(logits, self.spec.moe.top_k, apply_softmax=True)  # [T, k] each
         out = np.zeros_like(u)
         for e, (w1, w3, w2) in enumerate(lw.experts):
             rows, slot = np.nonzero(chosen == e)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from pocketllm.runtime_py.decoder import PreNormDecoder, take
-from pocketllm.runtime_py.mlp import Expert, moe
+from pocketllm.runtime_py.mlp import Expert, moe, route_margin
 
 
 class Model(PreNormDecoder):
@@ -28,4 +28,6 @@ class Model(PreNormDecoder):
 
     def feed_forward(self, i: int, u: np.ndarray, layer_input: np.ndarray) -> np.ndarray:
         router, experts = self.ffn[i]
-        return moe(u, layer_input @ router.T, experts, self.spec.moe.top_k, self.spec.moe.router_softmax)
+        logits = layer_input @ router.T
+        self.last_router_margin = route_margin(logits, self.spec.moe.top_k, self.last_router_margin)
+        return moe(u, logits, experts, self.spec.moe.top_k, self.spec.moe.router_softmax)

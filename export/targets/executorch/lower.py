@@ -29,6 +29,7 @@ from torch import nn
 
 from pocketllm.export.spec import ModelSpec
 from pocketllm.export.targets.executorch.options import W4A8, ExecutorchOptions
+from pocketllm.export.targets.executorch.signature_memo import memoized_signatures
 from pocketllm.export.targets.executorch.swaps import (FusedRMSNorm, XnnpackRMSNorm, any4_luts_to_bf16,
                                                       embedding_table_to_bf16, moe_blocks, quantize_torchao,
                                                       use_expert_store, use_fused_elementwise, use_kv_cache_dtype,
@@ -233,17 +234,18 @@ def export_executorch(model: nn.Module, spec: ModelSpec, options: ExecutorchOpti
     all_experts = moe_info is not None and moe_info["experts"] == "all"
     skip_modules = "block_sparse_moe" if all_experts else None  # see xnnpack_partitioner
     quant_info["per_module"] = module_kernels(model, options.xnnpack, skip_modules)
-    with stage("export"):
-        t0 = time.perf_counter()
-        chunk = min(options.prefill_chunk, options.max_context)
-        ep = export_program(model, chunk)
-        timings["export_s"] = time.perf_counter() - t0
-    with stage("lower"):
-        t0 = time.perf_counter()
-        edge = lower(ep, metadata(spec, options.max_context, chunk), options.xnnpack, skip_modules, linears_only)
-        del ep
-        et = edge.to_executorch()
-        timings["lower_s"] = time.perf_counter() - t0
+    with memoized_signatures():  # signature lookups per node are quadratic in the constants otherwise
+        with stage("export"):
+            t0 = time.perf_counter()
+            chunk = min(options.prefill_chunk, options.max_context)
+            ep = export_program(model, chunk)
+            timings["export_s"] = time.perf_counter() - t0
+        with stage("lower"):
+            t0 = time.perf_counter()
+            edge = lower(ep, metadata(spec, options.max_context, chunk), options.xnnpack, skip_modules, linears_only)
+            del ep
+            et = edge.to_executorch()
+            timings["lower_s"] = time.perf_counter() - t0
     with stage("serialize"):
         t0 = time.perf_counter()
         with open(Path(out_dir) / PTE_FILE, "wb") as f:

@@ -1,0 +1,106 @@
+"""memoized_signatures(): torch's export-signature lookups, computed once per state of the signature.
+
+torch's ExportGraphSignature answers `inputs_to_buffers`, `inputs_to_parameters`, `user_inputs` & co. by rebuilding
+a tuple or dict from every input spec on each access, and torch's re-tracing (`run_decompositions`) and ExecuTorch's
+passes (spec propagation, memory planning, the emitter, constant lifting) ask once per placeholder node: quadratic
+in the number of constants. SmallThinker 4b-a0.6b `--experts all` (any4: ~12,000 constants) spent most of its 2 h 21 min
+lowering there (py-spy, torch 2.13 / executorch 1.5.1); a 12-layer 32-expert model's export spent 58 % of its time
+in those rebuilds.
+
+Inside the context each such property is computed once and reused until the signature changes. torch and ExecuTorch
+change a signature in three ways, and each one invalidates the memo:
+- attribute writes to the signature, a spec or an argument (`spec.arg.name = ...`, `sig.input_specs = [...]`): the
+  classes' `__setattr__` counts every write, and the count is part of the memo's key;
+- list insert / append / extend on `input_specs` / `output_specs`: the lists' lengths are part of the key;
+- a new list: its identity is part of the key (the memo holds the list, so its id cannot be reused meanwhile).
+Only properties that return immutable values (tuples, read-only mappings) are kept. Leaving the context restores
+the classes exactly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import types
+import weakref
+from typing import Iterator
+
+from torch.export import graph_signature as _gs
+
+_writes = 0  # attribute writes to signature / spec / argument objects while memoizing
+_memo: dict[int, tuple] = {}  # id(signature) -> (weakref, key, {property: value})
+_depth = 0
+
+
+def _signature_classes() -> list[type]:
+    return [c for c in vars(_gs).values()
+            if isinstance(c, type) and dataclasses.is_dataclass(c) and c.__module__ == _gs.__name__]
+
+
+def _memo_properties() -> dict[str, property]:
+    """The signature's properties derived from its spec lists alone (backward_signature builds a mutable object: not
+    memoized)."""
+    return {name: p for name, p in vars(_gs.ExportGraphSignature).items()
+            if isinstance(p, property) and name not in ("backward_signature", "assertion_dep_token")}
+
+
+def _counting_setattr(original):
+    def __setattr__(self, name, value):
+        global _writes
+        _writes += 1
+        original(self, name, value)
+    return __setattr__
+
+
+def _memoized(name: str, prop: property) -> property:
+    compute = prop.fget
+
+    def get(self):
+        ins, outs = self.input_specs, self.output_specs
+        key = (_writes, id(ins), len(ins), id(outs), len(outs))
+        entry = _memo.get(id(self))
+        if entry is None or entry[0]() is not self or entry[1] != key:
+            sid = id(self)
+            entry = (weakref.ref(self, lambda _, sid=sid: _memo.pop(sid, None)), key, {}, ins, outs)
+            _memo[sid] = entry
+        values = entry[2]
+        if name not in values:
+            value = compute(self)
+            if not isinstance(value, (tuple, types.MappingProxyType, type(None))):
+                return value  # mutable: a fresh one per access, as torch gives it
+            values[name] = value
+        return values[name]
+
+    return property(get, doc=prop.__doc__)
+
+
+@contextlib.contextmanager
+def memoized_signatures() -> Iterator[None]:
+    """Within: ExportGraphSignature's spec-derived properties are memoized (see the module docstring). Re-entrant."""
+    global _depth
+    if _depth:
+        _depth += 1
+        try:
+            yield
+        finally:
+            _depth -= 1
+        return
+    saved_setattr = {cls: cls.__dict__.get("__setattr__") for cls in _signature_classes()}
+    saved_props = _memo_properties()
+    for cls in saved_setattr:
+        cls.__setattr__ = _counting_setattr(cls.__setattr__)
+    for name, prop in saved_props.items():
+        setattr(_gs.ExportGraphSignature, name, _memoized(name, prop))
+    _depth = 1
+    try:
+        yield
+    finally:
+        _depth = 0
+        for name, prop in saved_props.items():
+            setattr(_gs.ExportGraphSignature, name, prop)
+        for cls, original in saved_setattr.items():
+            if original is None:
+                del cls.__setattr__
+            else:
+                cls.__setattr__ = original
+        _memo.clear()

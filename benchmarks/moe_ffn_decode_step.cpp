@@ -39,7 +39,8 @@ struct Stack {  // one projection of all experts of a layer: [E, N, K/2] codes, 
   int64_t groups;
 };
 
-Stack random_stack(int64_t E, int64_t N, int64_t K, std::mt19937_64& rng) {
+// positive: the share of LUT entries drawn positive (gate stacks; 0.5 elsewhere).
+Stack random_stack(int64_t E, int64_t N, int64_t K, std::mt19937_64& rng, double positive = 0.5) {
   Stack p{{}, {}, {}, {}, K / kGroup};
   p.codes.resize(E * N * K / 2);
   for (size_t i = 0; i + 8 <= p.codes.size(); i += 8) {
@@ -47,10 +48,13 @@ Stack random_stack(int64_t E, int64_t N, int64_t K, std::mt19937_64& rng) {
     std::memcpy(p.codes.data() + i, &v, 8);
   }
   p.lut.resize(E * N * 16);
-  // bf16 values of either sign near 2^-7: about half of a token's gates come out positive, as with real weights
+  // bf16 values of either sign near 2^-7: with positive = 0.5 about half of a token's gates come out positive, as
+  // with random weights; fewer positive entries, fewer active neurons (main() reports the share)
+  std::uniform_real_distribution<double> unit(0.0, 1.0);
   for (auto& v : p.lut) {
     const uint64_t r = rng();
-    v = static_cast<uint16_t>(((r >> 8) & 1) << 15 | (0x3c00 + (r & 0xff) - 0x80));
+    const uint16_t sign = unit(rng) < positive ? 0 : 0x8000;
+    v = static_cast<uint16_t>(sign | (0x3c00 + (r & 0xff) - 0x80));
   }
   p.scales.assign(E * N * p.groups, 0x3c00);                                           // fp16 1.0
   p.zeros.assign(E * N * p.groups, 0x0000);
@@ -59,7 +63,7 @@ Stack random_stack(int64_t E, int64_t N, int64_t K, std::mt19937_64& rng) {
 
 int main(int argc, char** argv) {
   if (argc < 2) {
-    std::fprintf(stderr, "usage: moe_ffn_decode_step LIBRARY [THREADS [LAYERS [off|auto|always]]]\n");
+    std::fprintf(stderr, "usage: moe_ffn_decode_step LIBRARY [THREADS [LAYERS [off|auto|always [POSITIVE%%]]]]\n");
     return 2;
   }
   const int threads = count_arg(argc, argv, 2, 2, "THREADS");
@@ -71,18 +75,37 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "SPARSITY: expected off, auto or always, got '%s'\n", mode.c_str());
     return 2;
   }
+  // POSITIVE%: the share of gate LUT entries drawn positive, with x >= 0, which sets how many neurons are active
+  // (given: x in [0, 1); default: 50 with x in [-1, 1))
+  const bool biased = argc > 5;
+  const double positive = biased ? count_arg(argc, argv, 5, 50, "POSITIVE%") / 100.0 : 0.5;
   const auto moe = kernel_entry<MoeAny4>(argv[1], "pocketllm_moe_ffn_any4", threads);
 
   const int64_t E = 32, H = 1536, F = 768, k = 4;
   std::mt19937_64 rng(0);
   std::vector<Stack> gate, up, down;
   for (int l = 0; l < layers; ++l) {
-    gate.push_back(random_stack(E, F, H, rng));
+    gate.push_back(random_stack(E, F, H, rng, positive));
     up.push_back(random_stack(E, F, H, rng));
     down.push_back(random_stack(E, H, F, rng));
   }
   std::vector<float> x(H), out(H), weights(k, 1.0f / k);
-  for (auto& v : x) v = static_cast<float>(rng() % 1000) / 500.0f - 1.0f;
+  for (auto& v : x) v = static_cast<float>(rng() % 1000) / 500.0f - (biased ? 0.0f : 1.0f);
+  if (biased)
+    for (auto& v : x) v *= 0.5f;
+  // the share of active neurons (positive gates: lut * 1 + 0 per code) over layer 0's experts
+  int64_t active = 0;
+  for (int64_t r = 0; r < E * F; ++r) {
+    float g = 0.0f;
+    for (int64_t j = 0; j < H; ++j) {
+      const uint8_t b = gate[0].codes[r * H / 2 + j / 2];
+      const uint32_t bits = static_cast<uint32_t>(gate[0].lut[r * 16 + (j % 2 ? b >> 4 : b & 15)]) << 16;
+      float w;
+      std::memcpy(&w, &bits, 4);
+      g += x[j] * w;
+    }
+    active += g > 0.0f;
+  }
   std::vector<int64_t> experts(E), ids(layers * k);
   std::iota(experts.begin(), experts.end(), 0);
   std::vector<double> us;
@@ -106,6 +129,7 @@ int main(int argc, char** argv) {
   auto projection = [](int64_t N, int64_t K) { return N * K / 2 + N * 16 * 2 + N * (K / kGroup) * 4.0; };
   const double expert = 2 * projection(F, H) + projection(H, F);
   const double bytes = expert * k * layers;
-  std::printf("threads %d, %d layers, %.1f MB routed: median %.0f us per step (%.1f GB/s), best %.0f\n", threads,
-              layers, bytes / 1e6, us[us.size() / 2], bytes / us[us.size() / 2] / 1e3, us[0]);
+  std::printf("threads %d, %d layers, %.1f MB routed, %.0f%% of neurons active: median %.0f us per step (%.1f GB/s), "
+              "best %.0f\n", threads, layers, bytes / 1e6, 100.0 * active / (E * F), us[us.size() / 2],
+              bytes / us[us.size() / 2] / 1e3, us[0]);
 }

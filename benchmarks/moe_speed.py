@@ -26,6 +26,10 @@ quantize --scheme any4`, ~1 h for the 4B at nice 19 on the shared 2-core machine
     nice -n 19 /usr/bin/time -v .venv/bin/pocketllm quantize --checkpoint out/bench/st4b --scheme any4 \
         --out out/bench/st4b-any4 > out/bench/st4b.quant.log 2>&1
     nice -n 19 .venv/bin/python benchmarks/moe_speed.py --rounds 3      # dense checkpoint, exports, timing, plot
+
+The LM head is quantize's choice (default: int8, shared by every variant; `results["lm_head"]` says which). For the
+any4-head sitting, quantize with `--lm-head any4` into another BENCH_DIR (st4b linked in) and pass `--lm-head any4`
+here too, for the dense yardstick's own quantize step.
 """
 
 from __future__ import annotations
@@ -123,6 +127,15 @@ def active_params(config: dict) -> dict:
         ffn, router, total_ffn = 3 * H * config["intermediate_size"], 0, 3 * H * config["intermediate_size"]
     return {"attention": L * attn, "ffn_active": L * ffn, "router": L * router, "lm_head": V * H,
             "active_total": L * (attn + ffn + router) + V * H, "ffn_total": L * total_ffn}
+
+
+def head_scheme(ckpt: Path) -> str:
+    """How a quantized checkpoint stores its LM head (a tied model: the shared table), from its quantization plan."""
+    config = json.loads((ckpt / "config.json").read_text())
+    modules = config["quantization_config"]["modules"]
+    entry = modules.get("lm_head") or modules.get("model.embed_tokens") if config.get("tie_word_embeddings") \
+        else modules.get("lm_head")
+    return entry["scheme"] if entry else "none"
 
 
 def export(ckpt: Path, out: Path, flags: list[str], args) -> float | None:
@@ -249,7 +262,8 @@ def plot(results: dict, path: Path) -> None:
     speedup = (f"expert-sparse decode {results['speedup_decode']:.1f}x all-experts" if results["speedup_decode"]
                else f"expert-sparse decode {same:.1f}x all-experts (both without XNNPACK)" if same
                else f"not measured: {', '.join(results['not_measured'])}")
-    fig.suptitle(f"SmallThinker 4b-a0.6b any4 (random weights), ExecuTorch, {platform.machine()}, load "
+    fig.suptitle(f"SmallThinker 4b-a0.6b any4, {results.get('lm_head', 'int8')} head (random weights), ExecuTorch, "
+                 f"{platform.machine()}, load "
                  f"{results['machine']['load_average_before_during_after'][0][0]:.0f} on {os.cpu_count()} cores: "
                  f"{speedup}", fontsize=9)
     fig.tight_layout()
@@ -265,6 +279,8 @@ def main() -> None:
     ap.add_argument("--decode", type=int, default=32)
     ap.add_argument("--max-context", type=int, default=1024)
     ap.add_argument("--budget-mib", type=float, default=1024)
+    ap.add_argument("--lm-head", default="auto", help="--lm-head of the dense yardstick's quantize step (the "
+                    "SmallThinker checkpoint is quantized beforehand: see the docstring)")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "moe_speed")
     ap.add_argument("--variants", type=lambda v: [x.strip() for x in v.split(",") if x.strip()], default=None,
                     help="time only these (comma-separated: sparse, all-experts, store, store-1GiB, dense, "
@@ -295,7 +311,8 @@ def main() -> None:
         steps["dense_checkpoint_min"] = round((time.perf_counter() - t0) / 60, 1)
     if not (dense_any4 / "config.json").is_file():
         steps["dense_quantize_min"] = round(run_logged(NICE + [str(POCKETLLM), "quantize", "--checkpoint", str(dense),
-                                                               "--scheme", "any4", "--out", str(dense_any4)],
+                                                               "--scheme", "any4", "--lm-head", args.lm_head,
+                                                               "--out", str(dense_any4)],
                                                        "quantize dense") / 60, 1)
     bundles = {"sparse": (st_any4, B / "st-sparse", []), "all-experts": (st_any4, B / "st-all", ["--experts", "all"]),
                "store": (st_any4, B / "st-store", ["--experts", "file"]), "dense": (dense_any4, B / "dense", []),
@@ -337,13 +354,13 @@ def main() -> None:
         uptimes.append(os.getloadavg())
 
     summary = {n: summarize(r) for n, r in rows.items()}
-    manifest = json.loads((B / "st-store" / "manifest.json").read_text())
-    store = manifest["targets"]["executorch"]["expert_store"]
-    non_expert = manifest["files"]["model.pte"]["size"] / 2**20
-    bound = non_expert + args.budget_mib + 300
     budget_name = f"store-{args.budget_mib / 1024:g}GiB"
-    memory = None
+    memory, bound = None, float("nan")
     if budget_name in summary and "store" in summary:
+        manifest = json.loads((B / "st-store" / "manifest.json").read_text())
+        store = manifest["targets"]["executorch"]["expert_store"]
+        non_expert = manifest["files"]["model.pte"]["size"] / 2**20
+        bound = non_expert + args.budget_mib + 300
         libtorch = summary[budget_name]["rss_after_libraries_mib"]
         memory = {"non_expert_weights_mib": round(non_expert, 1), "expert_file_mib": round(store["bytes"] / 2**20, 1),
                   "budget_mib": args.budget_mib, "bound_mib": round(bound, 1),
@@ -363,7 +380,7 @@ def main() -> None:
                     "load_average_before_during_after": [[round(x, 2) for x in u] for u in uptimes]},
         "date": time.strftime("%Y-%m-%d %H:%M"),
         "threads": args.threads, "prompt": args.prompt, "decode": args.decode, "rounds": args.rounds,
-        "max_context": args.max_context, "load_mode": "mmap (no mlock)",
+        "max_context": args.max_context, "load_mode": "mmap (no mlock)", "lm_head": head_scheme(st_any4),
         "speedup_decode": ratio("sparse", "all-experts", "decode_tok_s"),
         "speedup_prefill": ratio("sparse", "all-experts", "prefill_tok_s"),
         # both lowered without XNNPACK (the all-experts 4B cannot be lowered with it here): the experts alone differ

@@ -36,6 +36,7 @@
 #include <vector>
 
 #include "any4_decode.h"  // any4::half_to_float
+#include "prefetch.h"
 
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #include <immintrin.h>
@@ -381,7 +382,7 @@ inline int32x4_t reduce4(int32x4_t a0, int32x4_t a1, int32x4_t a2, int32x4_t a3)
 // the tile two ahead are requested (benchmarks/w4a8_decode_step.cpp: one tile ahead ~1.5x, two ~1.6x, four no better).
 inline void prefetch_ahead(const Tile& t, int64_t gi, int64_t g) {
   const uint8_t* p = t.q + 2 * kRows * t.stride + gi * (kRows * g / 2);
-  for (int64_t o = 0; o < kRows * g / 2; o += 64) __builtin_prefetch(p + o);
+  prefetch_range(p, kRows * g / 2);
 }
 
 // Decode (one token), integer part: A[g * kRows + r] = sum_{j in g} xq[j] * lut[r][code[r][j]] for the tile's rows;

@@ -25,6 +25,7 @@
 #include <executorch/extension/kernel_util/make_boxed_from_unboxed_functor.h>
 
 #include "common.h"
+#include "prefetch.h"
 
 #if defined(__AVX__)
 #include <immintrin.h>
@@ -388,8 +389,8 @@ inline void prefetch_rows(const KV* k, const KV* v, int64_t j, int64_t count, in
   const int64_t bytes = D * static_cast<int64_t>(sizeof(KV));
   for (int64_t r = j; r < j + count; ++r)
     for (int64_t b = 0; b < bytes; b += 64) {
-      __builtin_prefetch(reinterpret_cast<const char*>(k + r * row + h * D) + b);
-      __builtin_prefetch(reinterpret_cast<const char*>(v + r * row + h * D) + b);
+      prefetch_line(reinterpret_cast<const char*>(k + r * row + h * D) + b);
+      prefetch_line(reinterpret_cast<const char*>(v + r * row + h * D) + b);
     }
 }
 

@@ -31,6 +31,7 @@
 
 #include "any4_decode.h"
 #include "common.h"
+#include "prefetch.h"
 
 namespace pocketllm {
 namespace {
@@ -87,9 +88,6 @@ void weight_order(const float* v, int64_t n, float* out) {
 
 inline v8f splat(float v) { return v8f{v, v, v, v, v, v, v, v}; }
 
-inline void prefetch_bytes(const void* p, int64_t bytes) {
-  for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(static_cast<const char*>(p) + off, 0, 2);
-}
 
 // w . x over n (x in weight order), four independent accumulators.
 template <typename W>
@@ -219,7 +217,7 @@ void active_rows_times_columns(const float* h, const int32_t* active, int64_t n_
     for (int j = 0; j < 8; ++j) acc[j] = v8f{0, 0, 0, 0, 0, 0, 0, 0};
     for (int64_t i = 0; i < n_active; ++i) {
       const int64_t f = active[i];
-      if (i + kPrefetchRows < n_active) prefetch_bytes(wt + active[i + kPrefetchRows] * H + c, 64 * sizeof(W));
+      if (i + kPrefetchRows < n_active) prefetch_range(wt + active[i + kPrefetchRows] * H + c, 64 * sizeof(W));
       const v8f b = splat(h[f]);
       const W* row = wt + f * H + c;
       for (int j = 0; j < 4; ++j) {
@@ -381,8 +379,8 @@ void list_neurons(const Routing& r, float* h, int64_t F, int64_t skip_max, std::
 
 // h[p, f] = act(h[p, f]) * up_dot(a, p, f) over the listed neurons of every decode-like pair; work items = (expert,
 // kUpChunk list positions). Rows are prefetched kPrefetchRows ahead in list order, since skipped rows break the
-// hardware prefetcher's stream. (On the x86 machine measured this recovers little: scattered rows from DRAM stay
-// dearer than a streamed matrix, which is why kAuto skips only when few neurons are active.)
+// hardware prefetcher's stream: without it (GCC had dropped these prefetches, kernels/prefetch.h) any4's skip path
+// ran 1.3x slower than reading every row at 50 % active neurons; with it, never slower (see kAuto in moe_ffn.h).
 template <typename UpDot, typename PrefetchRow>
 void up_pass(const Routing& r, float* h, int64_t F, MoeActivation act, const std::vector<int32_t>& list,
              const std::vector<int64_t>& count, const UpDot& up_dot, const PrefetchRow& prefetch_row) {
@@ -459,7 +457,7 @@ void run_float(const float* x, const int64_t* ids, const float* weights, int64_t
   up_pass(
       r, h.data(), F, act, list, count,
       [&](int64_t a, int64_t p, int64_t f) { return dot_w(up_of(a) + f * H, xw + r.token[p] * H, H); },
-      [&](int64_t a, int64_t f) { prefetch_bytes(up_of(a) + f * H, row_bytes); });
+      [&](int64_t a, int64_t f) { prefetch_range(up_of(a) + f * H, row_bytes); });
 
   // down: decode-like experts read the rows of their listed neurons only
   const int64_t nc = (H + kColumnBlock - 1) / kColumnBlock;
@@ -528,10 +526,10 @@ struct Any4Rows {
   }
 
   void prefetch(int64_t i) const {
-    prefetch_bytes(q + i * (K / 2), K / 2);
-    __builtin_prefetch(lut + i * 16);
-    __builtin_prefetch(s + i * G);
-    __builtin_prefetch(z + i * G);
+    prefetch_range(q + i * (K / 2), K / 2);
+    prefetch_line(lut + i * 16);
+    prefetch_line(s + i * G);
+    prefetch_line(z + i * G);
   }
 
   // Row i . x. xp, xsum: any4_decode.h's permuted x and per-group sums (used when simd); x otherwise.

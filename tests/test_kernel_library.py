@@ -36,3 +36,38 @@ def test_cpp_hand_checked_cases(tmp_path):
     subprocess.run(["cmake", "--build", str(build), "-j2"], check=True, capture_output=True)
     proc = subprocess.run([str(build / "kernels_test")], capture_output=True, text=True)
     assert proc.returncode == 0 and "all kernel tests passed" in proc.stdout, proc.stdout
+
+
+# Kernel code that prefetches on purpose, by the function names it compiles to, with the measurement behind each
+# prefetch: a compiler that drops them (GCC 12 dropped moe_ffn's any4 row prefetches, kernels/prefetch.h) leaves
+# results unchanged and only shows as lost speed, so the built library is checked for the instructions themselves.
+PREFETCHING = {
+    "up_pass<pocketllm::(anonymous namespace)::run_any4": "moe_ffn any4: listed up rows",
+    "up_pass<pocketllm::(anonymous namespace)::run_float": "moe_ffn fp32/bf16: listed up rows",
+    "pocketllm::w4a8::linear_rows": "W4A8 decode: the tile two ahead",
+    "pocketllm::infllm_attention_impl": "InfLLM v2: the next chunk's K/V rows",
+}
+
+
+def test_prefetches_survive_compilation():
+    import shutil
+
+    from pocketllm.runtime_py.runners.executorch import DEFAULT_KERNEL_LIBRARY
+    from tests.kernels import build_kernels
+
+    objdump = shutil.which("objdump")
+    if objdump is None:
+        pytest.skip("objdump (binutils) is not installed")
+    build_kernels()
+    listing = subprocess.run([objdump, "-d", "-C", "--no-show-raw-insn", str(DEFAULT_KERNEL_LIBRARY)], check=True,
+                             capture_output=True, text=True).stdout
+    found = {name: 0 for name in PREFETCHING}
+    function = ""
+    for line in listing.splitlines():
+        if line.endswith(">:"):
+            function = line
+        elif "prefetch" in line or "prfm" in line:
+            for name in found:
+                found[name] += name in function
+    missing = [f"{what} ({name})" for name, what in PREFETCHING.items() if not found[name]]
+    assert not missing, "no prefetch instruction in: " + "; ".join(missing)

@@ -63,14 +63,15 @@ struct MoeAny4Experts {
 // with fewer than kPanelTokens tokens in the call (all of them in decode); the others run register-tiled panels.
 //   kOff:    read every row.
 //   kAuto:   skip when at most this share of a token's neurons is active (the `.out` kernels' mode): fp32 4/8, bf16
-//            3/8, any4 6/8. any4 (2026-12-02, benchmarks/moe_ffn_decode_step.cpp, 4b-a0.6b's routed experts, x86,
+//            4/8, any4 6/8. any4 (2026-12-02, benchmarks/moe_ffn_decode_step.cpp, 4b-a0.6b's routed experts, x86,
 //            off vs always, two rounds): 13 % active 10.4 -> 8.7 ms (2 threads), 15.4 -> 11.9 (one); 50 % 10.0 ->
 //            9.6, 14.5 -> 13.7; 72 % and 87 % equal within noise. Only up rows are skipped for any4 (its down rows
-//            cannot be, see moe_ffn.cpp). The fp32 / bf16 shares were measured before kernels/prefetch.h, when the
-//            compiler had dropped the up rows' prefetches: they are likely low.
+//            cannot be, see moe_ffn.cpp). fp32 / bf16 (benchmarks/moe_ffn_speed.py, one layer, 2 threads, weights
+//            from DRAM): at 48 % active, skipping bf16 0.90 vs 0.95 ms (0.44 vs 0.69 cache-warm), fp32 equal; higher
+//            shares are not measured for them since kernels/prefetch.h, so they stay at half.
 //   kAlways: skip whenever a gate is not positive.
 enum class NeuronSparsity : int64_t { kOff = 0, kAuto = 1, kAlways = 2 };
-constexpr int64_t kAutoSkipEighthsFp32 = 4, kAutoSkipEighthsBf16 = 3, kAutoSkipEighthsAny4 = 6;
+constexpr int64_t kAutoSkipEighthsFp32 = 4, kAutoSkipEighthsBf16 = 4, kAutoSkipEighthsAny4 = 6;
 
 // x [T, H] fp32, ids [T, k] (each in [0, E)), weights [T, k] fp32, out [T, H] fp32 (may not alias x).
 // Both return false, writing nothing, when an expert id is out of range.

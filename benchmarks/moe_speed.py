@@ -375,7 +375,8 @@ def main() -> None:
 
     st_cfg = json.loads((st / "config.json").read_text())
     results = {
-        "command": "nice -n 10 .venv/bin/python benchmarks/moe_speed.py " + " ".join(sys.argv[1:]),
+        "command": f"{'nice -n ' + str(os.nice(0)) + ' ' if os.nice(0) else ''}.venv/bin/python benchmarks/moe_speed.py "
+                   + " ".join(sys.argv[1:]),
         "machine": {"arch": platform.machine(), "cpus": os.cpu_count(),
                     "load_average_before_during_after": [[round(x, 2) for x in u] for u in uptimes]},
         "date": time.strftime("%Y-%m-%d %H:%M"),

@@ -1,15 +1,17 @@
 // The routed experts of one SmallThinker 4b-a0.6b decode step through pocketllm_moe_ffn_any4 (the kernel library's
 // C entry, ExecuTorch's threadpool): 32 layers, each its own stack of 32 any4 experts (H 1536, F 768, g128, bf16
 // LUTs, fp16 scales and zeros; 2 GB in all, so the routed experts come from memory as in a model), 4 experts a token
-// chosen at random per layer and step, ReGLU, the `.out` kernels' neuron-sparsity mode (or the one given). Prints the median and best
-// microseconds per step over 100 steps and the routed bytes per microsecond. The library is dlopen'ed, so one driver
-// times any build of it (before/after a change: run the two alternately, one process each).
+// chosen at random per layer and step, ReGLU, the `.out` kernels' neuron-sparsity mode (or the one given; with
+// POSITIVE%, gate LUTs drawn positive that often, which sets the share of active neurons: 50 -> ~50 %, 45 -> ~36 %,
+// 40 -> ~22 %, 35 -> ~13 %, reported). Prints the median and best microseconds per step over 100 steps and the routed
+// bytes per microsecond. The library is dlopen'ed, so one driver times any build of it (before/after a change: run
+// the two alternately, one process each).
 //
 // Build (from the repository root, after `make kernels`):
 //   ET=.venv/lib/python3.11/site-packages/executorch
 //   c++ -O2 -std=c++17 benchmarks/moe_ffn_decode_step.cpp -o /tmp/moe_ffn_decode_step
 //       -L$ET/lib -lexecutorch_threadpool -Wl,-rpath,$PWD/$ET/lib -ldl        (one command line)
-// Run: /tmp/moe_ffn_decode_step kernels/build/libpocketllm_kernels.so [THREADS [LAYERS]]
+// Run: /tmp/moe_ffn_decode_step kernels/build/libpocketllm_kernels.so [THREADS [LAYERS [off|auto|always [POSITIVE%]]]]
 #include <algorithm>
 #include <chrono>
 #include <cstdint>
@@ -78,7 +80,12 @@ int main(int argc, char** argv) {
   // POSITIVE%: the share of gate LUT entries drawn positive, with x >= 0, which sets how many neurons are active
   // (given: x in [0, 1); default: 50 with x in [-1, 1))
   const bool biased = argc > 5;
-  const double positive = biased ? count_arg(argc, argv, 5, 50, "POSITIVE%") / 100.0 : 0.5;
+  const int percent = biased ? count_arg(argc, argv, 5, 50, "POSITIVE%") : 50;
+  if (percent > 99) {
+    std::fprintf(stderr, "POSITIVE%%: expected a share from 1 to 99, got %d\n", percent);
+    return 2;
+  }
+  const double positive = percent / 100.0;
   const auto moe = kernel_entry<MoeAny4>(argv[1], "pocketllm_moe_ffn_any4", threads);
 
   const int64_t E = 32, H = 1536, F = 768, k = 4;

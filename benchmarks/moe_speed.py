@@ -375,13 +375,14 @@ def main() -> None:
 
     st_cfg = json.loads((st / "config.json").read_text())
     results = {
-        "command": f"{'nice -n ' + str(os.nice(0)) + ' ' if os.nice(0) else ''}.venv/bin/python benchmarks/moe_speed.py "
+        "command": (f"nice -n {os.nice(0)} " if os.nice(0) else "") + ".venv/bin/python benchmarks/moe_speed.py "
                    + " ".join(sys.argv[1:]),
         "machine": {"arch": platform.machine(), "cpus": os.cpu_count(),
                     "load_average_before_during_after": [[round(x, 2) for x in u] for u in uptimes]},
         "date": time.strftime("%Y-%m-%d %H:%M"),
         "threads": args.threads, "prompt": args.prompt, "decode": args.decode, "rounds": args.rounds,
         "max_context": args.max_context, "load_mode": "mmap (no mlock)", "lm_head": head_scheme(st_any4),
+        "dense_lm_head": head_scheme(dense_any4) if (dense_any4 / "config.json").is_file() else None,
         "speedup_decode": ratio("sparse", "all-experts", "decode_tok_s"),
         "speedup_prefill": ratio("sparse", "all-experts", "prefill_tok_s"),
         # both lowered without XNNPACK (the all-experts 4B cannot be lowered with it here): the experts alone differ
@@ -405,6 +406,9 @@ def main() -> None:
         "stacking_memory": stacking,
         "variants": summary,
     }
+    if results["dense_lm_head"] not in (None, results["lm_head"]):
+        log(f"warning: the dense yardstick's LM head is {results['dense_lm_head']}, "
+            f"SmallThinker's {results['lm_head']}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
     plot(results, args.out.with_suffix(".png"))

@@ -63,9 +63,10 @@ struct MoeAny4Experts {
 // with fewer than kPanelTokens tokens in the call (all of them in decode); the others run register-tiled panels.
 //   kOff:    read every row.
 //   kAuto:   skip when at most this share of a token's neurons is active (the `.out` kernels' mode): fp32 4/8, bf16
-//            4/8, any4 6/8. any4 (2026-12-02, benchmarks/moe_ffn_decode_step.cpp, 4b-a0.6b's routed experts, x86,
-//            off vs always, two rounds): 13 % active 10.4 -> 8.7 ms (2 threads), 15.4 -> 11.9 (one); 50 % 10.0 ->
-//            9.6, 14.5 -> 13.7; 72 % and 87 % equal within noise. Only up rows are skipped for any4 (its down rows
+//            4/8, any4 6/8, measured on x86 only (phones: not yet). any4 (2026-12-02,
+//            benchmarks/moe_ffn_decode_step.cpp, 4b-a0.6b's routed experts, off vs always, two rounds): 13 %
+//            active 10.4 -> 8.7 ms (2 threads), 15.4 -> 11.9 (one); 50 % 10.0 -> 9.6, 14.5 -> 13.7; 72 % and 87 %
+//            equal within noise. Only up rows are skipped for any4 (its down rows
 //            cannot be, see moe_ffn.cpp). fp32 / bf16 (benchmarks/moe_ffn_speed.py, one layer, 2 threads, weights
 //            from DRAM): at 48 % active, skipping bf16 0.90 vs 0.95 ms (0.44 vs 0.69 cache-warm), fp32 equal; higher
 //            shares are not measured for them since kernels/prefetch.h, so they stay at half.

@@ -10,11 +10,15 @@
 namespace pocketllm {
 
 // Bring the 64-byte line holding p towards the core (L1; a hint: no fault, no effect on results).
+// x86 (SSE: the instruction's ISA; AT&T or Intel syntax), arm64 (64-bit register operand, also for ILP32 arm64_32),
+// 32-bit ARM (pld); elsewhere the builtin, which a compiler may drop.
 inline void prefetch_line(const void* p) {
-#if defined(__x86_64__) || defined(__i386__)
-  asm volatile("prefetcht0 (%0)" ::"r"(p));
+#if (defined(__x86_64__) || defined(__i386__)) && defined(__SSE__)
+  asm volatile("{prefetcht0 (%0)|prefetcht0 [%0]}" ::"r"(p));
 #elif defined(__aarch64__)
-  asm volatile("prfm pldl1keep, [%0]" ::"r"(p));
+  asm volatile("prfm pldl1keep, [%x0]" ::"r"(reinterpret_cast<uintptr_t>(p)));
+#elif defined(__arm__)
+  asm volatile("pld [%0]" ::"r"(p));
 #else
   __builtin_prefetch(p);
 #endif

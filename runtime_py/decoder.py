@@ -24,6 +24,7 @@ import numpy as np
 
 from pocketllm.runtime_py.attention import causal_attention
 from pocketllm.runtime_py.errors import PocketllmError
+from pocketllm.runtime_py.mlp import RouterTrace
 from pocketllm.runtime_py.ops.infllm_attention import infllm_attention
 from pocketllm.runtime_py.ops.rms_norm import rms_norm
 from pocketllm.runtime_py.ops.rope import apply_rope
@@ -157,9 +158,7 @@ class PreNormDecoder:
         self.length = 0  # tokens currently in the cache
         # Per layer, the InfLLM v2 block selection of the last call (bool [Hkv, T, n_blocks]); None elsewhere.
         self.last_selection: list[np.ndarray | None] = [None] * spec.num_layers
-        # The last call's smallest router top-k margin per token over the MoE layers (mlp.route_margin); None without
-        # experts. Families with routers set it in feed_forward.
-        self.last_router_margin: np.ndarray | None = None
+        self.router = RouterTrace()  # margins of the last call for parity; families with routers route through it
 
     def load_ffn(self, weights: dict[str, np.ndarray], i: int):
         raise NotImplementedError
@@ -171,7 +170,6 @@ class PreNormDecoder:
         """Forget every cached token (the next forward must start at position 0)."""
         self.length = 0
         self.last_selection = [None] * self.spec.num_layers
-        self.last_router_margin = None
 
     def forward(self, tokens, start_pos: int) -> np.ndarray:
         """Run T new tokens at positions start_pos .. start_pos + T - 1 and append them to the KV cache.
@@ -188,7 +186,7 @@ class PreNormDecoder:
 
         h = self.embed[tokens] * np.float32(spec.scale_emb)  # [T, H]
         cos, sin = self.cos[start_pos:L], self.sin[start_pos:L]  # [T, rope.dim]
-        self.last_router_margin = None
+        self.router.start(start_pos, tokens.size)
         for i, layer in enumerate(spec.layers):
             layer_input = h
             x = rms_norm(h, self.input_norms[i], eps)

@@ -56,12 +56,14 @@ DEFAULT_TOLERANCE = {"none": 1e-3, "any4": 1e-3, "int4": 1e-3, "int8": 1e-3, "nf
 MIN_TOP1_UNMATCHED = 0.9
 # ROUTER_TIES. A mixture-of-experts router keeps its top-k logits. Where the k-th and the best one left out stand
 # closer than an exact contract's tolerance, an engine that matches the reference to that tolerance may route the token
-# to the other expert, and that position's logits then differ by far more (measured 2026-12-02: a random-weight
-# MiniMax int8 Core ML bundle in fp32 mode, |delta| ~1e-4 everywhere but one decode step, 0.13, where the reference's
-# margin was 1.8e-4, the smallest of the prompt's 156 positions). So under an exact contract a prompt whose first
-# position past the tolerance is such a near-tie (the reference's smallest margin over the layers at that position
-# within the tolerance) is compared up to it: what follows attends to that token's different cache entries. The report
-# names it (`router_ties`). A routing defect shows at positions with clear margins, and those still fail.
+# to the other expert, and that position's logits then differ by far more (measured 2026-12-02: a random-weight MiniMax
+# int8 Core ML bundle in fp32 mode, |delta| <= 8.4e-4 everywhere but one decode step, 0.13, where the reference's
+# margin was 1.8e-4, the smallest of the prompt's 156 positions). So under an exact contract, when a prompt's first
+# position past the tolerance is such a near-tie (the reference's smallest margin over the layers there within the
+# tolerance), the reference is replayed with that layer sending that token to the runner-up expert instead
+# (mlp.RouterTrace), and from that position on the artifact is held to the replay: the same tolerance at every
+# position and the same greedy tokens. Nothing is left uncompared; an artifact that departs for any other reason does
+# not match the replay either and fails. The report names each such tie (`router_ties`).
 # W4A8 (quantization.activations "int8"): the reference reproduces the kernel's numerics bit for bit (the op tests
 # hold the kernel to that on the same inputs), but each engine rounds every activation to int8 from its own fp32
 # input, and those differ in the last bits (norms, attention and sums run in other orders). An activation near a
@@ -114,7 +116,7 @@ class RecordedReference:
 
     def __init__(self, reference, block_size: int | None):
         self.reference, self.block_size = reference, block_size
-        self.calls: list[tuple[np.ndarray, bool | None]] = []
+        self.calls: list[tuple[np.ndarray, bool | None, tuple[np.ndarray, np.ndarray] | None]] = []
         self.next = 0
 
     def reset(self) -> None:
@@ -122,30 +124,51 @@ class RecordedReference:
         if not self.calls:
             self.reference.reset()
 
-    def forward(self, tokens: np.ndarray, start_pos: int) -> tuple[np.ndarray, bool | None, np.ndarray | None]:
-        """(logits, whether an InfLLM v2 layer left a valid block out: None when no layer is InfLLM, each token's
-        smallest router top-k margin: None without experts)."""
+    def forward(self, tokens: np.ndarray, start_pos: int):
+        """(logits, whether an InfLLM v2 layer left a valid block out: None when no layer is InfLLM, (each token's
+        smallest router top-k margin, the layer of it): None without experts)."""
         if self.next == len(self.calls):
             logits = self.reference.forward(tokens, start_pos)
             engaged = _infllm_engaged(self.reference, start_pos, self.block_size) if self.block_size else None
-            margin = getattr(self.reference, "last_router_margin", None)
-            self.calls.append((logits, engaged, None if margin is None else margin.copy()))
+            trace = getattr(self.reference, "router", None)
+            routing = None if trace is None or trace.margin is None else (trace.margin.copy(), trace.layer.copy())
+            self.calls.append((logits, engaged, routing))
         self.next += 1
         return self.calls[self.next - 1]
 
+    def replay_runner_up(self, layer: int, position: int, calls: list[tuple[np.ndarray, int]]) -> list[np.ndarray]:
+        """The reference's logits for `calls` [(tokens, start_pos)] with MoE layer `layer` sending the token at
+        `position` to its runner-up expert (ROUTER_TIES). The recorded calls stay as they are."""
+        trace = self.reference.router
+        trace.runner_up = {layer: {position}}
+        try:
+            self.reference.reset()
+            return [self.reference.forward(tokens, start) for tokens, start in calls]
+        finally:
+            trace.runner_up = {}
+            self.reference.reset()
 
-def compare_engines(reference, engine, prompt_ids: list[int], steps: int, block_size: int | None) -> dict:
-    """reference: the numpy model, or a RecordedReference of it."""
+
+def compare_engines(reference, engine, prompt_ids: list[int], steps: int, block_size: int | None,
+                    tie_tolerance: float | None = None) -> dict:
+    """reference: the numpy model, or a RecordedReference of it. tie_tolerance: an exact contract's tolerance, for
+    router near-ties (ROUTER_TIES); None: no tie handling."""
     if not isinstance(reference, RecordedReference):
         reference = RecordedReference(reference, block_size)
     reference.reset()
     engine.reset()
     ids = np.asarray(prompt_ids, dtype=np.int64)
-    ref, engaged, margin = reference.forward(ids, 0)
-    margins = None if margin is None else list(margin)  # per compared position: prefill rows, then steps
+    ref, engaged, routing = reference.forward(ids, 0)
+    # per compared position (prefill rows, then steps): the reference's smallest router margin and its layer
+    margins, layers = (None, None) if routing is None else (list(routing[0]), list(routing[1]))
     got = engine.forward(ids, 0)
     prefill_rows = np.abs(ref - got).max(axis=-1)  # per position
     prefill_delta = float(prefill_rows.max())
+    tie = None  # the first position past tie_tolerance, when it is a near-tie: the artifact's rows from it on are kept
+    if tie_tolerance is not None and margins is not None:
+        first = next((i for i, d in enumerate(prefill_rows) if d > tie_tolerance), None)
+        if first is not None and margins[first] <= tie_tolerance:
+            tie = {"position": first, "rows": list(got[first:])}
     deltas, agree, ref_tokens, got_tokens = [], [], [], []
     pos = ids.size
     r_row, g_row = ref[-1], got[-1]
@@ -157,16 +180,25 @@ def compare_engines(reference, engine, prompt_ids: list[int], steps: int, block_
         if step == steps - 1:
             break
         token = np.array([r_tok], dtype=np.int64)  # both engines are fed the reference's choice
-        r_out, e, margin = reference.forward(token, pos)
+        r_out, e, routing = reference.forward(token, pos)
         r_row = r_out[-1]
         if margins is not None:
-            margins.append(margin[-1])
+            margins.append(routing[0][-1])
+            layers.append(routing[1][-1])
         g_row = engine.forward(token, pos)[-1]
         deltas.append(float(np.abs(r_row - g_row).max()))
+        if tie is not None:
+            tie["rows"].append(g_row.copy())
+        elif (tie_tolerance is not None and margins is not None and deltas[-1] > tie_tolerance
+              and max(prefill_delta, *deltas[:-1], 0.0) <= tie_tolerance and margins[pos] <= tie_tolerance):
+            tie = {"position": pos, "rows": [g_row.copy()]}
         if e is not None:
             engaged = bool(engaged) or bool(e)
         pos += 1
     first = next((i for i, a in enumerate(agree) if not a), None)
+    if tie is not None:
+        tie = _runner_up_replay(reference, ids, ref_tokens, tie, float(margins[tie["position"]]),
+                                int(layers[tie["position"]]), got_tokens)
     return {
         "prompt_tokens": int(ids.size), "steps": steps,
         "max_abs_delta_prefill": prefill_delta,
@@ -181,7 +213,24 @@ def compare_engines(reference, engine, prompt_ids: list[int], steps: int, block_
         "infllm_engaged": engaged,
         "per_position_router_margin": None if margins is None else
         [float(m) if np.isfinite(m) else None for m in margins],
+        "router_tie": tie,
     }
+
+
+def _runner_up_replay(reference: RecordedReference, ids: np.ndarray, ref_tokens: list[int], tie: dict,
+                      margin: float, layer: int, got_tokens: list[int]) -> dict:
+    """ROUTER_TIES: the reference replayed with `layer` sending the token at tie["position"] to its runner-up, and
+    the artifact's rows from that position on (tie["rows"]) against it: max |delta| and the greedy tokens they pick."""
+    P, p = ids.size, tie["position"]
+    calls = [(ids, 0)] + [(np.array([t], dtype=np.int64), P + s) for s, t in enumerate(ref_tokens[:-1])]
+    out = reference.replay_runner_up(layer, p, calls)
+    replay = (list(out[0]) + [r[-1] for r in out[1:]])[p:]  # one row per position, from the tie on
+    deltas = [float(np.abs(a - b).max()) for a, b in zip(tie["rows"], replay)]
+    # greedy step s is decided at position P - 1 + s: the steps from the tie on, against the replay's choices
+    steps = range(max(0, p - P + 1), len(got_tokens))
+    same = all(got_tokens[s] == int(np.argmax(replay[P - 1 + s - p])) for s in steps)
+    return {"position": p, "margin": margin, "layer": layer, "positions": len(deltas),
+            "max_abs_delta_vs_runner_up": max(deltas), "greedy_identical_vs_runner_up": same}
 
 
 def manifest_score_rule(manifest: dict) -> str | None:
@@ -250,23 +299,24 @@ def _positions(result: dict) -> list[float]:
 
 
 def _rows(results: list[dict], ties: dict[int, dict] | None = None) -> np.ndarray:
-    """Every compared position's max |delta logit| over the prompts; a prompt with a router near-tie (`ties`, by
-    prompt index) up to it."""
+    """Every compared position's max |delta logit| over the prompts; for a prompt with an accepted router near-tie
+    (`ties`, by prompt index), against the reference up to the tie and against its runner-up replay from it on."""
     ties = ties or {}
-    return np.array([d for i, r in enumerate(results)
-                     for d in _positions(r)[:ties[i]["position"] if i in ties else None]], dtype=np.float64)
+    return np.array([d for i, r in enumerate(results) for d in (
+        _positions(r)[:ties[i]["position"]] + [ties[i]["max_abs_delta_vs_runner_up"]] if i in ties
+        else _positions(r))], dtype=np.float64)
 
 
 def router_tie(result: dict, tolerance: float) -> dict | None:
-    """The prompt's router near-tie, if its first position past `tolerance` is one (see ROUTER_TIES), else None."""
-    margins = result.get("per_position_router_margin")
-    if not margins:
+    """The prompt's router near-tie when the artifact matches the reference's runner-up replay from it on (ROUTER_TIES):
+    within `tolerance` at every position, the same greedy tokens. None otherwise."""
+    tie = result.get("router_tie")
+    if not tie or tie["margin"] > tolerance or tie["max_abs_delta_vs_runner_up"] > tolerance \
+            or not tie["greedy_identical_vs_runner_up"]:
         return None
-    rows = _positions(result)
-    first = next((i for i, d in enumerate(rows) if d > tolerance), None)
-    if first is None or margins[first] is None or margins[first] > tolerance:
+    if any(d > tolerance for d in _positions(result)[:tie["position"]]):  # (compare_engines found it first already)
         return None
-    return {"position": first, "margin": margins[first], "positions_not_compared": len(rows) - first}
+    return tie
 
 
 def noise_floor(results: list[dict], criteria: dict) -> dict:
@@ -289,7 +339,8 @@ def verdict(results: list[dict], criteria: dict, noise: dict | None = None) -> d
     rows = _rows(results, ties)
     max_delta = float(rows.max()) if rows.size else 0.0
     top1 = float(np.mean([r["top1_agreement"] for r in results]))
-    # greedy step s is decided by position prompt_tokens - 1 + s: a divergence from a router near-tie on is not one
+    # greedy step s is decided at position prompt_tokens - 1 + s: from an accepted near-tie on, the tokens were held to
+    # the runner-up replay's (router_tie)
     identical = all(r["continuation_identical"] or (i in ties and r["prompt_tokens"] - 1 + r["first_divergence"]
                                                     >= ties[i]["position"]) for i, r in enumerate(results))
     within = float(np.mean(rows <= tolerance)) if tolerance is not None and rows.size else None
@@ -315,8 +366,8 @@ def verdict(results: list[dict], criteria: dict, noise: dict | None = None) -> d
         passed = passed and (not criteria.get("identical") or identical) and top1 >= criteria.get("min_top1", 0.0)
     if ties:
         extra["router_ties"] = [{"prompt": i, **t} for i, t in ties.items()]
-        contract += (f"; {len(ties)} prompt(s) compared up to a router near-tie (top-k margin within the "
-                     "tolerance: the engines may route that token differently)")
+        contract += (f"; {len(ties)} prompt(s) held to the reference with a near-tie token routed to the runner-up "
+                     "expert from that position on")
     return {"passed": bool(passed), "max_abs_delta": max_delta, "positions_within_tolerance": within,
             "top1_agreement": top1, "continuations_identical": identical, "tolerance": tolerance,
             "contract": contract, "criteria": {k: v for k, v in criteria.items() if k != "doc"}, **extra}
@@ -373,11 +424,13 @@ def run_parity(bundle: Path, *, target: str | None = None, prompts_file: Path | 
         encoded.append((text, ids[:max_context - n], n, len(ids)))  # a long prompt keeps its beginning (reported)
     recorded = [RecordedReference(reference, block) for _ in encoded]
 
-    def run(engine, runs: int = 1, run_index: int = 0) -> tuple[list[dict], float]:
+    def run(engine, runs: int = 1, run_index: int = 0, criteria: dict | None = None) -> tuple[list[dict], float]:
         t0 = time.perf_counter()
         results = []
+        # router near-ties are resolved under exact contracts only (ROUTER_TIES)
+        tie = None if not criteria or criteria.get("noise_jitter") is not None else criteria.get("tolerance")
         for i, (text, ids, n, full) in enumerate(encoded):
-            r = compare_engines(recorded[i], engine, ids, n, block)
+            r = compare_engines(recorded[i], engine, ids, n, block, tie_tolerance=tie)
             r["prompt"], r["prompt_truncated"], r["prompt_tokens_full"] = text[:80], len(ids) < full, full
             results.append(r)
             if progress:
@@ -395,7 +448,7 @@ def run_parity(bundle: Path, *, target: str | None = None, prompts_file: Path | 
         w4a8 = manifest.get("quantization", {}).get("activations") == "int8" and \
             manifest.get("quantization", {}).get("scheme") == "any4"
         criteria = contract_criteria(default, w4a8)
-        results, seconds = run(engine, 1 + w4a8)
+        results, seconds = run(engine, 1 + w4a8, criteria=criteria)
         noise = None
         if "noise_jitter" in criteria:  # the reference against itself under rounding-sized jitter, same tokens
             jittered, _ = reference_for(bundle, manifest, checkpoint, max_context, float_weights,
@@ -414,7 +467,7 @@ def run_parity(bundle: Path, *, target: str | None = None, prompts_file: Path | 
         for name, criteria in modes.items():
             if tolerance is not None and criteria.get("tolerance") is not None:
                 criteria = {**criteria, "tolerance": tolerance}
-            results, seconds = run(runner(bundle, threads=threads, manifest=manifest, mode=name))
+            results, seconds = run(runner(bundle, threads=threads, manifest=manifest, mode=name), criteria=criteria)
             sections[name] = {"mode": name, **verdict(results, criteria), "seconds": seconds, "prompts": results}
         engaged = any(r["infllm_engaged"] for s in sections.values() for r in s["prompts"]) if block else None
         report = {**base, "passed": all(s["passed"] for s in sections.values()), "infllm_engaged": engaged,

@@ -66,7 +66,10 @@ def test_prefetches_survive_compilation():
     for line in listing.splitlines():
         if line.endswith(">:"):
             function = line
-        elif "prefetch" in line or "prfm" in line:
+            continue
+        fields = line.split("\t")  # "  addr:", mnemonic and operands (calls name functions: not the mnemonic)
+        mnemonic = fields[1].split()[0] if len(fields) > 1 and fields[1].split() else ""
+        if mnemonic.startswith("prefetch") or mnemonic == "prfm":
             for name in found:
                 found[name] += name in function
     missing = [f"{what} ({name})" for name, what in PREFETCHING.items() if not found[name]]

@@ -75,6 +75,18 @@ def test_memoized_properties_follow_every_kind_of_signature_change():
                                               target="renamed_buffer"))
         assert sig.buffers_to_mutate["o9"] == "renamed_buffer"
         assert_matches_torch(sig)
+        users = [s for s in sig.input_specs if s.kind == gs.InputKind.USER_INPUT]
+        sig.input_specs.append(gs.InputSpec(kind=gs.InputKind.USER_INPUT, arg=gs.TensorArgument(name="y"),
+                                            target=None))
+        before = sig.user_inputs
+        specs = list(sig.input_specs)  # reordered in place, same length, same objects (ExecuTorch's
+        sig.input_specs.clear()        # arrange_graph_outputs does this to output_specs)
+        sig.input_specs.extend(specs[::-1])
+        assert sig.user_inputs == tuple(reversed(before)) and users
+        assert_matches_torch(sig)
+        i, j = 0, len(sig.input_specs) - 1
+        sig.input_specs[i], sig.input_specs[j] = sig.input_specs[j], sig.input_specs[i]  # item assignment
+        assert_matches_torch(sig)
 
 
 def test_a_lookup_is_computed_once_per_state_and_torch_is_restored_after():

@@ -81,10 +81,10 @@ def _print_report(bundle: Path, report: dict, section: dict) -> None:
             console.print(f"* prompt {i}: {p['prompt_tokens_full']} tokens, cut to its first {p['prompt_tokens']} "
                           f"to fit the bundle's context with {p['steps']} steps", highlight=False, soft_wrap=True)
     for i, t in ties.items():
-        console.print(f"+ prompt {i}: a router near-tie at position {t['position']} (the reference's top-k margin "
-                      f"{t['margin']:.1e} is within the tolerance, so the engines may pick different experts there): "
-                      f"compared up to it, {t['positions_not_compared']} positions after it not", highlight=False,
-                      soft_wrap=True)
+        console.print(f"+ prompt {i}: a router near-tie at position {t['position']} (layer {t['layer']}, top-k margin "
+                      f"{t['margin']:.1e}, within the tolerance): from it on the {t['positions']} positions match the "
+                      f"reference with that token sent to the runner-up expert (max |delta| "
+                      f"{t['max_abs_delta_vs_runner_up']:.2e}, same greedy tokens)", highlight=False, soft_wrap=True)
     verdict = "PASS" if section["passed"] else "FAIL"
     need = section.get("criteria", {})
     if need.get("noise_jitter") is not None:  # W4A8: within the reference's own noise floor (docs/quantization.md)

@@ -28,7 +28,7 @@ import numpy as np
 from pocketllm.runtime_py.attention import causal_attention
 from pocketllm.runtime_py.decoder import check_max_context, check_tokens, take as _take
 from pocketllm.runtime_py.errors import PocketllmError
-from pocketllm.runtime_py.mlp import route, route_margin, swiglu
+from pocketllm.runtime_py.mlp import RouterTrace, swiglu
 from pocketllm.runtime_py.ops.lightning_attention import decay_rates, lightning_attention
 from pocketllm.runtime_py.ops.rms_norm import rms_norm
 from pocketllm.runtime_py.ops.rope import apply_rope
@@ -105,7 +105,7 @@ class Model:
         self.v_cache = [None if lt else np.zeros(kv, np.float32) for lt in lightning]
         self.states = [np.zeros(st, np.float32) if lt else None for lt in lightning]  # [heads, D, D] each
         self.length = 0
-        self.last_router_margin: np.ndarray | None = None
+        self.router = RouterTrace()  # margins of the last call, for parity (mlp.RouterTrace)
 
     def reset(self) -> None:
         """Forget the sequence: zero every lightning state (KV rows are overwritten by the next call)."""
@@ -130,7 +130,7 @@ class Model:
         L = start_pos + tokens.size
         h = self.embed[tokens]  # [T, H]
         cos, sin = self.cos[start_pos:L], self.sin[start_pos:L]
-        self.last_router_margin = None  # the smallest router top-k margin per token (mlp.route_margin), set by _moe
+        self.router.start(start_pos, tokens.size)
         for i, (ls, lw) in enumerate(zip(spec.layers, self.layers)):
             x = rms_norm(h, lw.input_norm, eps)
             if ls.attention == "lightning":
@@ -139,7 +139,7 @@ class Model:
                 mixed = self._softmax(i, ls, lw, x, start_pos, cos, sin)
             h = x * np.float32(ls.attn_alpha) + mixed * np.float32(ls.attn_beta)
             u = rms_norm(h, lw.post_norm, eps)
-            h = u * np.float32(ls.mlp_alpha) + self._moe(lw, u) * np.float32(ls.mlp_beta)
+            h = u * np.float32(ls.mlp_alpha) + self._moe(i, lw, u) * np.float32(ls.mlp_beta)
         self.length = L
         h = rms_norm(h, self.final_norm, eps)
         return (h @ self.lm_head.T).astype(np.float32)
@@ -163,10 +163,8 @@ class Model:
         out = causal_attention(q, self.k_cache[i][:L], self.v_cache[i][:L], start_pos, window=ls.sliding_window)
         return out.reshape(T, spec.q_width) @ lw.wo.T
 
-    def _moe(self, lw: MiniMaxLayer, u: np.ndarray) -> np.ndarray:
-        logits = u @ lw.router.T
-        self.last_router_margin = route_margin(logits, self.spec.moe.top_k, self.last_router_margin)
-        chosen, weights = route(logits, self.spec.moe.top_k, apply_softmax=True)  # [T, k] each
+    def _moe(self, i: int, lw: MiniMaxLayer, u: np.ndarray) -> np.ndarray:
+        chosen, weights = self.router.route(i, u @ lw.router.T, self.spec.moe.top_k, apply_softmax=True)  # [T, k]
         out = np.zeros_like(u)
         for e, (w1, w3, w2) in enumerate(lw.experts):
             rows, slot = np.nonzero(chosen == e)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from pocketllm.runtime_py.decoder import PreNormDecoder, take
-from pocketllm.runtime_py.mlp import Expert, moe, route_margin
+from pocketllm.runtime_py.mlp import Expert, moe
 
 
 class Model(PreNormDecoder):
@@ -28,6 +28,6 @@ class Model(PreNormDecoder):
 
     def feed_forward(self, i: int, u: np.ndarray, layer_input: np.ndarray) -> np.ndarray:
         router, experts = self.ffn[i]
-        logits = layer_input @ router.T
-        self.last_router_margin = route_margin(logits, self.spec.moe.top_k, self.last_router_margin)
-        return moe(u, logits, experts, self.spec.moe.top_k, self.spec.moe.router_softmax)
+        chosen, weights = self.router.route(i, layer_input @ router.T, self.spec.moe.top_k,
+                                            self.spec.moe.router_softmax)
+        return moe(u, chosen, weights, experts)

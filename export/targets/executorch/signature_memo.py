@@ -7,14 +7,16 @@ in the number of constants. SmallThinker 4b-a0.6b `--experts all` (any4: ~12,000
 lowering there (py-spy, torch 2.13 / executorch 1.5.1); a 12-layer 32-expert model's export spent 58 % of its time
 in those rebuilds.
 
-Inside the context each such property is computed once and reused until the signature changes. torch and ExecuTorch
-change a signature in three ways, and each one invalidates the memo:
+Inside the context each such property is computed once and reused until the signature changes. The memo's key
+catches every way torch and ExecuTorch change one:
 - attribute writes to the signature, a spec or an argument (`spec.arg.name = ...`, `sig.input_specs = [...]`): the
-  classes' `__setattr__` counts every write, and the count is part of the memo's key;
-- list insert / append / extend on `input_specs` / `output_specs`: the lists' lengths are part of the key;
-- a new list: its identity is part of the key (the memo holds the list, so its id cannot be reused meanwhile).
+  classes' `__setattr__` counts every write (after the write), and the count is part of the key;
+- the spec lists' contents: the identity of the list and of every spec in it, in order (insert / append, reorders
+  such as ExecuTorch's `output_specs.clear(); output_specs.extend(...)`, item assignment). One pass of `id` over
+  the list in C, far cheaper than the dict torch builds; the memo holds the lists and specs, so no id is reused.
+A spec changed without `__setattr__` (`copy.copy`, `__dict__` updates) is a new object, so a new id.
 Only properties that return immutable values (tuples, read-only mappings) are kept. Leaving the context restores
-the classes exactly.
+the classes exactly. Lowering is single-threaded: the patch is process-wide, so do not lower in two threads at once.
 """
 
 from __future__ import annotations
@@ -47,8 +49,8 @@ def _memo_properties() -> dict[str, property]:
 def _counting_setattr(original):
     def __setattr__(self, name, value):
         global _writes
-        _writes += 1
         original(self, name, value)
+        _writes += 1  # after the write: a lookup never pairs the new count with the old state
     return __setattr__
 
 
@@ -57,11 +59,12 @@ def _memoized(name: str, prop: property) -> property:
 
     def get(self):
         ins, outs = self.input_specs, self.output_specs
-        key = (_writes, id(ins), len(ins), id(outs), len(outs))
+        key = (_writes, id(ins), tuple(map(id, ins)), id(outs), tuple(map(id, outs)))
         entry = _memo.get(id(self))
         if entry is None or entry[0]() is not self or entry[1] != key:
             sid = id(self)
-            entry = (weakref.ref(self, lambda _, sid=sid: _memo.pop(sid, None)), key, {}, ins, outs)
+            entry = (weakref.ref(self, lambda _, sid=sid: _memo.pop(sid, None)), key, {}, ins, outs, tuple(ins),
+                     tuple(outs))
             _memo[sid] = entry
         values = entry[2]
         if name not in values:
@@ -87,20 +90,20 @@ def memoized_signatures() -> Iterator[None]:
         return
     saved_setattr = {cls: cls.__dict__.get("__setattr__") for cls in _signature_classes()}
     saved_props = _memo_properties()
-    for cls in saved_setattr:
-        cls.__setattr__ = _counting_setattr(cls.__setattr__)
-    for name, prop in saved_props.items():
-        setattr(_gs.ExportGraphSignature, name, _memoized(name, prop))
     _depth = 1
     try:
+        for cls in saved_setattr:
+            cls.__setattr__ = _counting_setattr(cls.__setattr__)
+        for name, prop in saved_props.items():
+            setattr(_gs.ExportGraphSignature, name, _memoized(name, prop))
         yield
     finally:
         _depth = 0
         for name, prop in saved_props.items():
             setattr(_gs.ExportGraphSignature, name, prop)
         for cls, original in saved_setattr.items():
-            if original is None:
-                del cls.__setattr__
-            else:
+            if original is not None:
                 cls.__setattr__ = original
+            elif "__setattr__" in vars(cls):  # (absent if the patching above was interrupted)
+                del cls.__setattr__
         _memo.clear()

@@ -230,7 +230,8 @@ def _runner_up_replay(reference: RecordedReference, ids: np.ndarray, ref_tokens:
     steps = range(max(0, p - P + 1), len(got_tokens))
     same = all(got_tokens[s] == int(np.argmax(replay[P - 1 + s - p])) for s in steps)
     return {"position": p, "margin": margin, "layer": layer, "positions": len(deltas),
-            "max_abs_delta_vs_runner_up": max(deltas), "greedy_identical_vs_runner_up": same}
+            "max_abs_delta_vs_runner_up": float(np.max(deltas)),  # NaN stays NaN (Python's max would skip it)
+            "greedy_identical_vs_runner_up": same}
 
 
 def manifest_score_rule(manifest: dict) -> str | None:
@@ -311,10 +312,11 @@ def router_tie(result: dict, tolerance: float) -> dict | None:
     """The prompt's router near-tie when the artifact matches the reference's runner-up replay from it on (ROUTER_TIES):
     within `tolerance` at every position, the same greedy tokens. None otherwise."""
     tie = result.get("router_tie")
-    if not tie or tie["margin"] > tolerance or tie["max_abs_delta_vs_runner_up"] > tolerance \
+    within = lambda d: d <= tolerance  # noqa: E731 - False for NaN
+    if not tie or not within(tie["margin"]) or not within(tie["max_abs_delta_vs_runner_up"]) \
             or not tie["greedy_identical_vs_runner_up"]:
         return None
-    if any(d > tolerance for d in _positions(result)[:tie["position"]]):  # (compare_engines found it first already)
+    if not all(within(d) for d in _positions(result)[:tie["position"]]):  # (compare_engines found it first already)
         return None
     return tie
 

@@ -139,3 +139,60 @@ def test_the_dense_model_and_minimax_record_their_routing(tiny_dirs, tmp_path):
     mm.forward(np.array(IDS), 0)
     assert mm.router.margin.shape == (len(IDS),) and (mm.router.margin >= 0).all()
     assert set(mm.router.layer.tolist()) <= set(range(mm.spec.num_layers))
+
+
+class NaNAfter:
+    """An engine that broke a near-tie the other way and then writes NaN into its top logit at `bad`."""
+
+    def __init__(self, model, bad: int):
+        self.model, self.bad = model, bad
+
+    def reset(self):
+        self.model.reset()
+
+    def forward(self, tokens, start_pos):
+        out = self.model.forward(tokens, start_pos).copy()
+        for i, pos in enumerate(range(start_pos, start_pos + len(tokens))):
+            if pos == self.bad:
+                out[i, int(np.argmax(out[i]))] = np.nan
+        return out
+
+
+def test_a_tie_at_a_decode_step_is_replayed_and_the_reference_is_reusable_after(models):
+    """The tie at a greedy step (the prefill matches): detected there, replayed through the steps; the same recorded
+    reference then serves another run unchanged."""
+    from pocketllm.runtime_py.parity import RecordedReference
+
+    probe = models()
+    r0 = compare_engines(probe, models(), IDS, STEPS, None)
+    P = len(IDS)
+    margins = r0["per_position_router_margin"]
+    p = P + int(np.argmin(margins[P:]))  # the closest decision among the step positions
+    probe.reset()
+    probe.forward(np.array(IDS), 0)
+    for s, t in enumerate(r0["reference_continuation"][:p - P + 1]):  # through position p
+        probe.forward(np.array([t]), P + s)
+    layer = int(probe.router.layer[-1])
+    engine = models()
+    engine.router.runner_up = {layer: {p}}
+    tol = margins[p] * 1.01 + 1e-9
+    recorded = RecordedReference(models(), None)
+    r = compare_engines(recorded, engine, IDS, STEPS, None, tie_tolerance=tol)
+    if r["router_tie"] is None:  # the flip moved no logit past this tolerance: nothing to resolve
+        assert max(r["per_step_max_abs_delta"]) <= tol
+        return
+    assert r["router_tie"]["position"] == p and r["router_tie"]["max_abs_delta_vs_runner_up"] == 0.0
+    assert verdict([r], {"tolerance": tol, "identical": True})["passed"]
+    again = compare_engines(recorded, models(), IDS, STEPS, None, tie_tolerance=tol)  # replayed calls, clean engine
+    assert again["router_tie"] is None and max(again["per_position_max_abs_delta_prefill"]) == 0.0
+    assert max(again["per_step_max_abs_delta"]) == 0.0
+
+
+def test_nan_logits_after_a_tie_fail(models):
+    ref, flipped = models(), models()
+    p, layer, margin = smallest_margin(ref, IDS)
+    flipped.router.runner_up = {layer: {p}}
+    tol = margin * 1.01 + 1e-9
+    r = compare_engines(ref, NaNAfter(flipped, len(IDS) + 1), IDS, STEPS, None, tie_tolerance=tol)
+    assert r["router_tie"] is not None and np.isnan(r["router_tie"]["max_abs_delta_vs_runner_up"])
+    assert not verdict([r], {"tolerance": tol, "identical": True})["passed"]

@@ -133,8 +133,9 @@ def head_scheme(ckpt: Path) -> str:
     """How a quantized checkpoint stores its LM head (a tied model: the shared table), from its quantization plan."""
     config = json.loads((ckpt / "config.json").read_text())
     modules = config["quantization_config"]["modules"]
-    entry = modules.get("lm_head") or modules.get("model.embed_tokens") if config.get("tie_word_embeddings") \
-        else modules.get("lm_head")
+    entry = modules.get("lm_head")
+    if entry is None and config.get("tie_word_embeddings"):
+        entry = modules.get("model.embed_tokens")
     return entry["scheme"] if entry else "none"
 
 

@@ -88,7 +88,6 @@ void weight_order(const float* v, int64_t n, float* out) {
 
 inline v8f splat(float v) { return v8f{v, v, v, v, v, v, v, v}; }
 
-
 // w . x over n (x in weight order), four independent accumulators.
 template <typename W>
 inline float dot_w(const W* w, const float* x, int64_t n) {

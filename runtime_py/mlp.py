@@ -51,19 +51,17 @@ def route(router_logits: np.ndarray, top_k: int, apply_softmax: bool,
     return experts, weights.astype(np.float32)
 
 
-def route_margin(router_logits: np.ndarray, top_k: int, previous: np.ndarray | None = None) -> np.ndarray:
+def route_margin(router_logits: np.ndarray, top_k: int) -> np.ndarray:
     """Per token, how far the k-th chosen logit stands above the best one left out ([T, E] -> [T]; inf when every
-    expert is chosen), or the smaller of that and `previous` (a model's running minimum over its MoE layers).
+    expert is chosen).
 
     A margin within an engine's rounding of the logits is a near-tie: two correct engines may route that token
     differently (runtime_py/parity.py, router near-ties)."""
     T, E = router_logits.shape
     if E <= top_k:
-        margin = np.full(T, np.inf)
-    else:
-        part = np.partition(router_logits.astype(np.float64), (E - top_k - 1, E - top_k), axis=-1)
-        margin = part[:, E - top_k] - part[:, E - top_k - 1]
-    return margin if previous is None else np.minimum(previous, margin)
+        return np.full(T, np.inf)
+    part = np.partition(router_logits.astype(np.float64), (E - top_k - 1, E - top_k), axis=-1)
+    return part[:, E - top_k] - part[:, E - top_k - 1]
 
 
 class RouterTrace:

@@ -165,9 +165,11 @@ def compare_engines(reference, engine, prompt_ids: list[int], steps: int, block_
     prefill_rows = np.abs(ref - got).max(axis=-1)  # per position
     prefill_delta = float(prefill_rows.max())
     tie = None  # the first position past tie_tolerance, when it is a near-tie: the artifact's rows from it on are kept
-    if tie_tolerance is not None and margins is not None:
+    departed = tie_tolerance is None or margins is None  # past the tolerance already (or no tie handling)
+    if not departed:
         first = next((i for i, d in enumerate(prefill_rows) if d > tie_tolerance), None)
-        if first is not None and margins[first] <= tie_tolerance:
+        departed = first is not None
+        if departed and margins[first] <= tie_tolerance:
             tie = {"position": first, "rows": list(got[first:])}
     deltas, agree, ref_tokens, got_tokens = [], [], [], []
     pos = ids.size
@@ -189,9 +191,10 @@ def compare_engines(reference, engine, prompt_ids: list[int], steps: int, block_
         deltas.append(float(np.abs(r_row - g_row).max()))
         if tie is not None:
             tie["rows"].append(g_row.copy())
-        elif (tie_tolerance is not None and margins is not None and deltas[-1] > tie_tolerance
-              and max(prefill_delta, *deltas[:-1], 0.0) <= tie_tolerance and margins[pos] <= tie_tolerance):
-            tie = {"position": pos, "rows": [g_row.copy()]}
+        elif not departed and deltas[-1] > tie_tolerance:
+            departed = True
+            if margins[pos] <= tie_tolerance:
+                tie = {"position": pos, "rows": [g_row.copy()]}
         if e is not None:
             engaged = bool(engaged) or bool(e)
         pos += 1
@@ -294,6 +297,12 @@ def contract_criteria(tolerance: float | None, w4a8: bool) -> dict:
     return {"tolerance": tolerance, "identical": True}
 
 
+def tie_tolerance(criteria: dict | None) -> float | None:
+    """The tolerance within which router near-ties are resolved: an exact contract's; None for the W4A8 noise floor
+    and for unmatched numerics (ROUTER_TIES)."""
+    return None if not criteria or criteria.get("noise_jitter") is not None else criteria.get("tolerance")
+
+
 def _positions(result: dict) -> list[float]:
     """One prompt's max |delta logit| per compared position: prefill positions, then greedy steps."""
     return result["per_position_max_abs_delta_prefill"] + result["per_step_max_abs_delta"]
@@ -335,9 +344,8 @@ def verdict(results: list[dict], criteria: dict, noise: dict | None = None) -> d
     agreement); W4A8 (noise_jitter): `noise` = noise_floor(...) of the jittered reference, and the artifact's |delta|
     quantiles must stay within noise_factor x the floor's + tolerance, its top-1 disagreement within noise_factor x
     the floor's + top1_slack."""
-    tolerance = criteria.get("tolerance")
-    exact = tolerance is not None and criteria.get("noise_jitter") is None
-    ties = {i: t for i, r in enumerate(results) if exact and (t := router_tie(r, tolerance))}
+    tolerance, exact = criteria.get("tolerance"), tie_tolerance(criteria)
+    ties = {i: t for i, r in enumerate(results) if exact is not None and (t := router_tie(r, exact))}
     rows = _rows(results, ties)
     max_delta = float(rows.max()) if rows.size else 0.0
     top1 = float(np.mean([r["top1_agreement"] for r in results]))
@@ -429,10 +437,8 @@ def run_parity(bundle: Path, *, target: str | None = None, prompts_file: Path | 
     def run(engine, runs: int = 1, run_index: int = 0, criteria: dict | None = None) -> tuple[list[dict], float]:
         t0 = time.perf_counter()
         results = []
-        # router near-ties are resolved under exact contracts only (ROUTER_TIES)
-        tie = None if not criteria or criteria.get("noise_jitter") is not None else criteria.get("tolerance")
         for i, (text, ids, n, full) in enumerate(encoded):
-            r = compare_engines(recorded[i], engine, ids, n, block, tie_tolerance=tie)
+            r = compare_engines(recorded[i], engine, ids, n, block, tie_tolerance=tie_tolerance(criteria))
             r["prompt"], r["prompt_truncated"], r["prompt_tokens_full"] = text[:80], len(ids) < full, full
             results.append(r)
             if progress:

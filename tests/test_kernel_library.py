@@ -38,8 +38,8 @@ def test_cpp_hand_checked_cases(tmp_path):
     assert proc.returncode == 0 and "all kernel tests passed" in proc.stdout, proc.stdout
 
 
-# Kernel code that prefetches on purpose, by the function names it compiles to, with the measurement behind each
-# prefetch: a compiler that drops them (GCC 12 dropped moe_ffn's any4 row prefetches, kernels/prefetch.h) leaves
+# Kernel code that prefetches on purpose, by the function names it compiles to, and what each prefetch is for (the
+# measurements are in the comments at each site): a compiler that drops them (GCC 12 dropped moe_ffn's any4 row prefetches, kernels/prefetch.h) leaves
 # results unchanged and only shows as lost speed, so the built library is checked for the instructions themselves.
 PREFETCHING = {
     "up_pass<pocketllm::(anonymous namespace)::run_any4": "moe_ffn any4: listed up rows",

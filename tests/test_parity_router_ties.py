@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from pocketllm.runtime_py import ReferenceModel
-from pocketllm.runtime_py.mlp import route, route_margin
+from pocketllm.runtime_py.mlp import RouterTrace, route, route_margin
 from pocketllm.runtime_py.parity import compare_engines, contract_criteria, verdict
 
 TOL = 1e-3
@@ -24,7 +24,12 @@ def test_route_margin_is_the_gap_below_the_last_chosen_logit():
     logits = np.array([[0.9, 0.1, 0.5, 0.45], [1.0, 1.0, 0.0, -1.0]], np.float32)
     np.testing.assert_allclose(route_margin(logits, 2), [0.05, 1.0], rtol=1e-6)  # 0.5 vs 0.45; 1.0 vs 0.0
     assert np.isinf(route_margin(logits, 4)).all()  # every expert chosen: nothing to tie with
-    np.testing.assert_allclose(route_margin(logits, 1, previous=np.array([0.2, 0.01])), [0.2, 0.0])  # running min
+    trace = RouterTrace()  # a model's running minimum over its MoE layers, and the layer it came from
+    trace.start(0, 2)
+    trace.route(0, logits, 1, apply_softmax=True)  # margins 0.4, 0.0
+    trace.route(1, logits + np.array([[0, 0, 0.35, 0], [0, -0.5, 0, 0]], np.float32), 1, apply_softmax=True)  # .05 .5
+    np.testing.assert_allclose(trace.margin, [0.05, 0.0], rtol=1e-5)
+    assert trace.layer.tolist() == [1, 0]
 
 
 def test_runner_up_replaces_only_the_kth_choice_of_the_rows_asked():
